@@ -1,0 +1,79 @@
+//! Maps core errors to Connect codes. The message is the core's, which
+//! names the field or state at fault.
+
+use connectrpc::{ConnectError, ErrorCode};
+use metald_core::Error;
+
+/// The Connect error a client sees for a core error.
+pub fn to_connect(err: Error) -> ConnectError {
+    let code = match &err {
+        Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+        Error::NotFound(_) => ErrorCode::NotFound,
+        Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        Error::IllegalTransition { .. } | Error::FailedPrecondition(_) => {
+            ErrorCode::FailedPrecondition
+        }
+        Error::Unimplemented(_) => ErrorCode::Unimplemented,
+        Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
+        Error::Unavailable(_) => ErrorCode::Unavailable,
+        Error::Backend(_) | Error::Store(_) => ErrorCode::Internal,
+    };
+    if code == ErrorCode::Internal {
+        tracing::error!(error = %err, "internal error");
+    }
+    ConnectError::new(code, err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metald_core::VmState;
+
+    #[test]
+    fn codes_follow_the_error_kind() {
+        let cases = [
+            (
+                Error::invalid("config.cpu.vcpu_count", "bad"),
+                ErrorCode::InvalidArgument,
+            ),
+            (Error::NotFound("x".into()), ErrorCode::NotFound),
+            (Error::AlreadyExists("x".into()), ErrorCode::AlreadyExists),
+            (
+                Error::IllegalTransition {
+                    vm_id: "x".into(),
+                    op: "pause",
+                    state: VmState::Created,
+                },
+                ErrorCode::FailedPrecondition,
+            ),
+            (
+                Error::Unauthenticated("no".into()),
+                ErrorCode::Unauthenticated,
+            ),
+            (Error::Unimplemented("no".into()), ErrorCode::Unimplemented),
+            (Error::Backend("qemu".into()), ErrorCode::Internal),
+            (Error::Store("db".into()), ErrorCode::Internal),
+            (Error::Unavailable("later".into()), ErrorCode::Unavailable),
+        ];
+        for (err, code) in cases {
+            assert_eq!(to_connect(err).code, code);
+        }
+    }
+
+    #[test]
+    fn messages_name_the_field_and_state() {
+        let e = to_connect(Error::invalid("config.memory.size_bytes", "too small"));
+        assert!(
+            e.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("config.memory.size_bytes")
+        );
+        let e = to_connect(Error::IllegalTransition {
+            vm_id: "a".into(),
+            op: "pause",
+            state: VmState::Created,
+        });
+        assert!(e.message.as_deref().unwrap_or_default().contains("created"));
+    }
+}

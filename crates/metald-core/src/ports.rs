@@ -1,0 +1,182 @@
+//! The traits adapters implement. The service sees only these; the binary
+//! picks implementations (SQLite store, QEMU backend, ...) and hands them
+//! over as trait objects. Backends know nothing of customers or billing.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::state::VmState;
+use crate::vm::{CustomerId, VmId, VmSpec};
+
+/// How a store or backend failure is described to the service.
+pub type PortError = String;
+
+/// Where a VMM process can be found again after metald restarts. Written to
+/// the store before the service reports success, so no process metald
+/// started is ever unknown to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmRuntime {
+    /// Which backend started it (`qemu`, `firecracker`, ...).
+    pub backend: String,
+    /// The VMM's process id.
+    pub pid: i32,
+    /// The process start time in clock ticks since boot (field 22 of
+    /// `/proc/<pid>/stat`): with the pid, an identity a reused pid can't fake.
+    pub start_time: u64,
+    /// The VMM's control socket (QMP, Firecracker API, ...).
+    pub socket: PathBuf,
+}
+
+/// One VM as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    pub id: VmId,
+    pub customer: CustomerId,
+    pub spec: VmSpec,
+    pub state: VmState,
+    /// Present exactly while a VMM process is believed to exist.
+    pub runtime: Option<VmmRuntime>,
+    /// Why the VM last failed or stopped, for GetVmInfo.
+    pub last_error: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub modified_at: i64,
+}
+
+/// A page of a customer's VMs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmPage {
+    pub vms: Vec<VmRecord>,
+    /// Opaque position after the last VM, when more remain.
+    pub next_cursor: Option<i64>,
+    /// How many VMs match the filter in all pages.
+    pub total: i64,
+}
+
+/// Errors a store distinguishes because the service reacts to them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("{0}")]
+    Other(PortError),
+}
+
+/// Durable VM records. Implementations: SQLite now, PostgreSQL later, so
+/// keep queries portable.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records a new VM; [`StoreError::AlreadyExists`] when the id is taken.
+    async fn insert(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// One VM by id, whoever owns it.
+    async fn get(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError>;
+    /// Replaces state, runtime, last error and modified time.
+    async fn update(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// Removes the VM's row. Removing a missing row is not an error.
+    async fn remove(&self, id: &VmId) -> Result<(), StoreError>;
+    /// A customer's VMs in creation order, starting after `cursor`,
+    /// restricted to `states` unless it is empty.
+    async fn list(
+        &self,
+        customer: &CustomerId,
+        states: &[VmState],
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> Result<VmPage, StoreError>;
+    /// Every VM of every customer, for start-up adoption and reconciliation.
+    async fn all(&self) -> Result<Vec<VmRecord>, StoreError>;
+}
+
+/// What a VMM reports about a guest it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestStatus {
+    Running,
+    Paused,
+}
+
+/// How a VMM process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmExit {
+    /// Exit code when the process exited and metald could reap it.
+    pub code: Option<i32>,
+    /// Terminating signal, when known.
+    pub signal: Option<i32>,
+}
+
+impl VmmExit {
+    /// Whether the VMM ended cleanly (the guest powered off).
+    pub fn is_clean(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Human description for `backend_info` and logs.
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => "exited (status unknown: not metald's child)".into(),
+        }
+    }
+}
+
+/// How to stop a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Ask the guest to power off (ACPI power button / Ctrl-Alt-Del) and
+    /// kill the VMM if it has not exited after the timeout.
+    Graceful(Duration),
+    /// Kill the VMM at once.
+    Force,
+}
+
+/// A hypervisor driver: one VMM process per VM.
+#[async_trait]
+pub trait Vmm: Send + Sync + 'static {
+    /// Backend name, as in `UNKEY_METALD_BACKEND`.
+    fn name(&self) -> &'static str;
+
+    /// Starts a VMM process for `id` and lets the guest run. Returns once
+    /// the VMM reports the guest running. On error nothing is left behind.
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, PortError>;
+
+    /// Stops the guest's vCPUs.
+    async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError>;
+
+    /// Lets a paused guest's vCPUs run again.
+    async fn resume(&self, rt: &VmmRuntime) -> Result<(), PortError>;
+
+    /// Resets the guest. Backends that must restart the process return the
+    /// new runtime.
+    async fn reboot(
+        &self,
+        id: &VmId,
+        spec: &VmSpec,
+        rt: &VmmRuntime,
+    ) -> Result<VmmRuntime, PortError>;
+
+    /// Stops the guest; when this returns the VMM process is gone.
+    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError>;
+
+    /// Kills the VM's process if it is still the recorded one, and removes
+    /// every file the backend made for `id`. Idempotent; `rt` may be absent
+    /// when a crash lost it.
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError>;
+
+    /// Re-attaches to a VMM after metald restarted: checks the pid and its
+    /// start time, then asks the VMM for the guest's state. An error means
+    /// the process is not (or no longer) this VM's VMM.
+    async fn adopt(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError>;
+
+    /// Resolves when the VMM process exits.
+    fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit>;
+
+    /// Backend facts for GetVmInfo (`backend_info`): VMM name and version,
+    /// pid, socket, console log.
+    async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String>;
+}

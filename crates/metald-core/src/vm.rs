@@ -1,0 +1,551 @@
+//! What a VM is: identifiers and the validated machine specification.
+//!
+//! Every entry point (API, reconciler, tests) builds a [`VmSpec`] through
+//! [`VmSpec::new`], so the rules below are the only place input is judged.
+//! Field names in errors are the wire names, prefixed the way a client
+//! wrote them (`config.cpu.vcpu_count`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Smallest guest memory metald accepts (64 MiB).
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+/// Largest guest memory metald accepts (1 TiB); the backend may refuse less.
+pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 32;
+/// Most block devices per VM.
+pub const MAX_DISKS: usize = 16;
+/// Longest VM id; keeps derived names (sockets, devices) within OS limits.
+pub const MAX_VM_ID_LEN: usize = 64;
+
+/// A VM's identifier: 1..=64 characters of `[A-Za-z0-9_-]`, starting with a
+/// letter or digit, so it is safe in paths, process names and device names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VmId(String);
+
+impl VmId {
+    /// Validates a client-supplied id; `field` names it in the error.
+    pub fn parse(raw: &str, field: &str) -> Result<Self> {
+        if raw.is_empty() {
+            return Err(Error::invalid(field, "must not be empty"));
+        }
+        if raw.len() > MAX_VM_ID_LEN {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "must be at most {MAX_VM_ID_LEN} characters, got {}",
+                    raw.len()
+                ),
+            ));
+        }
+        if !raw.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Err(Error::invalid(field, "must start with a letter or digit"));
+        }
+        if let Some(bad) = raw
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(Error::invalid(
+                field,
+                format!("may contain only letters, digits, '-' and '_', found {bad:?}"),
+            ));
+        }
+        Ok(VmId(raw.to_owned()))
+    }
+
+    /// A fresh random id (`vm-` and 20 hex digits).
+    pub fn generate() -> Self {
+        let hex = uuid::Uuid::new_v4().simple().to_string();
+        VmId(format!("vm-{}", &hex[..20]))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for VmId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The tenant a VM belongs to, as established by authentication.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CustomerId(String);
+
+impl CustomerId {
+    /// Validates a customer id taken from a token: 1..=128 printable ASCII
+    /// characters without spaces.
+    pub fn parse(raw: &str) -> Result<Self> {
+        let ok = !raw.is_empty() && raw.len() <= 128 && raw.chars().all(|c| c.is_ascii_graphic());
+        if ok {
+            Ok(CustomerId(raw.to_owned()))
+        } else {
+            Err(Error::Unauthenticated(
+                "token names an invalid customer id (1..=128 printable ASCII characters)".into(),
+            ))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CustomerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A block device as the client described it, not yet validated.
+#[derive(Debug, Clone, Default)]
+pub struct DiskInput {
+    pub id: String,
+    pub path: String,
+    pub read_only: bool,
+    pub is_root_device: bool,
+    pub interface_type: String,
+    pub options: BTreeMap<String, String>,
+}
+
+/// A VM configuration as the client sent it, in wire units, not yet
+/// validated. The API layer fills it from the protobuf message.
+#[derive(Debug, Clone, Default)]
+pub struct VmSpecInput {
+    pub vcpu_count: i32,
+    pub max_vcpu_count: i32,
+    /// sockets, cores per socket, threads per core; all zero when absent.
+    pub topology: (i32, i32, i32),
+    pub memory_bytes: i64,
+    pub memory_hotplug: bool,
+    pub kernel_path: String,
+    pub initrd_path: String,
+    pub kernel_args: String,
+    pub boot_options: BTreeMap<String, String>,
+    pub disks: Vec<DiskInput>,
+    pub network_interfaces: usize,
+    pub console_enabled: bool,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A validated block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub is_root: bool,
+    pub interface_type: String,
+    pub options: BTreeMap<String, String>,
+}
+
+/// A validated VM specification. Only [`VmSpec::new`] (and the store, which
+/// persists specs that passed it) creates one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub topology: Option<(u32, u32, u32)>,
+    pub memory_bytes: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub kernel_args: String,
+    pub boot_options: BTreeMap<String, String>,
+    pub disks: Vec<DiskSpec>,
+    pub console_enabled: bool,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl VmSpec {
+    /// Judges a client's configuration. Checks run in field order and stop
+    /// at the first failure, whose message names the field.
+    pub fn new(input: VmSpecInput) -> Result<Self> {
+        let vcpus = check_vcpus(&input)?;
+        let topology = check_topology(&input, vcpus)?;
+        let memory_bytes = check_memory(&input)?;
+        let kernel = check_file(&input.kernel_path, "config.boot.kernel_path", true)?;
+        let initrd = if input.initrd_path.is_empty() {
+            None
+        } else {
+            Some(check_file(
+                &input.initrd_path,
+                "config.boot.initrd_path",
+                true,
+            )?)
+        };
+        check_kernel_args(&input.kernel_args)?;
+        let disks = check_disks(&input.disks)?;
+        if input.network_interfaces > 0 {
+            return Err(Error::Unimplemented(
+                "config.network: network interfaces are not supported yet".into(),
+            ));
+        }
+        check_metadata(&input.metadata)?;
+        Ok(VmSpec {
+            vcpus,
+            topology,
+            memory_bytes,
+            kernel,
+            initrd,
+            kernel_args: input.kernel_args,
+            boot_options: input.boot_options,
+            disks,
+            console_enabled: input.console_enabled,
+            metadata: input.metadata,
+        })
+    }
+}
+
+fn check_vcpus(input: &VmSpecInput) -> Result<u32> {
+    let field = "config.cpu.vcpu_count";
+    let n = input.vcpu_count;
+    if !(1..=MAX_VCPUS as i32).contains(&n) {
+        return Err(Error::invalid(
+            field,
+            format!("must be between 1 and {MAX_VCPUS}, got {n}"),
+        ));
+    }
+    if input.max_vcpu_count != 0 && input.max_vcpu_count != n {
+        if input.max_vcpu_count < n {
+            return Err(Error::invalid(
+                "config.cpu.max_vcpu_count",
+                format!(
+                    "must not be below vcpu_count ({n}), got {}",
+                    input.max_vcpu_count
+                ),
+            ));
+        }
+        return Err(Error::Unimplemented(
+            "config.cpu.max_vcpu_count: vCPU hotplug is not supported; leave it 0 or equal to vcpu_count".into(),
+        ));
+    }
+    Ok(n as u32)
+}
+
+fn check_topology(input: &VmSpecInput, vcpus: u32) -> Result<Option<(u32, u32, u32)>> {
+    let (s, c, t) = input.topology;
+    if (s, c, t) == (0, 0, 0) {
+        return Ok(None);
+    }
+    if s < 1 || c < 1 || t < 1 {
+        return Err(Error::invalid(
+            "config.cpu.topology",
+            "sockets, cores_per_socket and threads_per_core must all be at least 1",
+        ));
+    }
+    let product = s as i64 * c as i64 * t as i64;
+    if product != vcpus as i64 {
+        return Err(Error::invalid(
+            "config.cpu.topology",
+            format!("sockets × cores × threads = {product} must equal vcpu_count {vcpus}"),
+        ));
+    }
+    Ok(Some((s as u32, c as u32, t as u32)))
+}
+
+fn check_memory(input: &VmSpecInput) -> Result<u64> {
+    let field = "config.memory.size_bytes";
+    let m = input.memory_bytes;
+    if m < MIN_MEMORY_BYTES as i64 {
+        return Err(Error::invalid(
+            field,
+            format!("must be at least 64 MiB ({MIN_MEMORY_BYTES}), got {m}"),
+        ));
+    }
+    if m > MAX_MEMORY_BYTES as i64 {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most 1 TiB ({MAX_MEMORY_BYTES}), got {m}"),
+        ));
+    }
+    if m % (1 << 20) != 0 {
+        return Err(Error::invalid(
+            field,
+            format!("must be a multiple of 1 MiB (1048576), got {m}"),
+        ));
+    }
+    if input.memory_hotplug {
+        return Err(Error::Unimplemented(
+            "config.memory.hotplug_enabled: memory hotplug is not supported".into(),
+        ));
+    }
+    Ok(m as u64)
+}
+
+/// A path must be absolute and name an existing regular file (or, for
+/// disks, a block device).
+fn check_file(raw: &str, field: &str, regular_only: bool) -> Result<PathBuf> {
+    if raw.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    let path = Path::new(raw);
+    if !path.is_absolute() {
+        return Err(Error::invalid(
+            field,
+            format!("must be an absolute path, got {raw:?}"),
+        ));
+    }
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::invalid(field, format!("{raw:?}: {e}")))?;
+    let ft = meta.file_type();
+    let ok =
+        ft.is_file() || (!regular_only && std::os::unix::fs::FileTypeExt::is_block_device(&ft));
+    if !ok {
+        let what = if regular_only {
+            "a regular file"
+        } else {
+            "a regular file or block device"
+        };
+        return Err(Error::invalid(field, format!("{raw:?} is not {what}")));
+    }
+    Ok(path.to_path_buf())
+}
+
+fn check_kernel_args(args: &str) -> Result<()> {
+    let field = "config.boot.kernel_args";
+    if args.len() > 4096 {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most 4096 bytes, got {}", args.len()),
+        ));
+    }
+    if args.chars().any(|c| c.is_control()) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_disks(disks: &[DiskInput]) -> Result<Vec<DiskSpec>> {
+    if disks.len() > MAX_DISKS {
+        return Err(Error::invalid(
+            "config.storage",
+            format!("at most {MAX_DISKS} devices, got {}", disks.len()),
+        ));
+    }
+    let mut out: Vec<DiskSpec> = Vec::with_capacity(disks.len());
+    for (i, d) in disks.iter().enumerate() {
+        let id = if d.id.is_empty() {
+            format!("disk{i}")
+        } else {
+            d.id.clone()
+        };
+        let id_field = format!("config.storage[{i}].id");
+        if id.len() > 32
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Error::invalid(
+                id_field,
+                "must be 1..=32 characters of letters, digits, '-' and '_'",
+            ));
+        }
+        if out.iter().any(|o| o.id == id) {
+            return Err(Error::invalid(
+                id_field,
+                format!("duplicate device id {id:?}"),
+            ));
+        }
+        let path = check_file(&d.path, &format!("config.storage[{i}].path"), false)?;
+        if d.is_root_device && out.iter().any(|o| o.is_root) {
+            return Err(Error::invalid(
+                format!("config.storage[{i}].is_root_device"),
+                "only one device may be the root device",
+            ));
+        }
+        out.push(DiskSpec {
+            id,
+            path,
+            read_only: d.read_only,
+            is_root: d.is_root_device,
+            interface_type: d.interface_type.clone(),
+            options: d.options.clone(),
+        });
+    }
+    // The root device goes first so backends can rely on it being vda.
+    out.sort_by_key(|d| !d.is_root);
+    Ok(out)
+}
+
+fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
+    if metadata.len() > 64 {
+        return Err(Error::invalid(
+            "config.metadata",
+            format!("at most 64 entries, got {}", metadata.len()),
+        ));
+    }
+    for (k, v) in metadata {
+        if k.is_empty() || k.len() > 128 {
+            return Err(Error::invalid(
+                "config.metadata",
+                format!("key {k:?} must be 1..=128 bytes"),
+            ));
+        }
+        if v.len() > 1024 {
+            return Err(Error::invalid(
+                format!("config.metadata[{k}]"),
+                "value must be at most 1024 bytes",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> tempfile_path::Tmp {
+        tempfile_path::Tmp::new()
+    }
+
+    /// A tiny self-cleaning temp file, so these tests need no extra crate.
+    mod tempfile_path {
+        pub struct Tmp(pub std::path::PathBuf);
+        impl Tmp {
+            pub fn new() -> Self {
+                let p =
+                    std::env::temp_dir().join(format!("metald-core-test-{}", uuid::Uuid::new_v4()));
+                std::fs::write(&p, b"k").unwrap();
+                Tmp(p)
+            }
+            pub fn s(&self) -> String {
+                self.0.to_str().unwrap().to_owned()
+            }
+        }
+        impl Drop for Tmp {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn valid(k: &tempfile_path::Tmp) -> VmSpecInput {
+        VmSpecInput {
+            vcpu_count: 1,
+            memory_bytes: 128 << 20,
+            kernel_path: k.s(),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(e: Error) -> String {
+        match e {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("expected invalid argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_minimal_spec() {
+        let k = kernel();
+        let spec = VmSpec::new(valid(&k)).unwrap();
+        assert_eq!(spec.vcpus, 1);
+        assert_eq!(spec.memory_bytes, 128 << 20);
+    }
+
+    #[test]
+    fn vcpu_bounds() {
+        let k = kernel();
+        for bad in [0, -1, 33] {
+            let e = VmSpec::new(VmSpecInput {
+                vcpu_count: bad,
+                ..valid(&k)
+            })
+            .unwrap_err();
+            assert_eq!(field_of(e), "config.cpu.vcpu_count");
+        }
+        assert!(
+            VmSpec::new(VmSpecInput {
+                vcpu_count: 32,
+                ..valid(&k)
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn memory_rules() {
+        let k = kernel();
+        for bad in [0, (64 << 20) - (1 << 20), (128 << 20) + 1, -5] {
+            let e = VmSpec::new(VmSpecInput {
+                memory_bytes: bad,
+                ..valid(&k)
+            })
+            .unwrap_err();
+            assert_eq!(field_of(e), "config.memory.size_bytes", "{bad}");
+        }
+        assert!(
+            VmSpec::new(VmSpecInput {
+                memory_bytes: 64 << 20,
+                ..valid(&k)
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn kernel_must_be_an_existing_regular_file() {
+        let k = kernel();
+        for bad in ["", "relative/vmlinux", "/nonexistent/vmlinux", "/tmp"] {
+            let e = VmSpec::new(VmSpecInput {
+                kernel_path: bad.into(),
+                ..valid(&k)
+            })
+            .unwrap_err();
+            assert_eq!(field_of(e), "config.boot.kernel_path", "{bad}");
+        }
+    }
+
+    #[test]
+    fn disks_are_checked_and_root_goes_first() {
+        let k = kernel();
+        let d = kernel();
+        let disk = |id: &str, path: String, root: bool| DiskInput {
+            id: id.into(),
+            path,
+            is_root_device: root,
+            ..Default::default()
+        };
+        let e = VmSpec::new(VmSpecInput {
+            disks: vec![disk("a", d.s(), false), disk("a", d.s(), false)],
+            ..valid(&k)
+        })
+        .unwrap_err();
+        assert_eq!(field_of(e), "config.storage[1].id");
+        let e = VmSpec::new(VmSpecInput {
+            disks: vec![disk("a", "/nonexistent".into(), false)],
+            ..valid(&k)
+        })
+        .unwrap_err();
+        assert_eq!(field_of(e), "config.storage[0].path");
+        let spec = VmSpec::new(VmSpecInput {
+            disks: vec![disk("data", d.s(), false), disk("", d.s(), true)],
+            ..valid(&k)
+        })
+        .unwrap();
+        assert_eq!(spec.disks[0].id, "disk1");
+        assert!(spec.disks[0].is_root);
+    }
+
+    #[test]
+    fn vm_id_charset_and_length() {
+        assert!(VmId::parse("vm-1_a", "vm_id").is_ok());
+        for bad in ["", "-x", "a b", "a/b", "é", &"x".repeat(65)] {
+            let e = VmId::parse(bad, "vm_id").unwrap_err();
+            assert_eq!(field_of(e), "vm_id", "{bad:?}");
+        }
+        let g = VmId::generate();
+        assert!(VmId::parse(g.as_str(), "vm_id").is_ok());
+    }
+}

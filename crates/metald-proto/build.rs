@@ -1,0 +1,35 @@
+//! Compiles metald's `.proto` files without `protoc`: protox parses them in
+//! pure Rust, and connectrpc-build generates buffa messages, service traits
+//! and clients from the resulting descriptor set.
+
+use std::path::PathBuf;
+
+const FILES: &[&str] = &["vmprovisioner/v1/vm.proto", "billing/v1/billing.proto"];
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let proto_root = manifest.join("../../proto");
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it"));
+
+    for file in FILES {
+        println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
+    }
+
+    let descriptor = protox::Compiler::new([&proto_root])
+        .expect("proto include path")
+        .include_imports(true)
+        .include_source_info(true)
+        .open_files(FILES)
+        .unwrap_or_else(|e| panic!("compiling protos: {e}"))
+        .encode_file_descriptor_set();
+    let fds_path = out_dir.join("metald.fds.bin");
+    std::fs::write(&fds_path, descriptor).expect("write descriptor set");
+
+    connectrpc_build::Config::new()
+        .descriptor_set(&fds_path)
+        .files(FILES)
+        .emit_descriptor_set("metald_descriptor.bin")
+        .include_file("_connectrpc.rs")
+        .compile()
+        .unwrap_or_else(|e| panic!("generating code: {e:#}"));
+}

@@ -1,0 +1,370 @@
+//! [`SqliteStore`]: VM records in one SQLite file in WAL mode.
+//!
+//! The SQL here is written to run unchanged on PostgreSQL (`$N`
+//! placeholders, standard functions only), so the PostgreSQL store can
+//! share it; only the `seq` column's definition in the migration differs.
+
+use std::collections::BTreeSet;
+use std::fmt::Display;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use metald_core::ports::{Store, StoreError, VmPage, VmRecord, VmmRuntime};
+use metald_core::{CustomerId, VmId, VmSpec, VmState};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, FromRow};
+
+/// The schema, compiled into the binary so a fresh data directory needs
+/// nothing but the executable.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Connections in the pool. WAL lets readers proceed while one connection
+/// writes; writers still take turns, so more connections would only wait.
+const POOL_SIZE: u32 = 4;
+
+/// How long a statement waits for another connection's write lock before
+/// failing with "database is locked".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The columns every VM query selects, in [`VmRow`]'s order.
+macro_rules! vm_columns {
+    () => {
+        "seq, vm_id, customer_id, state, spec_json, runtime_json, last_error, created_at, modified_at"
+    };
+}
+
+/// Durable VM records in a SQLite database file.
+///
+/// Cloning is cheap and shares the connection pool, so one store can serve
+/// the service and background tasks alike.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its parent directory if missing) the database
+    /// at `path` and brings its schema up to date.
+    ///
+    /// Durability: the journal is a write-ahead log (readers never block the
+    /// writer) with `synchronous=FULL`, so every committed write is fsynced
+    /// before the call returns. `NORMAL` would be corruption-safe in WAL mode
+    /// too, but a power loss could undo the last commits, and the service
+    /// tells clients a VM exists, or is gone, right after the write. metald
+    /// writes only on lifecycle operations, so an fsync each costs little.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Other(format!(
+                    "creating database directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect_with(options)
+            .await
+            .map_err(|e| db_err(format_args!("opening {}", path.display()), e))?;
+        MIGRATOR.run(&pool).await.map_err(|e| {
+            StoreError::Other(format!("migrating database {}: {e}", path.display()))
+        })?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// Closes every connection and waits until they are closed. The last one
+    /// checkpoints the write-ahead log into the main file, so a clean stop
+    /// leaves a single self-contained database file. Later calls on this
+    /// store (or its clones) fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// A `vms` row as stored, before its text is checked.
+#[derive(FromRow)]
+struct VmRow {
+    seq: i64,
+    vm_id: String,
+    customer_id: String,
+    state: String,
+    spec_json: String,
+    runtime_json: Option<String>,
+    last_error: Option<String>,
+    created_at: i64,
+    modified_at: i64,
+}
+
+impl VmRow {
+    /// Turns a row into a record. A row that does not parse (edited by hand,
+    /// written by a newer metald) is an error naming the VM, never a panic.
+    fn into_record(self) -> Result<VmRecord, StoreError> {
+        let vm_id = &self.vm_id;
+        let bad = |what: &str, e: &dyn Display| {
+            StoreError::Other(format!(
+                "vm {vm_id:?} in the store has an unreadable {what}: {e}"
+            ))
+        };
+        let id = VmId::parse(vm_id, "vm_id").map_err(|e| bad("id", &e))?;
+        let customer = CustomerId::parse(&self.customer_id)
+            .map_err(|_| bad("customer id", &format_args!("{:?}", self.customer_id)))?;
+        let state = VmState::parse(&self.state)
+            .ok_or_else(|| bad("state", &format_args!("{:?}", self.state)))?;
+        let spec: VmSpec = serde_json::from_str(&self.spec_json).map_err(|e| bad("spec", &e))?;
+        let runtime: Option<VmmRuntime> = self
+            .runtime_json
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| bad("runtime", &e))?;
+        Ok(VmRecord {
+            id,
+            customer,
+            spec,
+            state,
+            runtime,
+            last_error: self.last_error,
+            created_at: self.created_at,
+            modified_at: self.modified_at,
+        })
+    }
+}
+
+/// Wraps a database error with what the store was doing.
+fn db_err(context: impl Display, e: sqlx::Error) -> StoreError {
+    StoreError::Other(format!("{context}: {e}"))
+}
+
+/// The JSON of a record's runtime, or `None` when no VMM runs.
+fn runtime_json(vm: &VmRecord) -> Result<Option<String>, StoreError> {
+    vm.runtime
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Other(format!("encoding runtime of vm {:?}: {e}", vm.id.as_str())))
+}
+
+/// The SQL for one page of a customer's VMs and for the count of all that
+/// match, with `state IN (...)` when `n_states > 0`.
+///
+/// Binds, in order: customer, the `n_states` states, then (page only) the
+/// cursor and the row limit. Only placeholders are generated; every value
+/// is bound, so the text cannot carry client input.
+fn list_sql(n_states: usize) -> (String, String) {
+    let state_filter = if n_states == 0 {
+        String::new()
+    } else {
+        let placeholders: Vec<String> = (2..2 + n_states).map(|i| format!("${i}")).collect();
+        format!(" AND state IN ({})", placeholders.join(", "))
+    };
+    let cursor = n_states + 2;
+    let page = format!(
+        "SELECT {} FROM vms WHERE customer_id = $1{state_filter} AND seq > ${cursor} \
+         ORDER BY seq LIMIT ${}",
+        vm_columns!(),
+        cursor + 1
+    );
+    let count = format!("SELECT COUNT(*) FROM vms WHERE customer_id = $1{state_filter}");
+    (page, count)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(&vm.spec).map_err(|e| {
+            StoreError::Other(format!("encoding spec of vm {:?}: {e}", vm.id.as_str()))
+        })?;
+        let runtime = runtime_json(vm)?;
+        let result = sqlx::query(
+            "INSERT INTO vms (vm_id, customer_id, state, spec_json, runtime_json, last_error, \
+             created_at, modified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(vm.id.as_str())
+        .bind(vm.customer.as_str())
+        .bind(vm.state.as_str())
+        .bind(spec)
+        .bind(runtime)
+        .bind(vm.last_error.as_deref())
+        .bind(vm.created_at)
+        .bind(vm.modified_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            // vm_id is the only unique column a caller controls (seq is
+            // generated), so a unique violation means the id is taken.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::AlreadyExists)
+            }
+            Err(e) => Err(db_err(format_args!("inserting vm {:?}", vm.id.as_str()), e)),
+        }
+    }
+
+    async fn get(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
+        sqlx::query_as::<_, VmRow>(concat!(
+            "SELECT ",
+            vm_columns!(),
+            " FROM vms WHERE vm_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_err(format_args!("loading vm {:?}", id.as_str()), e))?
+        .map(VmRow::into_record)
+        .transpose()
+    }
+
+    /// Replaces state, runtime, last error and modified time; the spec,
+    /// owner and creation time are fixed at insert. Updating a VM that is
+    /// not stored is an error: the service only updates VMs it just loaded
+    /// under the VM's lock, so a missing row means a record (possibly a
+    /// running VMM's runtime) would silently be lost.
+    async fn update(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let runtime = runtime_json(vm)?;
+        let result = sqlx::query(
+            "UPDATE vms SET state = $1, runtime_json = $2, last_error = $3, modified_at = $4 \
+             WHERE vm_id = $5",
+        )
+        .bind(vm.state.as_str())
+        .bind(runtime)
+        .bind(vm.last_error.as_deref())
+        .bind(vm.modified_at)
+        .bind(vm.id.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_err(format_args!("updating vm {:?}", vm.id.as_str()), e))?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::Other(format!(
+                "updating vm {:?}: no such vm in the store",
+                vm.id.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, id: &VmId) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM vms WHERE vm_id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_err(format_args!("removing vm {:?}", id.as_str()), e))?;
+        Ok(())
+    }
+
+    /// Keyset pagination on `seq`: a page is the customer's rows after
+    /// `cursor` (from the start when `None`), so VMs created or deleted
+    /// between pages never shift later pages. One row beyond `limit` is
+    /// fetched to learn whether another page exists. `total` counts every
+    /// matching VM regardless of the cursor. The page and the count are read
+    /// in one transaction, so they agree with each other. A `limit` of 0
+    /// returns no VMs and no cursor, only the total.
+    async fn list(
+        &self,
+        customer: &CustomerId,
+        states: &[VmState],
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> Result<VmPage, StoreError> {
+        let ctx = || format!("listing vms of customer {:?}", customer.as_str());
+        // Duplicates would only lengthen the IN list.
+        let states: Vec<&'static str> = states
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (page_sql, count_sql) = list_sql(states.len());
+
+        let mut tx = self.pool.begin().await.map_err(|e| db_err(ctx(), e))?;
+        let mut rows = if limit == 0 {
+            Vec::new()
+        } else {
+            // Injection-safe: `page_sql` holds only generated placeholders
+            // (see `list_sql`); every value is bound below.
+            let mut page =
+                sqlx::query_as::<_, VmRow>(AssertSqlSafe(page_sql)).bind(customer.as_str());
+            for s in &states {
+                page = page.bind(*s);
+            }
+            page.bind(cursor.unwrap_or(i64::MIN))
+                .bind(i64::from(limit) + 1)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| db_err(ctx(), e))?
+        };
+        // As above: placeholders only.
+        let mut count =
+            sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql)).bind(customer.as_str());
+        for s in &states {
+            count = count.bind(*s);
+        }
+        let total = count
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_err(ctx(), e))?;
+        tx.commit().await.map_err(|e| db_err(ctx(), e))?;
+
+        let limit = limit as usize;
+        let next_cursor = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|r| r.seq)
+        } else {
+            None
+        };
+        let vms = rows
+            .into_iter()
+            .map(VmRow::into_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmPage {
+            vms,
+            next_cursor,
+            total,
+        })
+    }
+
+    async fn all(&self) -> Result<Vec<VmRecord>, StoreError> {
+        sqlx::query_as::<_, VmRow>(concat!("SELECT ", vm_columns!(), " FROM vms ORDER BY seq"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_err("loading all vms", e))?
+            .into_iter()
+            .map(VmRow::into_record)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::list_sql;
+
+    #[test]
+    fn list_sql_numbers_placeholders_in_bind_order() {
+        let (page, count) = list_sql(0);
+        assert!(
+            page.contains("customer_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"),
+            "{page}"
+        );
+        assert!(count.ends_with("WHERE customer_id = $1"), "{count}");
+        let (page, count) = list_sql(3);
+        assert!(
+            page.contains(
+                "customer_id = $1 AND state IN ($2, $3, $4) AND seq > $5 ORDER BY seq LIMIT $6"
+            ),
+            "{page}"
+        );
+        assert!(
+            count.ends_with("customer_id = $1 AND state IN ($2, $3, $4)"),
+            "{count}"
+        );
+    }
+}

@@ -1,0 +1,34 @@
+//! metald's hypervisor backends: implementations of
+//! [`metald_core::ports::Vmm`], one VMM process per VM.
+//!
+//! [`process`] holds what every backend needs about processes (detached
+//! spawning, identity by pid + start time, exit watching through pidfds,
+//! killing only the process that is really ours). [`qemu`] drives
+//! `qemu-system-x86_64 -M microvm` over QMP.
+
+pub mod process;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+
+/// Finds an executable on `PATH`, like `command -v`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_sh_and_not_nonsense() {
+        assert!(super::find_on_path("sh").is_some());
+        assert!(super::find_on_path("metald-no-such-binary").is_none());
+    }
+}

@@ -1,0 +1,375 @@
+//! The QEMU backend: one `qemu-system-x86_64 -M microvm` process per VM,
+//! controlled over QMP on a per-VM Unix socket.
+//!
+//! Files of a VM live in `<state_dir>/<vm_id>/`: `qmp.sock`, `console.log`
+//! (the serial console), `qemu.log` (QEMU's own stderr) and `vmm.json`
+//! (pid and start time, written right after spawning so a crash between
+//! spawn and the store update still leaves the process findable).
+//!
+//! | metald      | QEMU                                                  |
+//! |-------------|-------------------------------------------------------|
+//! | boot        | spawn with `-S`, attach QMP, `cont`                   |
+//! | pause       | `stop`                                                |
+//! | resume      | `cont`                                                |
+//! | reboot      | `system_reset`                                        |
+//! | shutdown    | `system_powerdown` (ACPI), SIGKILL after the timeout  |
+//! | force stop  | SIGKILL                                               |
+//! | delete      | SIGKILL, remove the VM directory                      |
+
+pub mod args;
+pub mod qmp;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use metald_core::ports::{GuestStatus, PortError, StopMode, Vmm, VmmExit, VmmRuntime};
+use metald_core::vm::{VmId, VmSpec};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::process::{self, Children};
+
+/// The backend's name in `UNKEY_METALD_BACKEND` and `backend_info`.
+pub const NAME: &str = "qemu";
+
+/// Longest Unix socket path the kernel accepts (`sun_path` minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How QEMU runs guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// Software emulation: slow, but works everywhere.
+    Tcg,
+}
+
+/// `Kvm` when `/dev/kvm` can be opened for reading and writing, else `Tcg`.
+pub fn default_accel() -> Accel {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Accel::Kvm,
+        Err(_) => Accel::Tcg,
+    }
+}
+
+/// Settings of the QEMU backend.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// `qemu-system-x86_64`.
+    pub binary: PathBuf,
+    pub accel: Accel,
+    /// Parent of the per-VM directories.
+    pub state_dir: PathBuf,
+    /// How long QEMU may take to open its QMP socket.
+    pub boot_timeout: Duration,
+}
+
+/// The QEMU backend.
+pub struct QemuBackend {
+    config: QemuConfig,
+    version: String,
+    children: Children,
+}
+
+/// What `vmm.json` records.
+#[derive(Debug, Serialize, Deserialize)]
+struct SpawnRecord {
+    pid: i32,
+    start_time: u64,
+}
+
+impl QemuBackend {
+    /// Checks the binary answers `--version` and prepares the state dir.
+    pub fn new(config: QemuConfig) -> Result<Self, String> {
+        let out = std::process::Command::new(&config.binary)
+            .arg("--version")
+            .output()
+            .map_err(|e| {
+                format!(
+                    "UNKEY_METALD_QEMU_BINARY: cannot run {}: {e}",
+                    config.binary.display()
+                )
+            })?;
+        if !out.status.success() {
+            return Err(format!(
+                "UNKEY_METALD_QEMU_BINARY: {} --version failed: {}",
+                config.binary.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
+        Ok(QemuBackend {
+            config,
+            version,
+            children: Children::default(),
+        })
+    }
+
+    fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.config.state_dir.join(id.as_str())
+    }
+
+    /// Last lines of QEMU's stderr, to explain a failed start.
+    fn qemu_log_tail(dir: &Path) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(dir.join("qemu.log")) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join("; ");
+        if tail.is_empty() {
+            "no output".into()
+        } else {
+            tail
+        }
+    }
+
+    /// Waits for the QMP socket (bounded retry with backoff, while watching
+    /// for QEMU exiting instead), then lets the guest run.
+    async fn start_guest(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), String> {
+        let exited = self.children.wait_exit(rt.pid, rt.start_time);
+        let attach = async {
+            let mut delay = Duration::from_millis(5);
+            loop {
+                match qmp::Qmp::connect(&rt.socket).await {
+                    Ok(q) => return q,
+                    Err(e) => debug!(error = %e, "QMP not ready yet"),
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(100));
+            }
+        };
+        let mut qmp = tokio::select! {
+            exit = exited => {
+                return Err(format!("qemu {} while starting: {}", exit.describe(), Self::qemu_log_tail(dir)));
+            }
+            r = tokio::time::timeout(self.config.boot_timeout, attach) => r.map_err(|_| {
+                format!("qemu did not open its QMP socket within {:?}", self.config.boot_timeout)
+            })?,
+        };
+        let run = async {
+            qmp.execute("cont", None).await?;
+            let st = qmp.execute("query-status", None).await?;
+            match st.get("status").and_then(|s| s.as_str()) {
+                Some("running") => Ok(()),
+                other => Err(format!("guest is {other:?} after cont, expected running")),
+            }
+        };
+        tokio::time::timeout(qmp::COMMAND_TIMEOUT, run)
+            .await
+            .unwrap_or_else(|_| Err("qemu did not answer cont within 10 s".into()))
+    }
+
+    /// Waits up to `limit` for the VMM to exit.
+    async fn exits_within(&self, rt: &VmmRuntime, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.children.wait_exit(rt.pid, rt.start_time))
+            .await
+            .is_ok()
+    }
+}
+
+#[async_trait]
+impl Vmm for QemuBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, PortError> {
+        let dir = self.vm_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("clearing {}: {e}", dir.display())),
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let socket = dir.join("qmp.sock");
+        let console_log = dir.join("console.log");
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!(
+                "QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR",
+                socket.display()
+            ));
+        }
+        let spawned = (|| {
+            let log = std::fs::File::create(dir.join("qemu.log"))?;
+            let mut cmd = tokio::process::Command::new(&self.config.binary);
+            cmd.args(args::command_line(
+                id.as_str(),
+                spec,
+                self.config.accel,
+                &args::VmFiles {
+                    console_log: &console_log,
+                    qmp_socket: &socket,
+                },
+            ))
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+            let (pid, start_time) = self.children.spawn(cmd)?;
+            let record = serde_json::to_vec(&SpawnRecord { pid, start_time })
+                .map_err(std::io::Error::other)?;
+            std::fs::write(dir.join("vmm.json"), record)?;
+            Ok::<_, std::io::Error>((pid, start_time))
+        })();
+        let (pid, start_time) = match spawned {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.destroy(id, None).await;
+                return Err(format!("starting {}: {e}", self.config.binary.display()));
+            }
+        };
+        let rt = VmmRuntime {
+            backend: NAME.into(),
+            pid,
+            start_time,
+            socket,
+        };
+        match self.start_guest(&dir, &rt).await {
+            Ok(()) => Ok(rt),
+            Err(e) => {
+                if let Err(cleanup) = self.destroy(id, Some(&rt)).await {
+                    warn!(vm_id = %id, error = %cleanup, "cleanup after a failed boot failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+        qmp::run(&rt.socket, "stop", None).await.map(drop)
+    }
+
+    async fn resume(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+        qmp::run(&rt.socket, "cont", None).await.map(drop)
+    }
+
+    async fn reboot(
+        &self,
+        _id: &VmId,
+        _spec: &VmSpec,
+        rt: &VmmRuntime,
+    ) -> Result<VmmRuntime, PortError> {
+        qmp::run(&rt.socket, "system_reset", None).await?;
+        Ok(rt.clone())
+    }
+
+    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError> {
+        if !process::is_alive(rt.pid, rt.start_time) {
+            return Ok(());
+        }
+        if let StopMode::Graceful(limit) = mode {
+            match qmp::run(&rt.socket, "system_powerdown", None).await {
+                Ok(_) if self.exits_within(rt, limit).await => return Ok(()),
+                Ok(_) => warn!(
+                    pid = rt.pid,
+                    ?limit,
+                    "guest ignored the ACPI power button; killing its VMM"
+                ),
+                Err(e) => {
+                    warn!(pid = rt.pid, error = %e, "cannot ask the guest to power off; killing its VMM")
+                }
+            }
+        }
+        self.children.kill(rt.pid, rt.start_time).await?;
+        // QEMU removes its socket only on a clean exit.
+        let _ = std::fs::remove_file(&rt.socket);
+        Ok(())
+    }
+
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+        let dir = self.vm_dir(id);
+        let mut known: Vec<(i32, u64)> = rt.map(|r| (r.pid, r.start_time)).into_iter().collect();
+        if let Some(rec) = std::fs::read(dir.join("vmm.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SpawnRecord>(&b).ok())
+        {
+            known.push((rec.pid, rec.start_time));
+        }
+        for (pid, start_time) in known {
+            self.children.kill(pid, start_time).await?;
+            self.children.forget(pid, start_time);
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("removing {}: {e}", dir.display())),
+        }
+    }
+
+    async fn adopt(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        if rt.backend != NAME {
+            return Err(format!(
+                "recorded backend is {:?}, this metald runs {NAME}",
+                rt.backend
+            ));
+        }
+        if !process::is_alive(rt.pid, rt.start_time) {
+            return Err(format!(
+                "process {} is gone or is another process now",
+                rt.pid
+            ));
+        }
+        let socket = rt.socket.to_string_lossy();
+        let ours = process::cmdline(rt.pid)
+            .map(|args| args.iter().any(|a| a.contains(socket.as_ref())))
+            .unwrap_or(false);
+        if !ours {
+            return Err(format!(
+                "process {} is not the QEMU serving {socket}",
+                rt.pid
+            ));
+        }
+        match qmp::status(&rt.socket).await?.as_str() {
+            "running" => Ok(GuestStatus::Running),
+            "paused" => Ok(GuestStatus::Paused),
+            other => Err(format!("guest is in QEMU state {other:?}")),
+        }
+    }
+
+    fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
+        self.children.wait_exit(rt.pid, rt.start_time)
+    }
+
+    async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String> {
+        let mut info = BTreeMap::new();
+        info.insert("vmm".into(), NAME.into());
+        info.insert("vmm_version".into(), self.version.clone());
+        info.insert(
+            "accel".into(),
+            match self.config.accel {
+                Accel::Kvm => "kvm".into(),
+                Accel::Tcg => "tcg".into(),
+            },
+        );
+        let console = self.vm_dir(id).join("console.log");
+        if console.exists() {
+            info.insert("console_log".into(), console.to_string_lossy().into_owned());
+        }
+        if let Some(rt) = rt {
+            info.insert("pid".into(), rt.pid.to_string());
+            info.insert("socket".into(), rt.socket.to_string_lossy().into_owned());
+            info.insert(
+                "process_alive".into(),
+                process::is_alive(rt.pid, rt.start_time).to_string(),
+            );
+        }
+        info
+    }
+}

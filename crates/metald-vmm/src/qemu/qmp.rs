@@ -1,0 +1,166 @@
+//! A minimal QMP client: connect, negotiate capabilities, run one command.
+//! QEMU serves one QMP client at a time, so metald connects per operation
+//! (operations on one VM are already serialised by the service).
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// How long one QMP exchange may take before the VMM counts as hung.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An open, negotiated QMP session.
+pub struct Qmp {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Qmp {
+    /// Connects and leaves capabilities negotiation mode.
+    pub async fn connect(path: &Path) -> std::io::Result<Qmp> {
+        let (r, w) = UnixStream::connect(path).await?.into_split();
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        let greeting = qmp.read_message().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a QMP greeting: {greeting}"),
+            ));
+        }
+        qmp.execute("qmp_capabilities", None)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(qmp)
+    }
+
+    async fn read_message(&mut self) -> std::io::Result<Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "QMP connection closed",
+            ));
+        }
+        serde_json::from_str(&line)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    /// Runs a command; returns its `return` value or QEMU's error text.
+    /// Asynchronous events arriving in between are skipped.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, String> {
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut bytes = msg.to_string().into_bytes();
+        bytes.push(b'\n');
+        self.writer
+            .write_all(&bytes)
+            .await
+            .map_err(|e| format!("QMP {command}: {e}"))?;
+        loop {
+            let reply = self
+                .read_message()
+                .await
+                .map_err(|e| format!("QMP {command}: {e}"))?;
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = reply.get("error") {
+                let desc = err
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
+                return Err(format!("QMP {command}: {desc}"));
+            }
+        }
+    }
+}
+
+/// Connects, runs one command and disconnects, all within
+/// [`COMMAND_TIMEOUT`].
+pub async fn run(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value, String> {
+    let exchange = async {
+        let mut qmp = Qmp::connect(socket)
+            .await
+            .map_err(|e| format!("QMP socket {}: {e}", socket.display()))?;
+        qmp.execute(command, arguments).await
+    };
+    tokio::time::timeout(COMMAND_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "QMP {command}: no answer within {COMMAND_TIMEOUT:?}"
+            ))
+        })
+}
+
+/// The guest's run state (`running`, `paused`, `shutdown`, ...).
+pub async fn status(socket: &Path) -> Result<String, String> {
+    let ret = run(socket, "query-status", None).await?;
+    ret.get("status")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| format!("QMP query-status: unexpected answer {ret}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A scripted QMP peer: greets, then answers each command line with the
+    /// next canned reply (events first where given).
+    async fn serve(listener: UnixListener, replies: Vec<&'static str>) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut lines = BufReader::new(r).lines();
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
+        for reply in replies {
+            lines.next_line().await.unwrap().unwrap();
+            w.write_all(reply.as_bytes()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn negotiates_skips_events_and_reports_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(serve(
+            listener,
+            vec![
+                "{\"return\": {}}\n",
+                "{\"event\": \"STOP\"}\n{\"return\": {\"status\": \"paused\", \"running\": false}}\n",
+                "{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\n",
+            ],
+        ));
+        let mut qmp = Qmp::connect(&sock).await.unwrap();
+        let ret = qmp.execute("query-status", None).await.unwrap();
+        assert_eq!(ret["status"], "paused");
+        let err = qmp.execute("cont", None).await.unwrap_err();
+        assert_eq!(err, "QMP cont: nope");
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_an_error_naming_it() {
+        let err = run(Path::new("/nonexistent/qmp.sock"), "query-status", None)
+            .await
+            .unwrap_err();
+        assert!(err.contains("/nonexistent/qmp.sock"), "{err}");
+    }
+}

@@ -1,0 +1,242 @@
+//! Every setting of the daemon: a command-line flag and a `UNKEY_METALD_*`
+//! environment variable each. A value that does not parse stops start-up
+//! with an error naming the variable, never a silent default.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Which VMM drives the VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// QEMU `-M microvm`, controlled over QMP.
+    Qemu,
+    /// Firecracker (not yet available in this build).
+    Firecracker,
+    /// Cloud Hypervisor (not yet available in this build).
+    Cloudhypervisor,
+}
+
+/// How API callers authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// JWTs only (production).
+    Jwt,
+    /// Also accept `dev_customer_<id>` tokens (development and tests).
+    Dev,
+}
+
+/// QEMU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QemuAccel {
+    /// KVM when /dev/kvm opens, else TCG.
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation (slow, works everywhere).
+    Tcg,
+}
+
+/// JWT signature algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlgorithm {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "EdDSA")]
+    EdDsa,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 100ms, 30s, 1m)"))
+}
+
+/// metald: runs microVMs for many tenants and serves the VM API over
+/// ConnectRPC, gRPC and gRPC-Web on one port.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "metald", version, about, long_about = None)]
+pub struct Config {
+    /// VMM backend.
+    #[arg(long, env = "UNKEY_METALD_BACKEND", value_enum, default_value = "qemu")]
+    pub backend: Backend,
+
+    /// Address the API listens on.
+    #[arg(long, env = "UNKEY_METALD_ADDRESS", default_value = "0.0.0.0")]
+    pub address: IpAddr,
+
+    /// API port (0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "UNKEY_METALD_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Directory for the SQLite database (metald.db) and per-VM files.
+    #[arg(long, env = "UNKEY_METALD_DATA_DIR", default_value = "/var/lib/metald")]
+    pub data_dir: PathBuf,
+
+    /// How callers authenticate.
+    #[arg(
+        long,
+        env = "UNKEY_METALD_AUTH_MODE",
+        value_enum,
+        default_value = "jwt"
+    )]
+    pub auth_mode: AuthMode,
+
+    /// JWT signature algorithm.
+    #[arg(
+        long,
+        env = "UNKEY_METALD_JWT_ALGORITHM",
+        value_enum,
+        default_value = "HS256"
+    )]
+    pub jwt_algorithm: JwtAlgorithm,
+
+    /// File holding the HS256 shared secret (trailing newline ignored).
+    #[arg(long, env = "UNKEY_METALD_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// PEM public key file for RS256 or EdDSA.
+    #[arg(long, env = "UNKEY_METALD_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// JWT claim that holds the customer id.
+    #[arg(long, env = "UNKEY_METALD_JWT_CUSTOMER_CLAIM", default_value = "sub")]
+    pub jwt_customer_claim: String,
+
+    /// QEMU binary (default: qemu-system-x86_64 on PATH).
+    #[arg(long, env = "UNKEY_METALD_QEMU_BINARY")]
+    pub qemu_binary: Option<PathBuf>,
+
+    /// QEMU accelerator.
+    #[arg(
+        long,
+        env = "UNKEY_METALD_QEMU_ACCEL",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub qemu_accel: QemuAccel,
+
+    /// How long a VMM may take to start and report the guest running.
+    #[arg(long, env = "UNKEY_METALD_BOOT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub boot_timeout: Duration,
+
+    /// How long a graceful VM shutdown waits before killing the VMM, when
+    /// the request gives no timeout.
+    #[arg(long, env = "UNKEY_METALD_VM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub vm_shutdown_timeout: Duration,
+
+    /// How long metald waits for in-flight requests when it is stopped.
+    #[arg(long, env = "UNKEY_METALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,metald_core=debug`).
+    #[arg(long, env = "UNKEY_METALD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Parses flags and environment; on a bad value, the error names the
+    /// environment variable as well as the flag.
+    pub fn load() -> Result<Self, clap::Error> {
+        Self::try_parse_from(std::env::args_os())
+    }
+
+    /// Like [`Config::load`] from explicit arguments (for tests).
+    pub fn try_parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        <Self as Parser>::try_parse_from(args).map_err(name_the_variable)
+    }
+}
+
+/// Adds the environment variable to clap's "invalid value" errors, which
+/// otherwise name only the flag.
+fn name_the_variable(err: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return err;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let cmd = <Config as clap::CommandFactory>::command();
+    let flag = arg
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("--");
+    let env = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(flag))
+        .and_then(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned());
+    match env {
+        Some(env) => {
+            let mut cmd = cmd;
+            cmd.error(
+                ErrorKind::ValueValidation,
+                format!(
+                    "invalid value for {env} (--{flag}): {}",
+                    inner_message(&err)
+                ),
+            )
+        }
+        None => err,
+    }
+}
+
+fn inner_message(err: &clap::Error) -> String {
+    let text = err.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.trim_start_matches("error: ").to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_wire_contract() {
+        let c = Config::try_parse_from(["metald"]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.address.to_string(), "0.0.0.0");
+        assert_eq!(c.auth_mode, AuthMode::Jwt);
+        assert_eq!(c.vm_shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn durations_use_humantime() {
+        let c = Config::try_parse_from([
+            "metald",
+            "--boot-timeout",
+            "1m",
+            "--vm-shutdown-timeout",
+            "100ms",
+        ])
+        .unwrap();
+        assert_eq!(c.boot_timeout, Duration::from_secs(60));
+        assert_eq!(c.vm_shutdown_timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (flag, value, env) in [
+            ("--port", "eighty", "UNKEY_METALD_PORT"),
+            ("--boot-timeout", "soon", "UNKEY_METALD_BOOT_TIMEOUT"),
+            ("--backend", "xen", "UNKEY_METALD_BACKEND"),
+            ("--address", "nowhere", "UNKEY_METALD_ADDRESS"),
+        ] {
+            let err = Config::try_parse_from(["metald", flag, value])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(env), "{flag}: {err}");
+        }
+    }
+}

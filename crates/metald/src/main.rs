@@ -1,0 +1,182 @@
+//! The metald daemon: reads its configuration, builds the adapters (SQLite
+//! store, VMM backend), re-attaches to VMs that survived a restart, and
+//! serves the API until SIGTERM or SIGINT. VMs keep running when metald
+//! stops; the next metald adopts them.
+
+mod config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use metald_api::{ApiServer, AuthConfig, Authenticator, JwtKey};
+use metald_core::service::ServiceConfig;
+use metald_core::{VmService, ports::Vmm};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::config::{AuthMode, Backend, Config, JwtAlgorithm, QemuAccel};
+
+fn main() {
+    let config = match Config::load() {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log).unwrap_or_else(|e| {
+                eprintln!("error: invalid value for UNKEY_METALD_LOG (--log): {e}");
+                std::process::exit(2);
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(config)) {
+        eprintln!("metald: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
+    let read = |p: &std::path::Path, var: &str| {
+        std::fs::read(p).with_context(|| format!("{var}: reading {}", p.display()))
+    };
+    let jwt = match (
+        config.jwt_algorithm,
+        &config.jwt_secret_file,
+        &config.jwt_public_key_file,
+    ) {
+        (JwtAlgorithm::Hs256, Some(f), _) => {
+            let mut secret = read(f, "UNKEY_METALD_JWT_SECRET_FILE")?;
+            while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                secret.pop();
+            }
+            if secret.len() < 16 {
+                bail!("UNKEY_METALD_JWT_SECRET_FILE: the secret must be at least 16 bytes");
+            }
+            Some(JwtKey::Hs256(secret))
+        }
+        (JwtAlgorithm::Rs256, _, Some(f)) => Some(JwtKey::Rs256Pem(read(
+            f,
+            "UNKEY_METALD_JWT_PUBLIC_KEY_FILE",
+        )?)),
+        (JwtAlgorithm::EdDsa, _, Some(f)) => Some(JwtKey::EdDsaPem(read(
+            f,
+            "UNKEY_METALD_JWT_PUBLIC_KEY_FILE",
+        )?)),
+        (_, None, None) => None,
+        (alg, _, _) => bail!(
+            "UNKEY_METALD_JWT_ALGORITHM={alg:?} needs {}",
+            if alg == JwtAlgorithm::Hs256 {
+                "UNKEY_METALD_JWT_SECRET_FILE"
+            } else {
+                "UNKEY_METALD_JWT_PUBLIC_KEY_FILE"
+            }
+        ),
+    };
+    if config.auth_mode == AuthMode::Jwt && jwt.is_none() {
+        bail!(
+            "UNKEY_METALD_AUTH_MODE=jwt needs a key: set UNKEY_METALD_JWT_SECRET_FILE (HS256) or \
+             UNKEY_METALD_JWT_PUBLIC_KEY_FILE with UNKEY_METALD_JWT_ALGORITHM; or use UNKEY_METALD_AUTH_MODE=dev for development"
+        );
+    }
+    if config.auth_mode == AuthMode::Dev {
+        warn!(
+            "development tokens (dev_customer_<id>) are accepted: never run like this in production"
+        );
+    }
+    Authenticator::new(AuthConfig {
+        dev_tokens: config.auth_mode == AuthMode::Dev,
+        jwt,
+        customer_claim: config.jwt_customer_claim.clone(),
+    })
+    .map_err(anyhow::Error::msg)
+}
+
+fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+    match config.backend {
+        Backend::Qemu => {
+            use metald_vmm::qemu::{Accel, QemuBackend, QemuConfig};
+            let binary = match &config.qemu_binary {
+                Some(b) => b.clone(),
+                None => metald_vmm::find_on_path("qemu-system-x86_64").context(
+                    "UNKEY_METALD_QEMU_BINARY: qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86)",
+                )?,
+            };
+            let accel = match config.qemu_accel {
+                QemuAccel::Auto => metald_vmm::qemu::default_accel(),
+                QemuAccel::Kvm => Accel::Kvm,
+                QemuAccel::Tcg => Accel::Tcg,
+            };
+            info!(binary = %binary.display(), ?accel, "using the QEMU backend");
+            let qemu = QemuBackend::new(QemuConfig {
+                binary,
+                accel,
+                state_dir: config.data_dir.join("vms"),
+                boot_timeout: config.boot_timeout,
+            })
+            .map_err(anyhow::Error::msg)?;
+            Ok(Arc::new(qemu))
+        }
+        other => bail!(
+            "UNKEY_METALD_BACKEND={}: this backend is not available yet; use qemu",
+            format!("{other:?}").to_lowercase()
+        ),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "UNKEY_METALD_DATA_DIR: creating {}",
+            config.data_dir.display()
+        )
+    })?;
+    let auth = Arc::new(authenticator(&config)?);
+    let vmm = backend(&config)?;
+    let db = config.data_dir.join("metald.db");
+    let store = metald_store::SqliteStore::open(&db)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", db.display()))?;
+    let service = VmService::new(
+        Arc::new(store),
+        vmm,
+        ServiceConfig {
+            default_shutdown_timeout: config.vm_shutdown_timeout,
+        },
+    );
+    service.recover().await.context("re-attaching to VMs")?;
+
+    let addr = SocketAddr::new(config.address, config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding UNKEY_METALD_ADDRESS:UNKEY_METALD_PORT = {addr}"))?;
+    let local = listener.local_addr()?;
+    info!(%local, data_dir = %config.data_dir.display(), "metald serving");
+    // A plain line on stdout tells scripts and tests the API is up and where.
+    println!("metald listening on http://{local}");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(metald_api::serve(
+        listener,
+        ApiServer { service, auth },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping; VMs keep running"),
+        _ = int.recv() => info!("SIGINT: stopping; VMs keep running"),
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(config.drain_timeout, server).await {
+        Ok(Ok(Ok(()))) => info!("stopped cleanly"),
+        Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "server task failed"),
+        Err(_) => warn!("in-flight requests did not finish within the drain timeout"),
+    }
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! Starts the real `metald` binary on a free port with a temporary data
+//! directory, and talks to it the way clients do: Connect JSON over plain
+//! HTTP (like curl), or the generated Rust client over gRPC / gRPC-Web.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Paths of the test guest made by `scripts/guest-assets.sh`.
+#[derive(Debug, Clone)]
+pub struct Assets {
+    pub kernel: String,
+    pub initrd: String,
+    pub disk: String,
+}
+
+impl Assets {
+    /// Reads `assets.env`; fails loudly when the README's test command was
+    /// not used (it prepares the assets first).
+    pub fn load() -> Assets {
+        let path = std::env::var("METALD_ASSETS_ENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.metald/assets/assets.env")
+            });
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run scripts/guest-assets.sh (the README's test command does)",
+                path.display()
+            )
+        });
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(|v| v.trim_matches('"').to_owned())
+                .unwrap_or_else(|| panic!("{k} missing from {}", path.display()))
+        };
+        Assets {
+            kernel: get("METALD_GUEST_KERNEL"),
+            initrd: get("METALD_GUEST_INITRD"),
+            disk: get("METALD_GUEST_DISK"),
+        }
+    }
+
+    /// A CreateVm config in the seed README's shape, for these assets.
+    pub fn config(&self) -> Value {
+        json!({
+            "cpu": {"vcpu_count": 1},
+            "memory": {"size_bytes": 134217728},
+            "boot": {
+                "kernel_path": self.kernel,
+                "initrd_path": self.initrd,
+                "kernel_args": "console=ttyS0 reboot=k panic=1"
+            },
+            "storage": [{"id": "root", "path": self.disk, "read_only": true, "is_root_device": true}]
+        })
+    }
+}
+
+/// A running metald.
+pub struct Daemon {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub url: String,
+    extra_args: Vec<String>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_metald")
+}
+
+impl Daemon {
+    /// metald in dev-auth mode on a fresh data dir.
+    pub fn start() -> Daemon {
+        Self::start_with(&["--auth-mode", "dev"])
+    }
+
+    /// metald with extra flags on a fresh data dir.
+    pub fn start_with(args: &[&str]) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("metald-test-")
+            .tempdir()
+            .unwrap();
+        let data_dir = tmp.path().to_path_buf();
+        let mut d = Daemon {
+            child: None,
+            data_dir,
+            _tmp: Some(tmp),
+            url: String::new(),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(bin())
+            .args([
+                "--address",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--qemu-accel",
+                "tcg",
+                "--log",
+                "info",
+            ])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.extra_args)
+            .env_remove("UNKEY_METALD_AUTH_MODE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start metald");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("metald listening on ") {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+        });
+        // Wait for the readiness line metald prints once it listens.
+        let url = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("metald did not report listening within 60 s");
+            }
+        };
+        self.url = url;
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends `signal` and waits for metald to exit.
+    pub fn stop(&mut self, signal: rustix::process::Signal) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+            signal,
+        )
+        .unwrap();
+        child.wait().unwrap()
+    }
+
+    /// Starts metald again on the same data dir.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop first");
+        self.spawn();
+    }
+
+    /// Calls an RPC with Connect JSON; Ok(body) or Err((code, message)).
+    pub async fn call(
+        &self,
+        token: &str,
+        method: &str,
+        body: Value,
+    ) -> Result<Value, (String, String)> {
+        connect_json(&self.url, token, method, body).await
+    }
+
+    /// Calls an RPC that must succeed.
+    pub async fn ok(&self, token: &str, method: &str, body: Value) -> Value {
+        self.call(token, method, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} failed: {e:?}"))
+    }
+
+    /// Processes (of any kind) whose command line mentions this data dir.
+    pub fn vmm_pids(&self) -> Vec<i32> {
+        let me = self.child.as_ref().map(|c| c.id() as i32);
+        processes_mentioning(&self.data_dir.to_string_lossy())
+            .into_iter()
+            .filter(|p| Some(*p) != me)
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // VMMs outlive metald by design; never leak them from a test.
+        for pid in self.vmm_pids() {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+/// Pids whose `/proc/<pid>/cmdline` contains `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let me = std::process::id() as i32;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) && !is_zombie(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// One Connect unary call with the JSON codec, as curl would make it.
+pub async fn connect_json(
+    url: &str,
+    token: &str,
+    method: &str,
+    body: Value,
+) -> Result<Value, (String, String)> {
+    let client = reqwest::Client::new();
+    let mut req = client
+        .post(format!("{url}/vmprovisioner.v1.VmService/{method}"))
+        .header("Content-Type", "application/json")
+        .body(body.to_string());
+    if !token.is_empty() {
+        req = req.header("Authorization", format!("Bearer {token}"));
+    }
+    let resp = req.send().await.expect("http");
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err((
+            v["code"].as_str().unwrap_or("?").to_owned(),
+            v["message"].as_str().unwrap_or("").to_owned(),
+        ))
+    }
+}
+
+/// Waits (bounded) until `path` contains `needle` `times` times; the
+/// console log is the only signal a guest gives that it booted.
+pub async fn wait_for_console(path: &str, needle: &str, times: usize, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.matches(needle).count() >= times {
+            return text;
+        }
+        if start.elapsed() > timeout {
+            panic!("{needle:?} ×{times} not in {path} after {timeout:?}; console:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The state name in a Connect JSON response.
+pub fn state_of(v: &Value) -> String {
+    v["state"]
+        .as_str()
+        .unwrap_or("VM_STATE_UNSPECIFIED")
+        .to_owned()
+}

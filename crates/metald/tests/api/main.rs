@@ -1,0 +1,11 @@
+//! End-to-end tests of the real `metald` binary: real SQLite, real QEMU
+//! guests under TCG, real clients over Connect JSON, gRPC and gRPC-Web.
+//! Guest assets come from `scripts/guest-assets.sh` (the README's test
+//! command prepares them).
+
+mod harness;
+mod lifecycle;
+mod listing;
+mod restart;
+mod tenancy;
+mod validation;

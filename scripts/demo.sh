@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# metald's main job, as the README's first command runs it: installs what is
+# missing, builds metald, prepares a test guest, starts metald (SQLite store,
+# QEMU backend, development tokens, loopback only), then creates and boots a
+# demo VM over the Connect JSON API and shows its console marker and
+# GetVmInfo. metald keeps serving in the foreground; Ctrl-C deletes the demo
+# VM and stops it. METALD_DEMO_DETACH=1 leaves metald running in the
+# background instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
+state=$PWD/.metald/demo
+mkdir -p "$state"
+port=${UNKEY_METALD_PORT:-8080}
+url=http://127.0.0.1:$port
+token=dev_customer_demo
+
+echo "== building metald"
+cargo build --locked --bin metald
+echo "== preparing the test guest"
+bash scripts/guest-assets.sh "$PWD/.metald/assets"
+# shellcheck disable=SC1091
+source "$PWD/.metald/assets/assets.env"
+
+# A metald from an earlier demo run still holds the port: stop it first.
+if [ -f "$state/metald.pid" ] && kill -0 "$(cat "$state/metald.pid")" 2>/dev/null; then
+  echo "== stopping the previous demo metald"
+  kill "$(cat "$state/metald.pid")"
+  while kill -0 "$(cat "$state/metald.pid")" 2>/dev/null; do sleep 0.1; done
+fi
+
+echo "== starting metald on $url (data in $state)"
+export UNKEY_METALD_BACKEND=qemu UNKEY_METALD_AUTH_MODE=dev UNKEY_METALD_ADDRESS=127.0.0.1
+export UNKEY_METALD_PORT=$port UNKEY_METALD_DATA_DIR=$state
+export UNKEY_METALD_QEMU_ACCEL=${UNKEY_METALD_QEMU_ACCEL:-tcg}
+: >"$state/metald.out"
+./target/debug/metald >"$state/metald.out" 2>"$state/metald.log" &
+pid=$!
+echo $pid >"$state/metald.pid"
+# metald prints "metald listening on ..." once it serves.
+for _ in $(seq 300); do
+  grep -q "metald listening on" "$state/metald.out" && break
+  kill -0 $pid 2>/dev/null || { cat "$state/metald.log" >&2; exit 1; }
+  sleep 0.1
+done
+grep -q "metald listening on" "$state/metald.out" || { echo "metald did not start" >&2; exit 1; }
+curl -fsS "$url/health"; echo
+
+rpc() { # rpc Method JSON
+  curl -sS -X POST "$url/vmprovisioner.v1.VmService/$1" \
+    -H "Content-Type: application/json" -H "Authorization: Bearer $token" -d "$2"
+}
+
+# Delete a demo VM left by an earlier run, so reruns start clean.
+rpc DeleteVm '{"vm_id":"demo","force":true}' >/dev/null || true
+
+echo "== CreateVm"
+rpc CreateVm "{\"vm_id\":\"demo\",\"config\":{
+  \"cpu\":{\"vcpu_count\":1},
+  \"memory\":{\"size_bytes\":134217728},
+  \"boot\":{\"kernel_path\":\"$METALD_GUEST_KERNEL\",\"initrd_path\":\"$METALD_GUEST_INITRD\",
+            \"kernel_args\":\"console=ttyS0 reboot=k panic=1\"},
+  \"storage\":[{\"id\":\"root\",\"path\":\"$METALD_GUEST_DISK\",\"read_only\":true,\"is_root_device\":true}]}}"
+echo
+echo "== BootVm"
+rpc BootVm '{"vm_id":"demo"}'; echo
+console=$state/vms/demo/console.log
+echo "== waiting for the guest's console marker ($console)"
+for _ in $(seq 1200); do
+  grep -q METALD-GUEST-READY "$console" 2>/dev/null && break
+  sleep 0.1
+done
+grep METALD-GUEST-READY "$console" || { echo "guest did not boot; console:" >&2; cat "$console" >&2; exit 1; }
+echo "== GetVmInfo"
+rpc GetVmInfo '{"vm_id":"demo"}' | python3 -m json.tool
+
+if [ "${METALD_DEMO_DETACH:-0}" = 1 ]; then
+  echo "== metald keeps serving on $url (pid $pid); stop it with: kill $pid"
+  exit 0
+fi
+cleanup() {
+  echo; echo "== deleting the demo VM and stopping metald"
+  rpc DeleteVm '{"vm_id":"demo","force":true}' >/dev/null || true
+  kill $pid 2>/dev/null || true
+  wait $pid 2>/dev/null || true
+}
+trap cleanup INT TERM
+echo "== metald serves on $url; try the README's curl walkthrough. Ctrl-C stops it."
+wait $pid

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what metald and its tests need on a fresh Debian machine, and
+# nothing that is already there. Safe to rerun; fast when all is present.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v cpio >/dev/null || need+=(cpio)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v xz >/dev/null || need+=(xz-utils)
+command -v curl >/dev/null || need+=(curl)
+command -v ip >/dev/null || need+=(iproute2)
+command -v python3 >/dev/null || need+=(python3)
+command -v cc >/dev/null || need+=(gcc)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_=""
+  [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  $sudo_ apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "setup: no Rust toolchain (cargo) found; install Rust 1.88 or newer" >&2
+    exit 1
+  fi
+fi
