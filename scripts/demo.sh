@@ -62,7 +62,7 @@ rpc CreateVm "{\"vm_id\":\"demo\",\"config\":{
   \"cpu\":{\"vcpu_count\":1},
   \"memory\":{\"size_bytes\":134217728},
   \"boot\":{\"kernel_path\":\"$METALD_GUEST_KERNEL\",\"initrd_path\":\"$METALD_GUEST_INITRD\",
-            \"kernel_args\":\"console=ttyS0 reboot=k panic=1\"},
+            \"kernel_args\":\"$METALD_GUEST_KERNEL_ARGS\"},
   \"storage\":[{\"id\":\"root\",\"path\":\"$METALD_GUEST_DISK\",\"read_only\":true,\"is_root_device\":true}]}}"
 echo
 echo "== BootVm"

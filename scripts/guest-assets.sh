@@ -70,6 +70,22 @@ kernel_abi() {
 	echo "$dep"
 }
 
+# Kernel arguments for the test guest. Under TCG the guest's TSC runs at the
+# host's TSC rate, and Linux calibrates it against the emulated PIT; on a
+# loaded host that calibration fails, the TSC is declared unstable and early
+# boot stalls with no working clock. Telling the kernel the rate
+# (tsc_early_khz) skips the calibration. Computed on every run: it belongs to
+# the host, not to the cached assets.
+kernel_args() {
+	local khz
+	khz=$(awk -F': *' '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo 2>/dev/null || true)
+	if [[ ${khz:-0} -gt 0 ]]; then
+		echo "console=ttyS0 reboot=k panic=1 tsc_early_khz=$khz"
+	else
+		echo "console=ttyS0 reboot=k panic=1"
+	fi
+}
+
 write_env() {
 	cat >"$OUT/assets.env.tmp" <<-EOF
 		METALD_GUEST_KERNEL=$OUT/vmlinux
@@ -77,6 +93,7 @@ write_env() {
 		METALD_GUEST_INITRD=$OUT/initramfs.cpio.gz
 		METALD_GUEST_DISK=$OUT/disk.ext4
 		METALD_GUEST_KERNEL_VERSION=$KVER
+		METALD_GUEST_KERNEL_ARGS="$(kernel_args)"
 	EOF
 	mv -f "$OUT/assets.env.tmp" "$OUT/assets.env"
 	cat "$OUT/assets.env"
@@ -194,7 +211,7 @@ boot() { # boot NAME KERNEL: wait for READY, then system_powerdown over QMP
 	: >"$log"
 	qemu-system-x86_64 -M microvm -accel tcg -m 256 -smp 1 -nodefaults \
 		-no-user-config -nographic -serial stdio -kernel "$kernel" \
-		-initrd "$OUT/initramfs.cpio.gz" -append "console=ttyS0 reboot=k panic=1 quiet" \
+		-initrd "$OUT/initramfs.cpio.gz" -append "$(kernel_args) quiet" \
 		-drive "id=d0,file=$OUT/disk.ext4,format=raw,if=none,readonly=on" \
 		-device virtio-blk-device,drive=d0 \
 		-qmp "unix:$sock,server=on,wait=off" </dev/null >"$log" 2>&1 &

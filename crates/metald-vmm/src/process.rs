@@ -114,8 +114,11 @@ async fn wait_foreign(pid: i32, start_time: u64) -> VmmExit {
 /// watched through pidfds instead.
 #[derive(Clone, Default)]
 pub struct Children {
-    exits: Arc<Mutex<HashMap<(i32, u64), watch::Receiver<Option<VmmExit>>>>>,
+    exits: Arc<Mutex<ExitMap>>,
 }
+
+/// Exit status per (pid, start time), `None` while the child runs.
+type ExitMap = HashMap<(i32, u64), watch::Receiver<Option<VmmExit>>>;
 
 impl Children {
     /// Spawns `cmd` in its own process group, so a signal to metald's
@@ -153,9 +156,7 @@ impl Children {
         Ok((pid, start_time))
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(i32, u64), watch::Receiver<Option<VmmExit>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExitMap> {
         self.exits.lock().unwrap_or_else(|p| p.into_inner())
     }
 

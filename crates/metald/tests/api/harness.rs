@@ -15,6 +15,8 @@ pub struct Assets {
     pub kernel: String,
     pub initrd: String,
     pub disk: String,
+    /// Kernel arguments suited to this host (see guest-assets.sh).
+    pub kernel_args: String,
 }
 
 impl Assets {
@@ -32,16 +34,19 @@ impl Assets {
                 path.display()
             )
         });
-        let get = |k: &str| {
+        let find = |k: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(&format!("{k}=")))
                 .map(|v| v.trim_matches('"').to_owned())
-                .unwrap_or_else(|| panic!("{k} missing from {}", path.display()))
         };
+        let get =
+            |k: &str| find(k).unwrap_or_else(|| panic!("{k} missing from {}", path.display()));
         Assets {
             kernel: get("METALD_GUEST_KERNEL"),
             initrd: get("METALD_GUEST_INITRD"),
             disk: get("METALD_GUEST_DISK"),
+            kernel_args: find("METALD_GUEST_KERNEL_ARGS")
+                .unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
         }
     }
 
@@ -53,7 +58,7 @@ impl Assets {
             "boot": {
                 "kernel_path": self.kernel,
                 "initrd_path": self.initrd,
-                "kernel_args": "console=ttyS0 reboot=k panic=1"
+                "kernel_args": self.kernel_args
             },
             "storage": [{"id": "root", "path": self.disk, "read_only": true, "is_root_device": true}]
         })
@@ -137,10 +142,6 @@ impl Daemon {
         };
         self.url = url;
         self.child = Some(child);
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
     }
 
     /// Sends `signal` and waits for metald to exit.
@@ -272,7 +273,9 @@ pub async fn wait_for_console(path: &str, needle: &str, times: usize, timeout: D
             return text;
         }
         if start.elapsed() > timeout {
-            panic!("{needle:?} ×{times} not in {path} after {timeout:?}; console:\n{text}");
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            panic!("{needle:?} ×{times} not in {path} after {timeout:?}; console ends:\n{tail}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
