@@ -5,21 +5,26 @@
 # demo VM over the Connect JSON API and shows its console marker and
 # GetVmInfo. metald keeps serving in the foreground; Ctrl-C deletes the demo
 # VM and stops it. METALD_DEMO_DETACH=1 leaves metald running in the
-# background instead.
+# background instead. METALD_BIN (a built metald) skips the build;
+# METALD_DEMO_DIR moves the demo's data directory (default .metald/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
-state=$PWD/.metald/demo
+state=${METALD_DEMO_DIR:-$PWD/.metald/demo}
 mkdir -p "$state"
 port=${UNKEY_METALD_PORT:-8080}
 url=http://127.0.0.1:$port
 token=dev_customer_demo
 
-echo "== building metald"
-cargo build --locked --bin metald
+bin=${METALD_BIN:-}
+if [ -z "$bin" ]; then
+  echo "== building metald"
+  cargo build --locked --bin metald
+  bin=./target/debug/metald
+fi
 echo "== preparing the test guest"
 bash scripts/guest-assets.sh "$PWD/.metald/assets"
 # shellcheck disable=SC1091
@@ -37,7 +42,7 @@ export UNKEY_METALD_BACKEND=qemu UNKEY_METALD_AUTH_MODE=dev UNKEY_METALD_ADDRESS
 export UNKEY_METALD_PORT=$port UNKEY_METALD_DATA_DIR=$state
 export UNKEY_METALD_QEMU_ACCEL=${UNKEY_METALD_QEMU_ACCEL:-tcg}
 : >"$state/metald.out"
-./target/debug/metald >"$state/metald.out" 2>"$state/metald.log" &
+"$bin" >"$state/metald.out" 2>"$state/metald.log" &
 pid=$!
 echo $pid >"$state/metald.pid"
 # metald prints "metald listening on ..." once it serves.

@@ -6,6 +6,7 @@
 mod harness;
 mod lifecycle;
 mod listing;
+mod readme;
 mod restart;
 mod tenancy;
 mod validation;
