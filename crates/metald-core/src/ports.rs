@@ -43,10 +43,46 @@ pub struct VmRecord {
     pub runtime: Option<VmmRuntime>,
     /// Why the VM last failed or stopped, for GetVmInfo.
     pub last_error: Option<String>,
+    /// A multi-step operation that has begun and not yet finished. Written
+    /// before its first side effect, cleared by its last write; a metald
+    /// that finds one on start-up finishes or rolls back the operation.
+    pub pending: Option<Pending>,
     /// Unix seconds.
     pub created_at: i64,
     /// Unix seconds.
     pub modified_at: i64,
+}
+
+/// Lifecycle work in progress, as recorded in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pending {
+    /// A VMM is being started. Interrupted: rolled back (any process
+    /// killed, files removed, state left as it was).
+    Boot,
+    /// The VMM is being stopped. Interrupted: finished (killed, state
+    /// `shutdown`).
+    Shutdown,
+    /// The VM is being removed. Interrupted: finished (killed, files and
+    /// row removed).
+    Delete,
+}
+
+impl Pending {
+    /// Stable name used in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pending::Boot => "boot",
+            Pending::Shutdown => "shutdown",
+            Pending::Delete => "delete",
+        }
+    }
+
+    /// Inverse of [`Pending::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Pending::Boot, Pending::Shutdown, Pending::Delete]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
 }
 
 /// A page of a customer's VMs.
@@ -76,7 +112,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert(&self, vm: &VmRecord) -> Result<(), StoreError>;
     /// One VM by id, whoever owns it.
     async fn get(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError>;
-    /// Replaces state, runtime, last error and modified time.
+    /// Replaces state, runtime, last error, pending operation and modified
+    /// time.
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError>;
     /// Removes the VM's row. Removing a missing row is not an error.
     async fn remove(&self, id: &VmId) -> Result<(), StoreError>;
@@ -123,6 +160,16 @@ impl VmmExit {
             (None, None) => "exited (status unknown: not metald's child)".into(),
         }
     }
+}
+
+/// A VMM process, or a VM directory, found on the host by a backend's
+/// naming scheme, whether or not a VM row claims it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostResources {
+    /// Live VMM processes: the VM they serve, pid and start time.
+    pub processes: Vec<(VmId, i32, u64)>,
+    /// VM ids that have a directory of files.
+    pub dirs: Vec<VmId>,
 }
 
 /// How to stop a guest.
@@ -175,6 +222,22 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Resolves when the VMM process exits.
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit>;
+
+    /// Whether the recorded process still runs (same pid, same start time,
+    /// not a zombie). Cheap: reads `/proc`.
+    fn is_alive(&self, rt: &VmmRuntime) -> bool;
+
+    /// Removes what a VMM leaves behind after it exited on its own (its
+    /// control socket). Keeps the console log for the post-mortem.
+    async fn release(&self, id: &VmId, rt: &VmmRuntime);
+
+    /// Every VMM process and VM directory this backend owns on the host,
+    /// found by its naming scheme, for the reconciler.
+    async fn scan(&self) -> HostResources;
+
+    /// Kills a VMM process the reconciler found unclaimed, if it is still
+    /// the process that started at `start_time`.
+    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError>;
 
     /// Backend facts for GetVmInfo (`backend_info`): VMM name and version,
     /// pid, socket, console log.

@@ -9,7 +9,7 @@
 //! - The store is written before a side effect can outlive a crash and
 //!   after each step, so a restarted metald finds every VMM it started.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::ports::{
-    GuestStatus, StopMode, Store, StoreError, VmPage, VmRecord, Vmm, VmmExit, VmmRuntime,
+    GuestStatus, Pending, StopMode, Store, StoreError, VmPage, VmRecord, Vmm, VmmExit, VmmRuntime,
 };
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
@@ -61,6 +61,8 @@ struct Inner {
     vmm: Arc<dyn Vmm>,
     config: ServiceConfig,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// What the previous reconcile pass found unclaimed (its age guard).
+    suspects: Mutex<HashSet<String>>,
 }
 
 fn now() -> i64 {
@@ -83,6 +85,7 @@ impl VmService {
                 vmm,
                 config,
                 locks: Mutex::new(HashMap::new()),
+                suspects: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -118,6 +121,7 @@ impl VmService {
         })
     }
 
+    /// The last write of an operation: the outcome, with nothing pending.
     async fn save(
         &self,
         vm: &mut VmRecord,
@@ -128,6 +132,14 @@ impl VmService {
         vm.state = state;
         vm.runtime = runtime;
         vm.last_error = error;
+        vm.pending = None;
+        vm.modified_at = now();
+        self.inner.store.update(vm).await.map_err(store_err)
+    }
+
+    /// The first write of a multi-step operation, before any side effect.
+    async fn mark_pending(&self, vm: &mut VmRecord, op: Pending) -> Result<()> {
+        vm.pending = Some(op);
         vm.modified_at = now();
         self.inner.store.update(vm).await.map_err(store_err)
     }
@@ -156,6 +168,7 @@ impl VmService {
             state: VmState::Created,
             runtime: None,
             last_error: None,
+            pending: None,
             created_at: t,
             modified_at: t,
         };
@@ -169,20 +182,22 @@ impl VmService {
         }
     }
 
-    /// Starts a VMM for the VM and lets the guest run.
+    /// Starts a VMM for the VM and lets the guest run. The row is marked
+    /// `pending boot` first, so a crash mid-way is rolled back on restart.
     pub async fn boot(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
-        let mut vm = self.owned(caller, id).await?;
+        let mut vm = self.owned_fresh(caller, id).await?;
         Self::check(&vm, Op::Boot)?;
+        self.mark_pending(&mut vm, Pending::Boot).await?;
+        let vmm = &self.inner.vmm;
         // No process may exist in Created/Shutdown/Failed; clear anything a
-        // crash mid-boot could have left before starting a fresh one.
-        self.inner
-            .vmm
-            .destroy(id, vm.runtime.as_ref())
-            .await
-            .map_err(Error::Backend)?;
-        match self.inner.vmm.boot(id, &vm.spec).await {
+        // crash could have left before starting a fresh one.
+        let started = match vmm.destroy(id, vm.runtime.as_ref()).await {
+            Ok(()) => vmm.boot(id, &vm.spec).await,
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(rt) => {
                 self.save(&mut vm, VmState::Running, Some(rt.clone()), None)
                     .await?;
@@ -192,6 +207,9 @@ impl VmService {
             }
             Err(e) => {
                 warn!(vm_id = %id, error = %e, "boot failed");
+                let state = vm.state;
+                self.save(&mut vm, state, None, Some(format!("boot failed: {e}")))
+                    .await?;
                 Err(Error::Backend(e))
             }
         }
@@ -212,11 +230,13 @@ impl VmService {
         self.simple(caller, id, Op::Reboot).await
     }
 
-    /// Pause, resume and reboot: one VMM call on a live process.
+    /// Pause, resume and reboot: one VMM call on a live process. Nothing is
+    /// marked pending: after a crash, adoption reads the guest's state from
+    /// the VMM itself.
     async fn simple(&self, caller: &CustomerId, id: &VmId, op: Op) -> Result<VmRecord> {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
-        let mut vm = self.owned(caller, id).await?;
+        let mut vm = self.owned_fresh(caller, id).await?;
         let Outcome::To(to) = Self::check(&vm, op)? else {
             unreachable!("pause, resume and reboot never delete");
         };
@@ -230,8 +250,19 @@ impl VmService {
             Op::Resume => vmm.resume(&rt).await.map(|()| rt.clone()),
             Op::Reboot => vmm.reboot(id, &vm.spec, &rt).await,
             _ => unreachable!("only pause, resume and reboot come here"),
-        }
-        .map_err(Error::Backend)?;
+        };
+        let new_rt = match new_rt {
+            Ok(rt) => rt,
+            Err(e) => {
+                // The VMM may have died under the request: report that
+                // rather than a bare backend error.
+                self.refresh(&mut vm).await?;
+                if !vm.state.has_process() {
+                    return Err(Self::check(&vm, op).err().unwrap_or(Error::Backend(e)));
+                }
+                return Err(Error::Backend(e));
+            }
+        };
         self.save(&mut vm, to, Some(new_rt.clone()), None).await?;
         if new_rt != rt {
             self.watch(id.clone(), new_rt);
@@ -249,44 +280,55 @@ impl VmService {
     ) -> Result<VmRecord> {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
-        let mut vm = self.owned(caller, id).await?;
+        let mut vm = self.owned_fresh(caller, id).await?;
         Self::check(&vm, Op::Shutdown)?;
         let mode = if force {
             StopMode::Force
         } else {
             StopMode::Graceful(timeout.unwrap_or(self.inner.config.default_shutdown_timeout))
         };
-        if let Some(rt) = &vm.runtime {
-            self.inner
-                .vmm
-                .shutdown(rt, mode)
-                .await
-                .map_err(Error::Backend)?;
-        }
-        self.save(&mut vm, VmState::Shutdown, None, None).await?;
+        self.stop_locked(&mut vm, mode).await?;
         info!(vm_id = %id, ?mode, "vm shut down");
         Ok(vm)
     }
 
+    /// Stops a VM's VMM and records `Shutdown`; the caller holds its lock.
+    async fn stop_locked(&self, vm: &mut VmRecord, mode: StopMode) -> Result<()> {
+        self.mark_pending(vm, Pending::Shutdown).await?;
+        if let Some(rt) = vm.runtime.clone()
+            && let Err(e) = self.inner.vmm.shutdown(&rt, mode).await
+        {
+            let state = vm.state;
+            let runtime = vm.runtime.clone();
+            self.save(vm, state, runtime, Some(format!("shutdown failed: {e}")))
+                .await?;
+            return Err(Error::Backend(e));
+        }
+        self.save(vm, VmState::Shutdown, None, None).await
+    }
+
     /// Removes the VM: stops its VMM (gracefully unless `force`), removes
-    /// every file, then the row. A failure keeps the row so a retry (or the
-    /// reconciler) can finish the job.
+    /// every file, then the row. The row is marked `pending delete` first,
+    /// so a crash mid-way is finished on restart; a failure answers an
+    /// error and leaves the VM as it was, for a retry.
     pub async fn delete(&self, caller: &CustomerId, id: &VmId, force: bool) -> Result<()> {
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
-        let vm = self.owned(caller, id).await?;
+        let mut vm = self.owned_fresh(caller, id).await?;
         Self::check(&vm, Op::Delete)?;
+        self.mark_pending(&mut vm, Pending::Delete).await?;
         if let (Some(rt), false) = (&vm.runtime, force) {
             let mode = StopMode::Graceful(self.inner.config.default_shutdown_timeout);
             if let Err(e) = self.inner.vmm.shutdown(rt, mode).await {
                 warn!(vm_id = %id, error = %e, "graceful stop before delete failed; killing");
             }
         }
-        self.inner
-            .vmm
-            .destroy(id, vm.runtime.as_ref())
-            .await
-            .map_err(Error::Backend)?;
+        if let Err(e) = self.inner.vmm.destroy(id, vm.runtime.as_ref()).await {
+            let (state, runtime) = (vm.state, vm.runtime.clone());
+            self.save(&mut vm, state, runtime, Some(format!("delete failed: {e}")))
+                .await?;
+            return Err(Error::Backend(e));
+        }
         self.inner.store.remove(id).await.map_err(store_err)?;
         drop(guard);
         self.forget_lock(id);
@@ -294,12 +336,17 @@ impl VmService {
         Ok(())
     }
 
-    /// One VM with what the backend says about it.
+    /// One VM with what the backend says about it. A VMM found dead is
+    /// recorded before answering, so the state is never stale.
     pub async fn get(&self, caller: &CustomerId, id: &VmId) -> Result<VmDetails> {
-        let record = self.owned(caller, id).await?;
+        let mut record = self.owned(caller, id).await?;
+        self.refresh_if_idle(&mut record).await;
         let mut backend_info = self.inner.vmm.describe(id, record.runtime.as_ref()).await;
         if let Some(err) = &record.last_error {
             backend_info.insert("last_error".into(), err.clone());
+        }
+        if let Some(p) = record.pending {
+            backend_info.insert("pending_operation".into(), p.as_str().into());
         }
         Ok(VmDetails {
             record,
@@ -326,11 +373,93 @@ impl VmService {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        self.inner
+        let mut page = self
+            .inner
             .store
             .list(caller, states, cursor, limit)
             .await
-            .map_err(store_err)
+            .map_err(store_err)?;
+        for vm in &mut page.vms {
+            self.refresh_if_idle(vm).await;
+        }
+        Ok(page)
+    }
+
+    /// Loads a VM the caller owns and brings its state up to date with the
+    /// VMM process; the caller holds the VM's lock.
+    async fn owned_fresh(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
+        let mut vm = self.owned(caller, id).await?;
+        self.refresh(&mut vm).await?;
+        Ok(vm)
+    }
+
+    /// Records the exit of a VM's VMM if the process is gone (the caller
+    /// holds the VM's lock). The exit watcher normally does this at once;
+    /// this closes the gap between the exit and the watcher's write.
+    async fn refresh(&self, vm: &mut VmRecord) -> Result<()> {
+        if !vm.state.has_process() {
+            return Ok(());
+        }
+        let unknown = VmmExit {
+            code: None,
+            signal: None,
+        };
+        let exit = match &vm.runtime {
+            Some(rt) if self.inner.vmm.is_alive(rt) => return Ok(()),
+            // Dead: the status is known at once for metald's own children.
+            Some(rt) => tokio::time::timeout(Duration::from_secs(1), self.inner.vmm.wait_exit(rt))
+                .await
+                .unwrap_or(unknown),
+            None => unknown,
+        };
+        self.record_exit(vm, exit).await
+    }
+
+    /// [`Self::refresh`] for readers: only when no operation holds the VM
+    /// (an operation in progress writes the outcome itself).
+    async fn refresh_if_idle(&self, vm: &mut VmRecord) {
+        let stale = vm.state.has_process()
+            && !vm
+                .runtime
+                .as_ref()
+                .is_some_and(|rt| self.inner.vmm.is_alive(rt));
+        if !stale {
+            return;
+        }
+        let lock = self.lock_for(&vm.id);
+        let Ok(_guard) = lock.try_lock() else {
+            return;
+        };
+        match self.inner.store.get(&vm.id).await {
+            Ok(Some(mut fresh)) => {
+                if let Err(e) = self.refresh(&mut fresh).await {
+                    warn!(vm_id = %vm.id, error = %e, "cannot record VMM exit");
+                }
+                *vm = fresh;
+            }
+            Ok(None) => {}
+            Err(e) => warn!(vm_id = %vm.id, error = %e, "cannot reload vm"),
+        }
+    }
+
+    /// Moves a VM whose VMM exited on its own to `Failed` (or `Shutdown`
+    /// after a clean guest power-off), with the reason, and releases what
+    /// the VMM left behind.
+    async fn record_exit(&self, vm: &mut VmRecord, exit: VmmExit) -> Result<()> {
+        let op = if exit.is_clean() {
+            Op::PoweredOff
+        } else {
+            Op::Crashed
+        };
+        let Some(Outcome::To(to)) = state::next(vm.state, op) else {
+            return Ok(());
+        };
+        let reason = format!("VMM {}", exit.describe());
+        warn!(vm_id = %vm.id, %reason, state = %to, "VMM exited without being asked");
+        if let Some(rt) = &vm.runtime {
+            self.inner.vmm.release(&vm.id, rt).await;
+        }
+        self.save(vm, to, None, Some(reason)).await
     }
 
     /// Watches a VMM process and records an exit metald did not ask for.
@@ -359,35 +488,62 @@ impl VmService {
         if vm.runtime.as_ref() != Some(rt) || !vm.state.has_process() {
             return;
         }
-        let op = if exit.is_clean() {
-            Op::PoweredOff
-        } else {
-            Op::Crashed
-        };
-        let Some(Outcome::To(to)) = state::next(vm.state, op) else {
-            return;
-        };
-        let reason = format!("VMM {}", exit.describe());
-        warn!(vm_id = %id, %reason, state = %to, "VMM exited without being asked");
-        if let Err(e) = self.save(&mut vm, to, None, Some(reason)).await {
+        if let Err(e) = self.record_exit(&mut vm, exit).await {
             warn!(vm_id = %id, error = %e, "cannot record VMM exit");
         }
     }
 
-    /// Re-attaches to every VMM the store says is alive, after a restart.
-    /// VMs whose process is gone or is no longer theirs are marked failed;
-    /// a reused pid is never adopted.
+    /// Brings every VM back under control after a (re)start: finishes or
+    /// rolls back operations a crash interrupted, re-attaches to every VMM
+    /// the store says is alive, and marks the rest failed after cleaning
+    /// up after them. A reused pid is never adopted or killed: identity is
+    /// pid + start time + the VMM's own command line and socket.
     pub async fn recover(&self) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
-        for vm in self.inner.store.all().await.map_err(store_err)? {
+        let vmm = &self.inner.vmm;
+        for mut vm in self.inner.store.all().await.map_err(store_err)? {
+            let lock = self.lock_for(&vm.id);
+            let _guard = lock.lock().await;
+            let id = vm.id.clone();
+            match vm.pending {
+                Some(Pending::Delete) => {
+                    vmm.destroy(&id, vm.runtime.as_ref())
+                        .await
+                        .map_err(Error::Backend)?;
+                    self.inner.store.remove(&id).await.map_err(store_err)?;
+                    info!(vm_id = %id, "finished a delete interrupted by a restart");
+                    report.finished += 1;
+                    continue;
+                }
+                Some(Pending::Boot) => {
+                    vmm.destroy(&id, vm.runtime.as_ref())
+                        .await
+                        .map_err(Error::Backend)?;
+                    let state = vm.state;
+                    let why = "boot interrupted by a metald restart; rolled back".to_owned();
+                    self.save(&mut vm, state, None, Some(why)).await?;
+                    info!(vm_id = %id, "rolled back a boot interrupted by a restart");
+                    report.rolled_back += 1;
+                    continue;
+                }
+                Some(Pending::Shutdown) => {
+                    if let Some(rt) = vm.runtime.clone() {
+                        vmm.shutdown(&rt, StopMode::Force)
+                            .await
+                            .map_err(Error::Backend)?;
+                    }
+                    self.save(&mut vm, VmState::Shutdown, None, None).await?;
+                    info!(vm_id = %id, "finished a shutdown interrupted by a restart");
+                    report.finished += 1;
+                    continue;
+                }
+                None => {}
+            }
             if !vm.state.has_process() {
                 continue;
             }
-            let lock = self.lock_for(&vm.id);
-            let _guard = lock.lock().await;
-            let mut vm = vm;
             let adopted = match &vm.runtime {
-                Some(rt) => self.inner.vmm.adopt(rt).await.map(|s| (s, rt.clone())),
+                Some(rt) => vmm.adopt(rt).await.map(|s| (s, rt.clone())),
                 None => Err("no VMM process was recorded".into()),
             };
             match adopted {
@@ -397,30 +553,164 @@ impl VmService {
                         GuestStatus::Paused => VmState::Paused,
                     };
                     self.save(&mut vm, state, Some(rt.clone()), None).await?;
-                    self.watch(vm.id.clone(), rt);
+                    self.watch(id.clone(), rt);
                     report.adopted += 1;
                 }
                 Err(e) => {
                     let reason = format!("VMM lost while metald was down: {e}");
-                    warn!(vm_id = %vm.id, %reason, "not adopting");
+                    warn!(vm_id = %id, %reason, "not adopting");
+                    // Kills only processes whose identity still matches,
+                    // so an unrelated process on a reused pid survives.
+                    vmm.destroy(&id, vm.runtime.as_ref())
+                        .await
+                        .map_err(Error::Backend)?;
                     self.save(&mut vm, VmState::Failed, None, Some(reason))
                         .await?;
                     report.failed += 1;
                 }
             }
         }
-        info!(
-            adopted = report.adopted,
-            failed = report.failed,
-            "recovered VMs"
-        );
+        info!(?report, "recovered VMs");
         Ok(report)
     }
+
+    /// One reconciliation pass: records VMMs found dead, kills VMM
+    /// processes no row claims, and removes VM directories no row claims.
+    ///
+    /// Age guard: with `immediate` false (periodic passes while serving), an
+    /// unclaimed process or directory is removed only when the previous
+    /// pass already found it unclaimed, and only while no operation holds
+    /// its VM; so a boot or delete in progress is never raced. The start-up
+    /// pass runs before the API serves and acts at once.
+    pub async fn reconcile(&self, immediate: bool) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let vmm = &self.inner.vmm;
+        for vm in self.inner.store.all().await.map_err(store_err)? {
+            if vm.state.has_process() && !vm.runtime.as_ref().is_some_and(|rt| vmm.is_alive(rt)) {
+                let mut vm = vm;
+                let before = vm.state;
+                self.refresh_if_idle(&mut vm).await;
+                if vm.state != before {
+                    report.dead += 1;
+                }
+            }
+        }
+        let host = vmm.scan().await;
+        let mut suspects = HashSet::new();
+        let previous = std::mem::take(
+            &mut *self
+                .inner
+                .suspects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (id, pid, start_time) in host.processes {
+            let key = format!("process {pid}/{start_time} of {id}");
+            let lock = self.lock_for(&id);
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            let claimed = match self.inner.store.get(&id).await.map_err(store_err)? {
+                Some(vm) => {
+                    vm.state.has_process()
+                        && vm
+                            .runtime
+                            .as_ref()
+                            .is_some_and(|rt| rt.pid == pid && rt.start_time == start_time)
+                }
+                None => false,
+            };
+            if claimed {
+                continue;
+            }
+            if !immediate && !previous.contains(&key) {
+                suspects.insert(key);
+                continue;
+            }
+            warn!(vm_id = %id, pid, "killing a VMM process no VM row claims");
+            vmm.kill_orphan(pid, start_time)
+                .await
+                .map_err(Error::Backend)?;
+            report.orphan_processes += 1;
+        }
+        for id in host.dirs {
+            let key = format!("directory of {id}");
+            let lock = self.lock_for(&id);
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            if self
+                .inner
+                .store
+                .get(&id)
+                .await
+                .map_err(store_err)?
+                .is_some()
+            {
+                continue;
+            }
+            if !immediate && !previous.contains(&key) {
+                suspects.insert(key);
+                continue;
+            }
+            warn!(vm_id = %id, "removing files no VM row claims");
+            vmm.destroy(&id, None).await.map_err(Error::Backend)?;
+            report.orphan_dirs += 1;
+        }
+        *self
+            .inner
+            .suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = suspects;
+        if report != ReconcileReport::default() {
+            info!(?report, "reconciled");
+        }
+        Ok(report)
+    }
+
+    /// Shuts every running or paused VM down (gracefully, killing after the
+    /// default timeout), for `UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT`.
+    pub async fn shutdown_all(&self) -> Result<usize> {
+        let mut n = 0;
+        let mode = StopMode::Graceful(self.inner.config.default_shutdown_timeout);
+        for vm in self.inner.store.all().await.map_err(store_err)? {
+            if !vm.state.has_process() {
+                continue;
+            }
+            let lock = self.lock_for(&vm.id);
+            let _guard = lock.lock().await;
+            let Some(mut vm) = self.inner.store.get(&vm.id).await.map_err(store_err)? else {
+                continue;
+            };
+            if vm.state.has_process() {
+                self.stop_locked(&mut vm, mode).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// What [`VmService::reconcile`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// VMs whose VMM was found dead and recorded as such.
+    pub dead: usize,
+    /// Unclaimed VMM processes killed.
+    pub orphan_processes: usize,
+    /// Unclaimed VM directories removed.
+    pub orphan_dirs: usize,
 }
 
 /// What [`VmService::recover`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RecoveryReport {
+    /// VMMs re-attached.
     pub adopted: usize,
+    /// VMs whose VMM was gone or not theirs: marked failed.
     pub failed: usize,
+    /// Interrupted deletes and shutdowns finished.
+    pub finished: usize,
+    /// Interrupted boots rolled back.
+    pub rolled_back: usize,
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use metald_core::ports::{Store, StoreError, VmPage, VmRecord, VmmRuntime};
+use metald_core::ports::{Pending, Store, StoreError, VmPage, VmRecord, VmmRuntime};
 use metald_core::{CustomerId, VmId, VmSpec, VmState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -32,7 +32,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The columns every VM query selects, in [`VmRow`]'s order.
 macro_rules! vm_columns {
     () => {
-        "seq, vm_id, customer_id, state, spec_json, runtime_json, last_error, created_at, modified_at"
+        "seq, vm_id, customer_id, state, spec_json, runtime_json, last_error, pending_op, created_at, modified_at"
     };
 }
 
@@ -101,6 +101,7 @@ struct VmRow {
     spec_json: String,
     runtime_json: Option<String>,
     last_error: Option<String>,
+    pending_op: Option<String>,
     created_at: i64,
     modified_at: i64,
 }
@@ -127,6 +128,13 @@ impl VmRow {
             .map(serde_json::from_str)
             .transpose()
             .map_err(|e| bad("runtime", &e))?;
+        let pending = self
+            .pending_op
+            .as_deref()
+            .map(|p| {
+                Pending::parse(p).ok_or_else(|| bad("pending operation", &format_args!("{p:?}")))
+            })
+            .transpose()?;
         Ok(VmRecord {
             id,
             customer,
@@ -134,6 +142,7 @@ impl VmRow {
             state,
             runtime,
             last_error: self.last_error,
+            pending,
             created_at: self.created_at,
             modified_at: self.modified_at,
         })
@@ -187,7 +196,7 @@ impl Store for SqliteStore {
         let runtime = runtime_json(vm)?;
         let result = sqlx::query(
             "INSERT INTO vms (vm_id, customer_id, state, spec_json, runtime_json, last_error, \
-             created_at, modified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             pending_op, created_at, modified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(vm.id.as_str())
         .bind(vm.customer.as_str())
@@ -195,6 +204,7 @@ impl Store for SqliteStore {
         .bind(spec)
         .bind(runtime)
         .bind(vm.last_error.as_deref())
+        .bind(vm.pending.map(Pending::as_str))
         .bind(vm.created_at)
         .bind(vm.modified_at)
         .execute(&self.pool)
@@ -224,7 +234,8 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    /// Replaces state, runtime, last error and modified time; the spec,
+    /// Replaces state, runtime, last error, pending operation and modified
+    /// time; the spec,
     /// owner and creation time are fixed at insert. Updating a VM that is
     /// not stored is an error: the service only updates VMs it just loaded
     /// under the VM's lock, so a missing row means a record (possibly a
@@ -232,12 +243,13 @@ impl Store for SqliteStore {
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let runtime = runtime_json(vm)?;
         let result = sqlx::query(
-            "UPDATE vms SET state = $1, runtime_json = $2, last_error = $3, modified_at = $4 \
-             WHERE vm_id = $5",
+            "UPDATE vms SET state = $1, runtime_json = $2, last_error = $3, pending_op = $4, \
+             modified_at = $5 WHERE vm_id = $6",
         )
         .bind(vm.state.as_str())
         .bind(runtime)
         .bind(vm.last_error.as_deref())
+        .bind(vm.pending.map(Pending::as_str))
         .bind(vm.modified_at)
         .bind(vm.id.as_str())
         .execute(&self.pool)

@@ -131,6 +131,23 @@ pub struct Config {
     #[arg(long, env = "UNKEY_METALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
 
+    /// How often the reconciler looks for VMs whose VMM died and for VMM
+    /// processes or files no VM claims (one pass also runs at start-up).
+    #[arg(long, env = "UNKEY_METALD_RECONCILE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub reconcile_interval: Duration,
+
+    /// Shut every VM down (gracefully, within the VM shutdown timeout) when
+    /// metald stops. By default VMs keep running and the next metald adopts
+    /// them.
+    #[arg(
+        long,
+        env = "UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub shutdown_vms_on_exit: bool,
+
     /// Log filter (tracing EnvFilter syntax, e.g. `info,metald_core=debug`).
     #[arg(long, env = "UNKEY_METALD_LOG", default_value = "info")]
     pub log: String,
@@ -209,6 +226,21 @@ mod tests {
         assert_eq!(c.address.to_string(), "0.0.0.0");
         assert_eq!(c.auth_mode, AuthMode::Jwt);
         assert_eq!(c.vm_shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.reconcile_interval, Duration::from_secs(30));
+        assert!(!c.shutdown_vms_on_exit, "VMs outlive metald unless asked");
+    }
+
+    #[test]
+    fn shutdown_vms_on_exit_takes_a_boolean() {
+        let c = Config::try_parse_from(["metald", "--shutdown-vms-on-exit", "true"]).unwrap();
+        assert!(c.shutdown_vms_on_exit);
+        let err =
+            Config::try_parse_from(["metald", "--shutdown-vms-on-exit", "maybe"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -126,6 +126,29 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
     }
 }
 
+/// Holds an exclusive lock on the data directory for metald's lifetime, so
+/// two metalds never manage (and reconcile away) each other's VMs. The
+/// kernel drops the lock when metald exits, however it exits.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("metald.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("UNKEY_METALD_DATA_DIR: opening {}", path.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| {
+            anyhow::anyhow!(
+                "UNKEY_METALD_DATA_DIR: {} is in use by another metald (lock {} is held)",
+                dir.display(),
+                path.display()
+            )
+        },
+    )?;
+    Ok(file)
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
@@ -133,6 +156,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             config.data_dir.display()
         )
     })?;
+    let _lock = lock_data_dir(&config.data_dir)?;
     let auth = Arc::new(authenticator(&config)?);
     let vmm = backend(&config)?;
     let db = config.data_dir.join("metald.db");
@@ -140,13 +164,34 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("opening {}: {e}", db.display()))?;
     let service = VmService::new(
-        Arc::new(store),
+        Arc::new(store.clone()),
         vmm,
         ServiceConfig {
             default_shutdown_timeout: config.vm_shutdown_timeout,
         },
     );
+    // Before serving: finish or roll back interrupted operations, adopt
+    // surviving VMMs, then clean up whatever no VM claims.
     service.recover().await.context("re-attaching to VMs")?;
+    service
+        .reconcile(true)
+        .await
+        .context("start-up reconcile")?;
+    let reconciler = {
+        let service = service.clone();
+        let every = config.reconcile_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = service.reconcile(false).await {
+                    warn!(error = %e, "reconcile pass failed");
+                }
+            }
+        })
+    };
 
     let addr = SocketAddr::new(config.address, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -160,7 +205,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(metald_api::serve(
         listener,
-        ApiServer { service, auth },
+        ApiServer {
+            service: service.clone(),
+            auth,
+        },
         async {
             let _ = stop_rx.await;
         },
@@ -168,15 +216,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping; VMs keep running"),
-        _ = int.recv() => info!("SIGINT: stopping; VMs keep running"),
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
     }
+    // Stop accepting, let in-flight requests finish (bounded).
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.drain_timeout, server).await {
-        Ok(Ok(Ok(()))) => info!("stopped cleanly"),
+        Ok(Ok(Ok(()))) => info!("in-flight requests finished"),
         Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
         Ok(Err(e)) => warn!(error = %e, "server task failed"),
         Err(_) => warn!("in-flight requests did not finish within the drain timeout"),
     }
+    reconciler.abort();
+    if config.shutdown_vms_on_exit {
+        match service.shutdown_all().await {
+            Ok(n) => info!(vms = n, "shut VMs down (UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT)"),
+            Err(e) => warn!(error = %e, "shutting VMs down failed"),
+        }
+    } else {
+        info!("VMs keep running; the next metald adopts them");
+    }
+    // Checkpoints the write-ahead log into the database file.
+    store.close().await;
+    info!("stopped cleanly");
     Ok(())
 }

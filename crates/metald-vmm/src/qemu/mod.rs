@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use metald_core::ports::{GuestStatus, PortError, StopMode, Vmm, VmmExit, VmmRuntime};
+use metald_core::ports::{
+    GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit, VmmRuntime,
+};
 use metald_core::vm::{VmId, VmSpec};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
@@ -77,6 +79,20 @@ pub struct QemuBackend {
     config: QemuConfig,
     version: String,
     children: Children,
+}
+
+/// The VM a QEMU command line serves, if it is one metald started with
+/// its files under `state_dir`.
+fn vm_of_cmdline(args: &[String], state_dir: &str) -> Option<VmId> {
+    let name = args
+        .iter()
+        .position(|a| a == "-name")
+        .and_then(|i| args.get(i + 1))?;
+    let id = VmId::parse(name.strip_prefix("metald-")?, "name").ok()?;
+    let sock = Path::new(state_dir).join(id.as_str()).join("qmp.sock");
+    // As written on the command line: commas doubled (see args.rs).
+    let qmp = format!("unix:{}", sock.display()).replace(',', ",,");
+    args.iter().any(|a| a.starts_with(&qmp)).then_some(id)
 }
 
 /// What `vmm.json` records.
@@ -347,6 +363,59 @@ impl Vmm for QemuBackend {
         self.children.wait_exit(rt.pid, rt.start_time)
     }
 
+    fn is_alive(&self, rt: &VmmRuntime) -> bool {
+        process::is_alive(rt.pid, rt.start_time)
+    }
+
+    async fn release(&self, _id: &VmId, rt: &VmmRuntime) {
+        // QEMU removes its socket only on a clean exit.
+        let _ = std::fs::remove_file(&rt.socket);
+        self.children.forget(rt.pid, rt.start_time);
+    }
+
+    async fn scan(&self) -> HostResources {
+        let mut found = HostResources::default();
+        if let Ok(entries) = std::fs::read_dir(&self.config.state_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if e.file_type().is_ok_and(|t| t.is_dir())
+                    && let Ok(id) = VmId::parse(&name.to_string_lossy(), "dir")
+                {
+                    found.dirs.push(id);
+                }
+            }
+        }
+        // A QEMU of this metald names the VM (`-name metald-<id>`) and has
+        // its QMP socket under this state directory.
+        let state_dir = self.config.state_dir.to_string_lossy().into_owned();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return found;
+        };
+        for e in procs.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(args) = process::cmdline(pid) else {
+                continue;
+            };
+            let Some(id) = vm_of_cmdline(&args, &state_dir) else {
+                continue;
+            };
+            if let Ok(st) = process::stat(pid)
+                && st.state != 'Z'
+            {
+                found.processes.push((id, pid, st.start_time));
+            }
+        }
+        found
+    }
+
+    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {
+        self.children.kill(pid, start_time).await?;
+        self.children.forget(pid, start_time);
+        Ok(())
+    }
+
     async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String> {
         let mut info = BTreeMap::new();
         info.insert("vmm".into(), NAME.into());
@@ -371,5 +440,40 @@ impl Vmm for QemuBackend {
             );
         }
         info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_only_its_own_qemus() {
+        let args = |name: &str, sock: &str| -> Vec<String> {
+            ["qemu-system-x86_64", "-name", name, "-qmp", sock]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let ours = args(
+            "metald-vm-1",
+            "unix:/var/lib/metald/vms/vm-1/qmp.sock,server=on,wait=off",
+        );
+        assert_eq!(
+            vm_of_cmdline(&ours, "/var/lib/metald/vms"),
+            Some(VmId::parse("vm-1", "t").unwrap())
+        );
+        assert_eq!(
+            vm_of_cmdline(&ours, "/other/vms"),
+            None,
+            "another metald's data dir"
+        );
+        let mismatched = args(
+            "metald-vm-2",
+            "unix:/var/lib/metald/vms/vm-1/qmp.sock,server=on",
+        );
+        assert_eq!(vm_of_cmdline(&mismatched, "/var/lib/metald/vms"), None);
+        let foreign = args("web", "unix:/var/lib/metald/vms/web/qmp.sock");
+        assert_eq!(vm_of_cmdline(&foreign, "/var/lib/metald/vms"), None);
     }
 }
