@@ -1,0 +1,204 @@
+//! The SQLite store against a real database file.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use metald_core::ports::{Pending, Store, StoreError, VmRecord, VmmRuntime};
+use metald_core::{CustomerId, DiskSpec, VmId, VmSpec, VmState};
+use metald_store::SqliteStore;
+
+fn spec() -> VmSpec {
+    VmSpec {
+        vcpus: 2,
+        topology: Some((1, 2, 1)),
+        memory_bytes: 256 << 20,
+        kernel: PathBuf::from("/k/vmlinux"),
+        initrd: Some(PathBuf::from("/k/initrd")),
+        kernel_args: "console=ttyS0".into(),
+        boot_options: BTreeMap::from([("a".into(), "b".into())]),
+        disks: vec![DiskSpec {
+            id: "root".into(),
+            path: PathBuf::from("/d/root.ext4"),
+            read_only: true,
+            is_root: true,
+            interface_type: "virtio-blk".into(),
+            options: BTreeMap::from([("cache".into(), "none".into())]),
+        }],
+        console_enabled: true,
+        metadata: BTreeMap::from([("team".into(), "blue".into())]),
+    }
+}
+
+fn record(id: &str, customer: &str) -> VmRecord {
+    VmRecord {
+        id: VmId::parse(id, "vm_id").unwrap(),
+        customer: CustomerId::parse(customer).unwrap(),
+        spec: spec(),
+        state: VmState::Created,
+        runtime: None,
+        last_error: None,
+        pending: None,
+        created_at: 1_700_000_000,
+        modified_at: 1_700_000_000,
+    }
+}
+
+async fn open() -> (tempfile::TempDir, PathBuf, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metald.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    (dir, path, store)
+}
+
+#[tokio::test]
+async fn records_round_trip_and_ids_are_unique() {
+    let (_dir, _path, store) = open().await;
+    let mut vm = record("vm-a", "acme");
+    store.insert(&vm).await.unwrap();
+    assert_eq!(store.get(&vm.id).await.unwrap(), Some(vm.clone()));
+    assert_eq!(
+        store
+            .get(&VmId::parse("missing", "t").unwrap())
+            .await
+            .unwrap(),
+        None
+    );
+
+    let mut dup = record("vm-a", "other");
+    dup.state = VmState::Failed;
+    assert_eq!(store.insert(&dup).await, Err(StoreError::AlreadyExists));
+    assert_eq!(
+        store.get(&vm.id).await.unwrap(),
+        Some(vm.clone()),
+        "the first row is untouched"
+    );
+
+    vm.state = VmState::Running;
+    vm.runtime = Some(VmmRuntime {
+        backend: "qemu".into(),
+        pid: 42,
+        start_time: 99,
+        socket: "/s/qmp.sock".into(),
+    });
+    vm.last_error = Some("earlier failure".into());
+    vm.pending = Some(Pending::Shutdown);
+    vm.modified_at += 5;
+    store.update(&vm).await.unwrap();
+    assert_eq!(store.get(&vm.id).await.unwrap(), Some(vm.clone()));
+
+    store.remove(&vm.id).await.unwrap();
+    assert_eq!(store.get(&vm.id).await.unwrap(), None);
+    store
+        .remove(&vm.id)
+        .await
+        .expect("removing a missing row is not an error");
+    assert!(
+        store.update(&vm).await.is_err(),
+        "updating a missing row must not pass silently"
+    );
+}
+
+#[tokio::test]
+async fn listing_pages_by_customer_and_state_without_gaps() {
+    let (_dir, _path, store) = open().await;
+    let acme = CustomerId::parse("acme").unwrap();
+    for i in 0..120 {
+        let mut vm = record(&format!("a-{i:03}"), "acme");
+        if i % 3 == 0 {
+            vm.state = VmState::Shutdown;
+        }
+        store.insert(&vm).await.unwrap();
+        store
+            .insert(&record(&format!("b-{i:03}"), "globex"))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut pages = Vec::new();
+    loop {
+        let page = store.list(&acme, &[], cursor, 50).await.unwrap();
+        // Deleting a VM already listed must not shift the next page (an
+        // offset-based listing would skip a VM here).
+        assert_eq!(page.total, if pages.is_empty() { 120 } else { 119 });
+        if pages.is_empty() {
+            store
+                .remove(&VmId::parse("a-010", "t").unwrap())
+                .await
+                .unwrap();
+        }
+        pages.push(page.vms.len());
+        seen.extend(page.vms.iter().map(|v| v.id.to_string()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [50, 50, 20]);
+    let expected: Vec<String> = (0..120).map(|i| format!("a-{i:03}")).collect();
+    assert_eq!(
+        seen, expected,
+        "only acme's VMs, in creation order, no gaps or duplicates"
+    );
+
+    let shut = store
+        .list(&acme, &[VmState::Shutdown, VmState::Shutdown], None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(shut.total, 40);
+    assert!(shut.vms.iter().all(|v| v.state == VmState::Shutdown));
+    let both = store
+        .list(&acme, &[VmState::Shutdown, VmState::Created], None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(both.total, 119, "a-010 was deleted");
+    let none = store
+        .list(&acme, &[VmState::Running], None, 10)
+        .await
+        .unwrap();
+    assert_eq!((none.vms.len(), none.total, none.next_cursor), (0, 0, None));
+}
+
+#[tokio::test]
+async fn wal_mode_and_rows_survive_reopening() {
+    let (_dir, path, store) = open().await;
+    store.insert(&record("vm-keep", "acme")).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&sqlx_pool(&path).await)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    store.close().await;
+    let again = SqliteStore::open(&path)
+        .await
+        .expect("reopening runs migrations idempotently");
+    assert!(
+        again
+            .get(&VmId::parse("vm-keep", "t").unwrap())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(again.all().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_unreadable_row_is_an_error_naming_the_vm() {
+    let (_dir, path, store) = open().await;
+    store.insert(&record("vm-bad", "acme")).await.unwrap();
+    sqlx::query("UPDATE vms SET spec_json = 'garbage' WHERE vm_id = 'vm-bad'")
+        .execute(&sqlx_pool(&path).await)
+        .await
+        .unwrap();
+    let err = store
+        .get(&VmId::parse("vm-bad", "t").unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("vm-bad"), "{err}");
+}
+
+async fn sqlx_pool(path: &std::path::Path) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
+}
