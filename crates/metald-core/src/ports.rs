@@ -243,3 +243,13 @@ pub trait Vmm: Send + Sync + 'static {
     /// pid, socket, console log.
     async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String>;
 }
+
+/// Told about every stored change of a VM, after the store accepted it.
+/// Billing uses it to start and stop metering; it must return quickly and
+/// never fail the operation (queue work, don't do it inline).
+pub trait Observer: Send + Sync + 'static {
+    /// The VM's row now reads `vm`.
+    fn vm_changed(&self, vm: &VmRecord);
+    /// The VM's row is gone.
+    fn vm_removed(&self, id: &VmId);
+}

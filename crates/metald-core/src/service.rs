@@ -17,7 +17,8 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::ports::{
-    GuestStatus, Pending, StopMode, Store, StoreError, VmPage, VmRecord, Vmm, VmmExit, VmmRuntime,
+    GuestStatus, Observer, Pending, StopMode, Store, StoreError, VmPage, VmRecord, Vmm, VmmExit,
+    VmmRuntime,
 };
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
@@ -63,6 +64,8 @@ struct Inner {
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// What the previous reconcile pass found unclaimed (its age guard).
     suspects: Mutex<HashSet<String>>,
+    /// Told about every stored change (billing).
+    observers: Vec<Arc<dyn Observer>>,
 }
 
 fn now() -> i64 {
@@ -86,7 +89,35 @@ impl VmService {
                 config,
                 locks: Mutex::new(HashMap::new()),
                 suspects: Mutex::new(HashSet::new()),
+                observers: Vec::new(),
             }),
+        }
+    }
+
+    /// Builds the service with observers told about every stored change.
+    pub fn with_observers(
+        store: Arc<dyn Store>,
+        vmm: Arc<dyn Vmm>,
+        config: ServiceConfig,
+        observers: Vec<Arc<dyn Observer>>,
+    ) -> Self {
+        let svc = Self::new(store, vmm, config);
+        let mut inner = Arc::into_inner(svc.inner).expect("just built, not shared");
+        inner.observers = observers;
+        VmService {
+            inner: Arc::new(inner),
+        }
+    }
+
+    fn changed(&self, vm: &VmRecord) {
+        for o in &self.inner.observers {
+            o.vm_changed(vm);
+        }
+    }
+
+    fn removed(&self, id: &VmId) {
+        for o in &self.inner.observers {
+            o.vm_removed(id);
         }
     }
 
@@ -134,7 +165,9 @@ impl VmService {
         vm.last_error = error;
         vm.pending = None;
         vm.modified_at = now();
-        self.inner.store.update(vm).await.map_err(store_err)
+        self.inner.store.update(vm).await.map_err(store_err)?;
+        self.changed(vm);
+        Ok(())
     }
 
     /// The first write of a multi-step operation, before any side effect.
@@ -330,6 +363,7 @@ impl VmService {
             return Err(Error::Backend(e));
         }
         self.inner.store.remove(id).await.map_err(store_err)?;
+        self.removed(id);
         drop(guard);
         self.forget_lock(id);
         info!(vm_id = %id, "vm deleted");
@@ -511,6 +545,7 @@ impl VmService {
                         .await
                         .map_err(Error::Backend)?;
                     self.inner.store.remove(&id).await.map_err(store_err)?;
+                    self.removed(&id);
                     info!(vm_id = %id, "finished a delete interrupted by a restart");
                     report.finished += 1;
                     continue;
@@ -572,6 +607,15 @@ impl VmService {
         }
         info!(?report, "recovered VMs");
         Ok(report)
+    }
+
+    /// Tells the observers about every VM as stored, once recovery is done,
+    /// so they can settle what they remembered from before a restart.
+    pub async fn announce_all(&self) -> Result<()> {
+        for vm in self.inner.store.all().await.map_err(store_err)? {
+            self.changed(&vm);
+        }
+        Ok(())
     }
 
     /// One reconciliation pass: records VMMs found dead, kills VMM

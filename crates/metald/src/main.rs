@@ -126,6 +126,53 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
     }
 }
 
+fn billing_config(config: &Config) -> anyhow::Result<metald_billing::BillingConfig> {
+    let min = std::time::Duration::from_millis(10);
+    for (name, d) in [
+        (
+            "UNKEY_METALD_BILLING_SAMPLE_INTERVAL",
+            config.billing_sample_interval,
+        ),
+        (
+            "UNKEY_METALD_BILLING_BATCH_INTERVAL",
+            config.billing_batch_interval,
+        ),
+        (
+            "UNKEY_METALD_BILLING_HEARTBEAT_INTERVAL",
+            config.billing_heartbeat_interval,
+        ),
+        (
+            "UNKEY_METALD_BILLING_SYNC_INTERVAL",
+            config.billing_sync_interval,
+        ),
+    ] {
+        if d < min {
+            bail!("{name} must be at least 10ms");
+        }
+    }
+    if config.billing_spool_max_samples < 1 {
+        bail!("UNKEY_METALD_BILLING_SPOOL_MAX_SAMPLES must be positive");
+    }
+    let instance_id = match &config.instance_id {
+        Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
+        Some(_) => bail!("UNKEY_METALD_INSTANCE_ID must not be empty"),
+        None => rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned(),
+    };
+    Ok(metald_billing::BillingConfig {
+        enabled: config.billing_enabled,
+        endpoint: config.billing_endpoint.clone(),
+        sample_interval: config.billing_sample_interval,
+        batch_interval: config.billing_batch_interval,
+        heartbeat_interval: config.billing_heartbeat_interval,
+        sync_interval: config.billing_sync_interval,
+        max_spooled_samples: config.billing_spool_max_samples,
+        instance_id,
+    })
+}
+
 /// Holds an exclusive lock on the data directory for metald's lifetime, so
 /// two metalds never manage (and reconcile away) each other's VMs. The
 /// kernel drops the lock when metald exits, however it exits.
@@ -163,12 +210,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let store = metald_store::SqliteStore::open(&db)
         .await
         .map_err(|e| anyhow::anyhow!("opening {}: {e}", db.display()))?;
-    let service = VmService::new(
+    let (billing, billing_tasks) =
+        metald_billing::Billing::start(billing_config(&config)?, &config.data_dir)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    let service = VmService::with_observers(
         Arc::new(store.clone()),
         vmm,
         ServiceConfig {
             default_shutdown_timeout: config.vm_shutdown_timeout,
         },
+        vec![billing],
     );
     // Before serving: finish or roll back interrupted operations, adopt
     // surviving VMMs, then clean up whatever no VM claims.
@@ -177,6 +229,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .reconcile(true)
         .await
         .context("start-up reconcile")?;
+    service
+        .announce_all()
+        .await
+        .context("telling billing which VMs run")?;
     let reconciler = {
         let service = service.clone();
         let every = config.reconcile_interval;
@@ -228,6 +284,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(_) => warn!("in-flight requests did not finish within the drain timeout"),
     }
     reconciler.abort();
+    for t in billing_tasks.tasks {
+        t.abort();
+    }
     if config.shutdown_vms_on_exit {
         match service.shutdown_all().await {
             Ok(n) => info!(vms = n, "shut VMs down (UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT)"),

@@ -1,0 +1,260 @@
+//! The durable spool (`billing.db`, SQLite in WAL mode): samples and
+//! notifications are written here before anything is sent, and deleted
+//! only once the billing service acknowledged them.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{FromRow, Row};
+
+use crate::usage::Usage;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// One sample as spooled.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct SampleRow {
+    pub vm_id: String,
+    pub seq: i64,
+    /// Unix nanoseconds.
+    pub ts: i64,
+    pub cpu_ns: i64,
+    pub memory_bytes: i64,
+    pub disk_read: i64,
+    pub disk_write: i64,
+    pub net_rx: i64,
+    pub net_tx: i64,
+}
+
+impl SampleRow {
+    pub fn new(vm_id: &str, seq: i64, ts: i64, u: Usage) -> Self {
+        SampleRow {
+            vm_id: vm_id.to_owned(),
+            seq,
+            ts,
+            cpu_ns: u.cpu_ns,
+            memory_bytes: u.memory_bytes,
+            disk_read: u.disk_read,
+            disk_write: u.disk_write,
+            net_rx: u.net_rx,
+            net_tx: u.net_tx,
+        }
+    }
+}
+
+/// Where a VM's sample stream stands.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct MeterRow {
+    pub vm_id: String,
+    pub customer_id: String,
+    pub pid: i64,
+    pub start_time: i64,
+    pub running: i64,
+    pub last_seq: i64,
+    pub last_ts: i64,
+}
+
+/// A notification waiting for acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct EventRow {
+    pub id: i64,
+    /// `started` (t1 = start), `stopped` (t1 = stop), `gap` (t1 = last
+    /// sample before the gap, t2 = first after).
+    pub kind: String,
+    pub vm_id: String,
+    pub customer_id: String,
+    pub t1: i64,
+    pub t2: i64,
+}
+
+/// The spool database.
+#[derive(Clone)]
+pub struct Spool {
+    pool: SqlitePool,
+}
+
+type R<T> = Result<T, String>;
+
+fn e(ctx: &str) -> impl Fn(sqlx::Error) -> String + '_ {
+    move |err| format!("billing spool: {ctx}: {err}")
+}
+
+impl Spool {
+    /// Opens (creating) the spool at `path`.
+    pub async fn open(path: &Path) -> R<Spool> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(|err| format!("opening {}: {err}", path.display()))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|err| format!("migrating {}: {err}", path.display()))?;
+        Ok(Spool { pool })
+    }
+
+    /// Writes samples and meter positions in one transaction (one fsync).
+    pub async fn append(&self, samples: &[SampleRow], meters: &[MeterRow]) -> R<()> {
+        let mut tx = self.pool.begin().await.map_err(e("begin"))?;
+        for s in samples {
+            sqlx::query(
+                "INSERT OR IGNORE INTO samples (vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, \
+                 net_rx, net_tx) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(&s.vm_id)
+            .bind(s.seq)
+            .bind(s.ts)
+            .bind(s.cpu_ns)
+            .bind(s.memory_bytes)
+            .bind(s.disk_read)
+            .bind(s.disk_write)
+            .bind(s.net_rx)
+            .bind(s.net_tx)
+            .execute(&mut *tx)
+            .await
+            .map_err(e("writing samples"))?;
+        }
+        for m in meters {
+            sqlx::query(
+                "INSERT INTO meters (vm_id, customer_id, pid, start_time, running, last_seq, last_ts) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (vm_id) DO UPDATE SET \
+                 customer_id = excluded.customer_id, pid = excluded.pid, start_time = excluded.start_time, \
+                 running = excluded.running, last_seq = excluded.last_seq, last_ts = excluded.last_ts",
+            )
+            .bind(&m.vm_id)
+            .bind(&m.customer_id)
+            .bind(m.pid)
+            .bind(m.start_time)
+            .bind(m.running)
+            .bind(m.last_seq)
+            .bind(m.last_ts)
+            .execute(&mut *tx)
+            .await
+            .map_err(e("writing meters"))?;
+        }
+        tx.commit().await.map_err(e("commit"))
+    }
+
+    /// Every meter, as the last run left them.
+    pub async fn meters(&self) -> R<Vec<MeterRow>> {
+        sqlx::query_as(
+            "SELECT vm_id, customer_id, pid, start_time, running, last_seq, last_ts FROM meters",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e("reading meters"))
+    }
+
+    /// Queues a notification (durably, at once).
+    pub async fn push_event(
+        &self,
+        kind: &str,
+        vm_id: &str,
+        customer_id: &str,
+        t1: i64,
+        t2: i64,
+    ) -> R<()> {
+        sqlx::query(
+            "INSERT INTO outbox (kind, vm_id, customer_id, t1, t2) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(kind)
+        .bind(vm_id)
+        .bind(customer_id)
+        .bind(t1)
+        .bind(t2)
+        .execute(&self.pool)
+        .await
+        .map_err(e("queueing a notification"))
+        .map(drop)
+    }
+
+    /// Notifications waiting, oldest first.
+    pub async fn events(&self) -> R<Vec<EventRow>> {
+        sqlx::query_as("SELECT id, kind, vm_id, customer_id, t1, t2 FROM outbox ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(e("reading notifications"))
+    }
+
+    pub async fn delete_event(&self, id: i64) -> R<()> {
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(e("deleting a notification"))
+            .map(drop)
+    }
+
+    /// VMs with unsent samples, with their customer.
+    pub async fn vms_with_samples(&self) -> R<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT s.vm_id, m.customer_id FROM samples s JOIN meters m ON m.vm_id = s.vm_id ORDER BY s.vm_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e("listing VMs with samples"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .collect())
+    }
+
+    /// The oldest unsent samples of a VM, at most `limit`, taken no later
+    /// than `until` (Unix ns).
+    pub async fn samples(&self, vm_id: &str, until: i64, limit: i64) -> R<Vec<SampleRow>> {
+        sqlx::query_as(
+            "SELECT vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, net_rx, net_tx FROM samples \
+             WHERE vm_id = $1 AND ts <= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(vm_id)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e("reading samples"))
+    }
+
+    /// The unsent samples of a VM with `first <= seq <= last`.
+    pub async fn samples_between(&self, vm_id: &str, first: i64, last: i64) -> R<Vec<SampleRow>> {
+        sqlx::query_as(
+            "SELECT vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, net_rx, net_tx FROM samples \
+             WHERE vm_id = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq",
+        )
+        .bind(vm_id)
+        .bind(first)
+        .bind(last)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e("reading samples"))
+    }
+
+    /// Drops acknowledged samples.
+    pub async fn ack(&self, vm_id: &str, first: i64, last: i64) -> R<()> {
+        sqlx::query("DELETE FROM samples WHERE vm_id = $1 AND seq >= $2 AND seq <= $3")
+            .bind(vm_id)
+            .bind(first)
+            .bind(last)
+            .execute(&self.pool)
+            .await
+            .map_err(e("deleting acknowledged samples"))
+            .map(drop)
+    }
+
+    /// How many samples wait.
+    pub async fn len(&self) -> R<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM samples")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e("counting samples"))
+    }
+}

@@ -1,0 +1,508 @@
+//! Billing against a real ConnectRPC `billing.v1.BillingService` receiver
+//! on loopback: 100 ms samples, notifications, heartbeats, an outage of
+//! the receiver, a SIGKILLed metald, and CPU accounting.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use connectrpc::{
+    ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult,
+};
+use metald_proto::billing::v1 as pb;
+use metald_proto::billing::v1::BillingServiceExt;
+use rustix::process::Signal;
+use serde_json::json;
+
+use crate::harness::{Assets, Daemon, processes_mentioning, wait_for_console};
+
+const T: &str = "dev_customer_billing";
+
+/// One sample as received.
+#[derive(Debug, Clone, Copy)]
+struct Got {
+    seq: i64,
+    ts: i64,
+    cpu: i64,
+    mem: i64,
+}
+
+/// Everything the receiver was told, after de-duplicating batches by id.
+#[derive(Default, Debug, Clone)]
+struct Recorded {
+    started: Vec<(String, String)>,
+    stopped: Vec<(String, i64)>,
+    gaps: Vec<(String, i64, i64)>,
+    heartbeats: Vec<Vec<String>>,
+    batch_ids: HashSet<String>,
+    duplicate_batches: usize,
+    samples: HashMap<String, Vec<Got>>,
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    rec: Arc<Mutex<Recorded>>,
+    /// While set, every RPC fails as if the service were down.
+    down: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    fn check(&self) -> Result<(), ConnectError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(ConnectError::new(
+                ErrorCode::Unavailable,
+                "billing receiver is down",
+            ));
+        }
+        Ok(())
+    }
+    fn rec(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.rec.lock().unwrap()
+    }
+}
+
+#[allow(refining_impl_trait)]
+impl pb::BillingService for Receiver {
+    async fn send_metrics_batch(
+        &self,
+        _ctx: RequestContext,
+        req: ServiceRequest<'_, pb::SendMetricsBatchRequest>,
+    ) -> ServiceResult<pb::SendMetricsBatchResponse> {
+        self.check()?;
+        let req = req.to_owned_message();
+        let mut rec = self.rec();
+        if !rec.batch_ids.insert(req.batch_id.clone()) {
+            rec.duplicate_batches += 1;
+        } else {
+            let list = rec.samples.entry(req.vm_id.clone()).or_default();
+            for m in &req.metrics {
+                let ts = m.timestamp.seconds * 1_000_000_000 + m.timestamp.nanos as i64;
+                list.push(Got {
+                    seq: m.sequence,
+                    ts,
+                    cpu: m.cpu_time_nanos,
+                    mem: m.memory_usage_bytes,
+                });
+            }
+        }
+        Response::ok(pb::SendMetricsBatchResponse {
+            success: true,
+            ..Default::default()
+        })
+    }
+
+    async fn send_heartbeat(
+        &self,
+        _ctx: RequestContext,
+        req: ServiceRequest<'_, pb::SendHeartbeatRequest>,
+    ) -> ServiceResult<pb::SendHeartbeatResponse> {
+        self.check()?;
+        self.rec()
+            .heartbeats
+            .push(req.to_owned_message().active_vms);
+        Response::ok(pb::SendHeartbeatResponse {
+            success: true,
+            ..Default::default()
+        })
+    }
+
+    async fn notify_vm_started(
+        &self,
+        _ctx: RequestContext,
+        req: ServiceRequest<'_, pb::NotifyVmStartedRequest>,
+    ) -> ServiceResult<pb::NotifyVmStartedResponse> {
+        self.check()?;
+        let req = req.to_owned_message();
+        self.rec().started.push((req.vm_id, req.customer_id));
+        Response::ok(pb::NotifyVmStartedResponse {
+            success: true,
+            ..Default::default()
+        })
+    }
+
+    async fn notify_vm_stopped(
+        &self,
+        _ctx: RequestContext,
+        req: ServiceRequest<'_, pb::NotifyVmStoppedRequest>,
+    ) -> ServiceResult<pb::NotifyVmStoppedResponse> {
+        self.check()?;
+        let req = req.to_owned_message();
+        self.rec().stopped.push((req.vm_id, req.stop_time));
+        Response::ok(pb::NotifyVmStoppedResponse {
+            success: true,
+            ..Default::default()
+        })
+    }
+
+    async fn notify_possible_gap(
+        &self,
+        _ctx: RequestContext,
+        req: ServiceRequest<'_, pb::NotifyPossibleGapRequest>,
+    ) -> ServiceResult<pb::NotifyPossibleGapResponse> {
+        self.check()?;
+        let req = req.to_owned_message();
+        self.rec()
+            .gaps
+            .push((req.vm_id, req.last_sent, req.resume_time));
+        Response::ok(pb::NotifyPossibleGapResponse {
+            success: true,
+            ..Default::default()
+        })
+    }
+}
+
+/// Serves `recv` on 127.0.0.1:`port` (0 = any); returns the port and the
+/// server task (abort it to take the receiver off the network).
+async fn serve(recv: &Receiver, port: u16) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = Arc::new(recv.clone()).register(connectrpc::Router::new());
+    let app = axum::Router::new().fallback_service(connectrpc::ConnectRpcService::new(router));
+    (
+        port,
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+    )
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+fn metald_with_billing(port: u16) -> Daemon {
+    let endpoint = format!("http://127.0.0.1:{port}");
+    Daemon::start_with(&[
+        "--auth-mode",
+        "dev",
+        "--billing-enabled",
+        "true",
+        "--billing-endpoint",
+        &endpoint,
+        "--billing-batch-interval",
+        "1s",
+        "--billing-heartbeat-interval",
+        "1s",
+    ])
+}
+
+async fn boot(d: &Daemon, assets: &Assets, ids: &[&str], extra_args: &str) {
+    for id in ids {
+        let mut config = assets.config();
+        let args = format!(
+            "{} {extra_args}",
+            config["boot"]["kernel_args"].as_str().unwrap()
+        );
+        config["boot"]["kernel_args"] = json!(args.trim());
+        d.ok(T, "CreateVm", json!({"vm_id": id, "config": config}))
+            .await;
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+    }
+}
+
+/// Waits (bounded) until `cond` holds for what the receiver recorded.
+async fn until(recv: &Receiver, what: &str, limit: Duration, cond: impl Fn(&Recorded) -> bool) {
+    let start = Instant::now();
+    while !cond(&recv.rec()) {
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not within {limit:?}; receiver has {:?}",
+            summary(&recv.rec())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn summary(r: &Recorded) -> String {
+    let counts: HashMap<&String, usize> = r.samples.iter().map(|(k, v)| (k, v.len())).collect();
+    format!(
+        "started {:?}, stopped {:?}, gaps {:?}, heartbeats {}, samples {counts:?}",
+        r.started,
+        r.stopped,
+        r.gaps,
+        r.heartbeats.len()
+    )
+}
+
+/// Every sequence from 0 arrives exactly once, in order.
+fn assert_stream_complete(vm: &str, got: &[Got]) {
+    let seqs: Vec<i64> = got.iter().map(|g| g.seq).collect();
+    let expected: Vec<i64> = (0..got.len() as i64).collect();
+    assert_eq!(
+        seqs, expected,
+        "{vm}: sequences must be 0,1,2,... with no gap, duplicate or reordering"
+    );
+    assert!(
+        got.windows(2).all(|w| w[1].cpu >= w[0].cpu),
+        "{vm}: CPU time never decreases"
+    );
+    assert!(
+        got.iter().all(|g| g.mem > 0),
+        "{vm}: memory in use is reported"
+    );
+}
+
+async fn stop_all(d: &Daemon, recv: &Receiver, ids: &[&str]) {
+    for id in ids {
+        d.ok(T, "ShutdownVm", json!({"vm_id": id, "force": true}))
+            .await;
+    }
+    until(
+        recv,
+        "NotifyVmStopped for every VM",
+        Duration::from_secs(30),
+        |r| ids.iter().all(|id| r.stopped.iter().any(|(v, _)| v == id)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_vms_stream_100ms_samples_notifications_and_heartbeats() {
+    let assets = Assets::load();
+    let recv = Receiver::default();
+    let (port, _server) = serve(&recv, 0).await;
+    let d = metald_with_billing(port);
+    let ids = ["bill-a", "bill-b", "bill-c"];
+    boot(&d, &assets, &ids, "").await;
+    let ten_s = 10_000_000_000;
+    until(
+        &recv,
+        "10 s of samples for each VM",
+        Duration::from_secs(90),
+        |r| {
+            ids.iter().all(|id| {
+                r.samples
+                    .get(*id)
+                    .is_some_and(|s| s.last().unwrap().ts - s[0].ts >= ten_s)
+            })
+        },
+    )
+    .await;
+    stop_all(&d, &recv, &ids).await;
+
+    let rec = recv.rec().clone();
+    for id in ids {
+        assert!(
+            rec.started
+                .contains(&(id.to_string(), "billing".to_string())),
+            "NotifyVmStarted for {id}"
+        );
+        let got = &rec.samples[id];
+        assert_stream_complete(id, got);
+        let gaps: Vec<i64> = got
+            .windows(2)
+            .map(|w| (w[1].ts - w[0].ts) / 1_000_000)
+            .collect();
+        let within = gaps.iter().filter(|g| (80..=120).contains(*g)).count();
+        let (min, max) = (gaps.iter().min().unwrap(), gaps.iter().max().unwrap());
+        eprintln!(
+            "{id}: {} samples, {within}/{} intervals within 100±20 ms, min {min} ms, max {max} ms",
+            got.len(),
+            gaps.len()
+        );
+        assert!(
+            within * 100 >= gaps.len() * 98,
+            "{id}: 98% of samples are 100±20 ms apart ({within}/{})",
+            gaps.len()
+        );
+        let stop = rec.stopped.iter().find(|(v, _)| v == id).unwrap().1;
+        assert!(
+            stop >= got.last().unwrap().ts,
+            "{id}: stopped after its last sample"
+        );
+    }
+    assert!(
+        rec.heartbeats
+            .iter()
+            .any(|h| ids.iter().all(|id| h.contains(&id.to_string()))),
+        "a heartbeat lists the three running VMs"
+    );
+    assert_eq!(rec.duplicate_batches, 0);
+    for id in ids {
+        d.ok(T, "DeleteVm", json!({"vm_id": id})).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn samples_taken_during_a_receiver_outage_all_arrive_once_in_order() {
+    let assets = Assets::load();
+    let recv = Receiver::default();
+    let (port, server) = serve(&recv, 0).await;
+    let d = metald_with_billing(port);
+    let ids = ["out-a", "out-b"];
+    boot(&d, &assets, &ids, "").await;
+    until(
+        &recv,
+        "a first batch per VM",
+        Duration::from_secs(60),
+        |r| {
+            ids.iter()
+                .all(|id| r.samples.get(*id).is_some_and(|s| !s.is_empty()))
+        },
+    )
+    .await;
+
+    recv.down.store(true, Ordering::SeqCst);
+    server.abort();
+    let down_at = now_ns();
+    // The outage itself: the receiver stays away for 30 s.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let up_at = now_ns();
+    let (_, _server) = serve(&recv, port).await;
+    recv.down.store(false, Ordering::SeqCst);
+    until(
+        &recv,
+        "samples from after the outage",
+        Duration::from_secs(60),
+        |r| {
+            ids.iter().all(|id| {
+                r.samples
+                    .get(*id)
+                    .is_some_and(|s| s.last().unwrap().ts > up_at)
+            })
+        },
+    )
+    .await;
+    stop_all(&d, &recv, &ids).await;
+
+    let rec = recv.rec().clone();
+    for id in ids {
+        let got = &rec.samples[id];
+        assert_stream_complete(id, got);
+        let during = got
+            .iter()
+            .filter(|g| g.ts > down_at && g.ts < up_at)
+            .count();
+        eprintln!(
+            "{id}: {} samples, {during} taken during the 30 s outage",
+            got.len()
+        );
+        assert!(
+            during >= 250,
+            "{id}: the outage's ~300 samples arrived ({during})"
+        );
+    }
+    eprintln!(
+        "re-sent batches dropped by the receiver: {}",
+        rec.duplicate_batches
+    );
+    for id in ids {
+        d.ok(T, "DeleteVm", json!({"vm_id": id})).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_metald_loses_no_spooled_sample_and_reports_the_gap() {
+    let assets = Assets::load();
+    let recv = Receiver::default();
+    let (port, _server) = serve(&recv, 0).await;
+    let mut d = metald_with_billing(port);
+    let ids = ["crash-a", "crash-b"];
+    boot(&d, &assets, &ids, "").await;
+    until(&recv, "two batches per VM", Duration::from_secs(60), |r| {
+        ids.iter()
+            .all(|id| r.samples.get(*id).is_some_and(|s| s.len() >= 15))
+    })
+    .await;
+    d.stop(Signal::KILL);
+    let killed_at = now_ns();
+    // metald stays down for a second: ten samples per VM are not taken.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    d.restart();
+    let restarted_at = now_ns();
+    until(
+        &recv,
+        "a gap notice and fresh samples per VM",
+        Duration::from_secs(60),
+        |r| {
+            ids.iter().all(|id| {
+                r.gaps.iter().any(|(v, _, _)| v == id)
+                    && r.samples
+                        .get(*id)
+                        .is_some_and(|s| s.last().unwrap().ts > restarted_at)
+            })
+        },
+    )
+    .await;
+    stop_all(&d, &recv, &ids).await;
+
+    let rec = recv.rec().clone();
+    for id in ids {
+        assert_stream_complete(id, &rec.samples[id]);
+        let (_, last_sent, resume) = *rec.gaps.iter().find(|(v, _, _)| v == id).unwrap();
+        assert!(
+            last_sent <= killed_at && resume >= killed_at,
+            "{id}: the gap covers the time metald was down"
+        );
+        let starts = rec.started.iter().filter(|(v, _)| v == id).count();
+        assert_eq!(starts, 1, "{id}: an adopted VM is not started again");
+    }
+    for id in ids {
+        d.ok(T, "DeleteVm", json!({"vm_id": id})).await;
+    }
+}
+
+/// utime + stime of a process, in nanoseconds (the kernel's accounting).
+fn proc_cpu_ns(pid: i32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: i64 = fields[11].parse::<i64>().unwrap() + fields[12].parse::<i64>().unwrap();
+    ticks * 10_000_000 // USER_HZ is 100 on Linux
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cpu_time_matches_the_kernels_accounting_and_a_paused_vm_accrues_none() {
+    let assets = Assets::load();
+    let recv = Receiver::default();
+    let (port, _server) = serve(&recv, 0).await;
+    let d = metald_with_billing(port);
+    let id = "burner";
+    boot(&d, &assets, &[id], "metald.burn=2").await;
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": id})).await;
+    let console = info["backendInfo"]["console_log"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_console(&console, "METALD-BURN-DONE", 1, Duration::from_secs(120)).await;
+    d.ok(T, "PauseVm", json!({"vm_id": id})).await;
+    let pid = processes_mentioning(&format!("-name metald-{id} "))[0];
+    let paused_at = now_ns();
+    let kernel_cpu = proc_cpu_ns(pid);
+    until(
+        &recv,
+        "3 s of samples while paused",
+        Duration::from_secs(60),
+        |r| {
+            r.samples
+                .get(id)
+                .is_some_and(|s| s.last().unwrap().ts > paused_at + 3_000_000_000)
+        },
+    )
+    .await;
+    let rec = recv.rec().clone();
+    let got = &rec.samples[id];
+    let paused: Vec<&Got> = got.iter().filter(|g| g.ts > paused_at).collect();
+    let (first, last) = (paused[0], paused[paused.len() - 1]);
+    let accrued = last.cpu - first.cpu;
+    let wall = last.ts - first.ts;
+    eprintln!(
+        "paused: {} ns CPU over {} ns; metald says {} ns, the kernel says {kernel_cpu} ns",
+        accrued, wall, first.cpu
+    );
+    assert!(
+        accrued * 50 < wall,
+        "a paused VM accrues (almost) no CPU: {accrued} ns in {wall} ns"
+    );
+    let diff = (first.cpu - kernel_cpu).abs() as f64 / kernel_cpu as f64;
+    assert!(
+        diff < 0.10,
+        "metald's CPU time is within 10% of the kernel's ({:.1}%)",
+        diff * 100.0
+    );
+    d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
+        .await;
+}
