@@ -4,11 +4,13 @@
 #   scripts/guest-assets.sh [OUT_DIR]             build (or reuse) the assets
 #   scripts/guest-assets.sh --selftest [OUT_DIR]  build, then boot under QEMU/TCG
 #
-# OUT_DIR defaults to ${METALD_ASSETS_DIR:-$PWD/.metald/assets}. Produces
+# OUT_DIR defaults to $METALD_ASSETS_DIR, else <repo root>/.metald/assets.
+# The kernel .deb is kept in OUT_DIR/.cache. Produces
 #   vmlinux             uncompressed ELF kernel (PVH capable; Firecracker needs it)
 #   bzImage             the same kernel as shipped by Debian
 #   initramfs.cpio.gz   static busybox + scripts/guest/init + virtio/ext4 modules
 #   disk.ext4           16 MiB ext4, label "metald-test", /metald-disk.txt
+#                       containing "hello-from-disk"
 #   assets.env          METALD_GUEST_* lines to `source`
 # The kernel is the current bookworm linux-image-<abi>-amd64; the guest loads
 # the Debian modules it needs (virtio_mmio, virtio_blk, ext4, button, ...) itself.
@@ -19,9 +21,11 @@ export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 
 SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
 GUEST_SRC=$(dirname "$SCRIPT")/guest
+REPO=$(dirname "$(dirname "$SCRIPT")")
 SELFTEST=0
 if [[ ${1:-} == --selftest ]]; then SELFTEST=1; shift; fi
-OUT=${1:-${METALD_ASSETS_DIR:-$PWD/.metald/assets}}
+[[ ${1:-} == -* ]] && { sed -n '2,/^set -e/p' "$SCRIPT" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+OUT=${1:-${METALD_ASSETS_DIR:-$REPO/.metald/assets}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
@@ -99,27 +103,84 @@ write_env() {
 	cat "$OUT/assets.env"
 }
 
-# Uncompressed ELF vmlinux from a bzImage, like the kernel's
-# scripts/extract-vmlinux: try every xz magic (FD 37 7A 58 5A 00) offset.
-extract_vmlinux() { # bzImage out
-	local off
-	while read -r off; do
-		# xz exits non-zero on the trailing non-xz bytes; judge by the output.
-		tail -c +"$((off + 1))" "$1" | xz -dcq >"$2" 2>/dev/null || true
-		[[ $(head -c4 "$2" | od -An -tx1 | tr -d ' ') == 7f454c46 ]] && return 0
-	done < <(grep -obUaP '\xFD7zXZ\x00' "$1" | cut -d: -f1)
-	die "no xz-compressed ELF found in $1"
+# Uncompressed ELF vmlinux from a bzImage. The boot protocol header says
+# where the compressed payload is: setup_sects at 0x1f1 (0 means 4),
+# payload_offset (u32 at 0x248, relative to the protected-mode code at
+# (setup_sects + 1) * 512) and payload_length (u32 at 0x24c). Its first bytes
+# tell the compressor. Fallback, like the kernel's scripts/extract-vmlinux:
+# try every offset of every known magic. The result must be an ELF.
+le32() { od -An -tu4 -j "$2" -N4 "$1" | tr -d ' '; } # le32 file offset
+is_elf() { [[ $(head -c4 "$1" | od -An -tx1 | tr -d ' ') == 7f454c46 ]]; }
+decompress() { # decompress FORMAT < compressed > raw (trailing junk is fine)
+	case $1 in
+	xz) xz -dcq ;;
+	zstd) zstd -dcq ;;
+	gzip) gzip -dcq ;;
+	bzip2) bzip2 -dcq ;;
+	lzma) xz -dcq --format=lzma ;;
+	lz4) lz4 -dcq ;;
+	esac
 }
+MAGICS=("xz \xFD7zXZ\x00" "zstd \x28\xB5\x2F\xFD" "gzip \x1F\x8B\x08"
+	"bzip2 BZh" "lzma \x5D\x00\x00\x00" "lz4 \x02\x21\x4C\x18")
+extract_vmlinux() { # bzImage out
+	local img=$1 out=$2 sects off len fmt m hex
+	[[ $(head -c $((0x206)) "$img" 2>/dev/null | tail -c4) == HdrS ]] ||
+		die "$img is not a bzImage (no HdrS boot header)"
+	sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$img" | tr -d ' ')
+	((sects)) || sects=4
+	off=$(((sects + 1) * 512 + $(le32 "$img" $((0x248)))))
+	len=$(le32 "$img" $((0x24c)))
+	hex=$(od -An -tx1 -j "$off" -N4 "$img" | tr -d ' ')
+	case $hex in
+	fd377a58) fmt=xz ;; 28b52ffd) fmt=zstd ;; 1f8b08*) fmt=gzip ;;
+	425a68*) fmt=bzip2 ;; 5d000000) fmt=lzma ;; 02214c18) fmt=lz4 ;;
+	*) fmt="" ;;
+	esac
+	if [[ -n $fmt ]]; then
+		log "vmlinux: $fmt payload at offset $off, $len bytes"
+		command -v "${fmt/lzma/xz}" >/dev/null || ensure "$(pkg_of "$fmt")"
+		tail -c +"$((off + 1))" "$img" | head -c "$len" | decompress "$fmt" >"$out" 2>/dev/null || true
+		is_elf "$out" && return 0
+		log "header-located payload did not decompress to an ELF; scanning"
+	fi
+	for m in "${MAGICS[@]}"; do
+		fmt=${m%% *}
+		command -v "${fmt/lzma/xz}" >/dev/null || continue
+		while read -r off; do
+			# The decompressor fails on the bytes after the stream; judge by the output.
+			tail -c +"$((off + 1))" "$img" | decompress "$fmt" >"$out" 2>/dev/null || true
+			is_elf "$out" && { log "vmlinux: $fmt stream found at offset $off"; return 0; }
+		done < <(grep -obUaP "${m#* }" "$img" | cut -d: -f1)
+	done
+	die "no compressed ELF kernel found in $img"
+}
+pkg_of() { case $1 in xz | lzma) echo xz-utils ;; *) echo "$1" ;; esac; }
 
 build() {
 	local tmp=$1 root="$1/root" kdir deb m p
 	# busybox-static replaces (conflicts with) the dynamic "busybox" package.
 	ensure busybox-static cpio e2fsprogs xz-utils
 
-	log "downloading linux-image-$KVER"
-	(cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "linux-image-$KVER" >&2)
-	deb=$(echo "$tmp"/linux-image-"$KVER"_*.deb)
-	dpkg -x "$deb" "$tmp/pkg"
+	# The .deb is kept in OUT_DIR/.cache (only the current version), so a
+	# rebuild after editing this script or the init needs no network.
+	local cache=$OUT/.cache
+	mkdir -p "$cache"
+	deb=$(find "$cache" -maxdepth 1 -name "linux-image-${KVER}_*.deb" | sort | tail -n1)
+	if [[ -z $deb ]] || ! dpkg-deb --info "$deb" >/dev/null 2>&1; then
+		log "downloading linux-image-$KVER"
+		rm -f "$cache"/*.deb
+		(cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "linux-image-$KVER" >&2) ||
+			{ apt-get update -q >&2 &&
+				(cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "linux-image-$KVER" >&2); } ||
+			die "apt-get download linux-image-$KVER failed"
+		deb=$(find "$cache" -maxdepth 1 -name "linux-image-${KVER}_*.deb" | sort | tail -n1)
+		[[ -n $deb ]] || die "apt-get download left no linux-image-${KVER}_*.deb in $cache"
+	else
+		log "using cached $(basename "$deb")"
+	fi
+	dpkg-deb -x "$deb" "$tmp/pkg"
+	[[ -f $tmp/pkg/boot/vmlinuz-$KVER ]] || die "$deb has no /boot/vmlinuz-$KVER"
 	kdir=$tmp/pkg/lib/modules/$KVER
 	cp "$tmp/pkg/boot/vmlinuz-$KVER" "$tmp/bzImage"
 	extract_vmlinux "$tmp/bzImage" "$tmp/vmlinux"
@@ -172,7 +233,7 @@ build() {
 		cpio --null -o -H newc --owner=0:0 --quiet) | gzip -9n >"$tmp/initramfs.cpio.gz"
 
 	mkdir -p "$tmp/disk"
-	echo "metald test disk" >"$tmp/disk/metald-disk.txt"
+	echo "hello-from-disk" >"$tmp/disk/metald-disk.txt"
 	mkfs.ext4 -q -F -L metald-test -d "$tmp/disk" "$tmp/disk.ext4" 16M >&2
 }
 
@@ -200,57 +261,83 @@ write_env
 
 ((SELFTEST)) || exit 0
 # ---------------------------------------------------------------------------
-# Self-test: boot under QEMU TCG (nested KVM here is slower than TCG).
+# Self-test: boot both kernel formats under QEMU TCG (-M microvm, virtio-mmio
+# disk, QMP); wait for READY and the disk line, then system_powerdown (ACPI
+# GED power button) and require QEMU to exit. Prints PASS/FAIL per format.
 ensure qemu-system-x86
 command -v python3 >/dev/null || ensure python3
 ST=$(mktemp -d /tmp/metald-selftest.XXXXXX)
 trap 'rm -rf "$ST" ${TMP:+"$TMP"}' EXIT
-boot() { # boot NAME KERNEL: wait for READY, then system_powerdown over QMP
-	local name=$1 kernel=$2 log="$ST/$1.log" sock="$ST/$1.qmp" pid t0 t1 t
+ARGS="$(kernel_args) quiet"
+log "kernel command line: $ARGS"
+secs() { awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $1 }"; }
+qmp() { # qmp SOCKET COMMAND
+	python3 - "$@" <<-'EOF'
+		import json, socket, sys
+		s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])
+		f = s.makefile("rw")
+		f.readline()  # greeting
+		for cmd in ("qmp_capabilities", sys.argv[2]):
+		    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
+		    while True:
+		        r = json.loads(f.readline())
+		        if "error" in r: sys.exit(f"QMP {cmd}: {r['error']}")
+		        if "return" in r: break
+	EOF
+}
+boot() { # boot NAME KERNEL -> 0 on PASS
+	local name=$1 kernel=$2 log="$ST/$1.log" sock="$ST/$1.qmp" pid t0 t1 i ok=0
 	t0=$EPOCHREALTIME
 	: >"$log"
 	qemu-system-x86_64 -M microvm -accel tcg -m 256 -smp 1 -nodefaults \
-		-no-user-config -nographic -serial stdio -kernel "$kernel" \
-		-initrd "$OUT/initramfs.cpio.gz" -append "$(kernel_args) quiet" \
+		-no-user-config -nographic -serial stdio -no-reboot -kernel "$kernel" \
+		-initrd "$OUT/initramfs.cpio.gz" -append "$ARGS" \
 		-drive "id=d0,file=$OUT/disk.ext4,format=raw,if=none,readonly=on" \
 		-device virtio-blk-device,drive=d0 \
 		-qmp "unix:$sock,server=on,wait=off" </dev/null >"$log" 2>&1 &
 	pid=$!
-	for ((i = 0; i < 600; i++)); do
-		grep -q METALD-GUEST-READY "$log" && break
+	for ((i = 0; i < 1200; i++)); do # 120 s
+		grep -qa METALD-GUEST-READY "$log" && break
 		kill -0 "$pid" 2>/dev/null || break
 		sleep 0.1
 	done
-	if ! grep -q METALD-GUEST-READY "$log"; then
-		kill "$pid" 2>/dev/null || true
-		cat "$log" >&2
-		die "$name: no METALD-GUEST-READY within 60 s"
+	if grep -qa METALD-GUEST-READY "$log"; then
+		log "$name: $(grep -a METALD-GUEST-READY "$log" | tr -d '\r') after $(secs "$t0")s"
+		if tr -d '\r' <"$log" | grep -qx 'METALD-DISK hello-from-disk'; then
+			log "$name: $(grep -a '^METALD-DISK' "$log" | tr -d '\r')"
+			ok=1
+		else
+			log "$name: FAIL: no 'METALD-DISK hello-from-disk' line"
+		fi
+		t1=$EPOCHREALTIME
+		qmp "$sock" system_powerdown >&2 || ok=0
+		for ((i = 0; i < 300; i++)); do # 30 s
+			kill -0 "$pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		if kill -0 "$pid" 2>/dev/null; then
+			log "$name: FAIL: QEMU still running 30 s after system_powerdown"
+			ok=0
+		else
+			log "$name: $(grep -a METALD-GUEST-SHUTDOWN "$log" | tr -d '\r')"
+			log "$name: system_powerdown -> QEMU exited after $(secs "$t1")s"
+		fi
+	else
+		log "$name: FAIL: no METALD-GUEST-READY within 120 s (QEMU $(kill -0 "$pid" 2>/dev/null && echo running || echo exited))"
 	fi
-	t=$(awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $t0 }")
-	log "$name: $(grep -a METALD-GUEST-READY "$log" | tr -d '\r') after ${t}s"
-	log "$name: $(grep -a METALD-DISK "$log" | tr -d '\r' || echo 'no METALD-DISK line')"
-	t1=$EPOCHREALTIME
-	python3 - "$sock" <<-'EOF'
-		import json, socket, sys
-		s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
-		f.readline()  # greeting
-		for cmd in ("qmp_capabilities", "system_powerdown"):
-		    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
-		    while "return" not in (r := json.loads(f.readline())):
-		        pass
-	EOF
-	for ((i = 0; i < 200; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	if kill -0 "$pid" 2>/dev/null; then
-		kill "$pid"; cat "$log" >&2
-		die "$name: QEMU still running 20 s after system_powerdown"
+	if kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; fi
+	wait "$pid" 2>/dev/null || true
+	if ((ok)); then
+		echo "PASS $name: -M microvm -kernel $(basename "$kernel") (total $(secs "$t0")s)"
+		return 0
 	fi
-	wait "$pid" || true
-	log "$name: $(grep -a METALD-GUEST-SHUTDOWN "$log" | tr -d '\r')"
-	log "$name: system_powerdown -> QEMU exited after $(awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $t1 }")s"
+	log "$name: serial log:"
+	tail -n 40 "$log" | sed 's/^/    /' >&2
+	echo "FAIL $name: -M microvm -kernel $(basename "$kernel")"
+	return 1
 }
-boot vmlinux "$OUT/vmlinux"
-boot bzImage "$OUT/bzImage"
-log "selftest OK"
+rc=0
+boot vmlinux "$OUT/vmlinux" || rc=1
+boot bzImage "$OUT/bzImage" || rc=1
+((rc == 0)) && echo "selftest PASS" || echo "selftest FAIL"
+exit "$rc"
