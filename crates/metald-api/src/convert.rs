@@ -4,6 +4,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use metald_core::net::NicInput;
 use metald_core::ports::VmRecord;
 use metald_core::vm::{DiskInput, VmSpecInput};
 use metald_core::{Error, VmId, VmSpec, VmState};
@@ -95,7 +96,19 @@ pub fn spec_from_pb(config: Option<&pb::VmConfig>) -> Result<VmSpec, Error> {
                 options: map(d.options.iter()),
             })
             .collect(),
-        network_interfaces: c.network.len(),
+        network: c
+            .network
+            .iter()
+            .map(|n| NicInput {
+                id: n.id.clone(),
+                mac: n.mac_address.clone(),
+                ipv4_address: n.ipv4_config.address.clone(),
+                ipv6_address: n.ipv6_config.address.clone(),
+                mode: n.mode.to_i32(),
+                rx_bandwidth: n.rx_rate_limit.bandwidth,
+                tx_bandwidth: n.tx_rate_limit.bandwidth,
+            })
+            .collect(),
         console_enabled: !c.console.is_set() || c.console.enabled,
         metadata: map(c.metadata.iter()),
     };
@@ -150,6 +163,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
                 ..Default::default()
             })
             .collect(),
+        network: s.nics.iter().map(nic_to_pb).collect(),
         console: buffa::MessageField::some(pb::ConsoleConfig {
             enabled: s.console_enabled,
             console_type: "serial".into(),
@@ -161,6 +175,85 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
 }
 
 /// A ListVms entry.
+fn nic_to_pb(n: &metald_core::net::NicSpec) -> pb::NetworkInterface {
+    let att = n.attachment.as_ref();
+    let mode = match (n.want_v4, n.want_v6) {
+        (true, false) => pb::NetworkMode::NETWORK_MODE_IPV4_ONLY,
+        (false, true) => pb::NetworkMode::NETWORK_MODE_IPV6_ONLY,
+        _ => pb::NetworkMode::NETWORK_MODE_DUAL_STACK,
+    };
+    let rate = |bw: u64| {
+        (bw > 0)
+            .then(|| pb::RateLimit {
+                bandwidth: bw as i64,
+                ..Default::default()
+            })
+            .map(buffa::MessageField::some)
+            .unwrap_or_default()
+    };
+    pb::NetworkInterface {
+        id: n.id.clone(),
+        mac_address: att
+            .map(|a| a.mac.clone())
+            .or_else(|| n.mac.clone())
+            .unwrap_or_default(),
+        tap_device: att.map(|a| a.tap.clone()).unwrap_or_default(),
+        interface_type: "virtio-net".into(),
+        ipv4_config: att
+            .and_then(|a| a.ipv4.map(|(ip, p)| (ip, p, a.gateway4)))
+            .map(|(ip, p, gw)| pb::IPv4Config {
+                address: ip.to_string(),
+                netmask: std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - p as u32).unwrap_or(0))
+                    .to_string(),
+                gateway: gw.map(|g| g.to_string()).unwrap_or_default(),
+                ..Default::default()
+            })
+            .map(buffa::MessageField::some)
+            .unwrap_or_default(),
+        ipv6_config: att
+            .and_then(|a| a.ipv6.map(|(ip, p)| (ip, p, a.gateway6)))
+            .map(|(ip, p, gw)| pb::IPv6Config {
+                address: ip.to_string(),
+                prefix_length: p as i32,
+                gateway: gw.map(|g| g.to_string()).unwrap_or_default(),
+                ..Default::default()
+            })
+            .map(buffa::MessageField::some)
+            .unwrap_or_default(),
+        mode: mode.into(),
+        rx_rate_limit: rate(n.rx_bytes_per_sec),
+        tx_rate_limit: rate(n.tx_bytes_per_sec),
+        ..Default::default()
+    }
+}
+
+/// GetVmInfo's `network_info`: the first interface as attached.
+pub fn network_info(s: &VmSpec) -> Option<pb::VmNetworkInfo> {
+    let att = s.nics.first()?.attachment.as_ref()?;
+    let ips: Vec<String> = att
+        .ipv4
+        .map(|(a, _)| a.to_string())
+        .into_iter()
+        .chain(att.ipv6.map(|(a, _)| a.to_string()))
+        .collect();
+    let gateways: Vec<String> = att
+        .gateway4
+        .map(|g| g.to_string())
+        .into_iter()
+        .chain(att.gateway6.map(|g| g.to_string()))
+        .collect();
+    Some(pb::VmNetworkInfo {
+        // Both families, IPv4 first, comma-separated (the field is singular).
+        ip_address: ips.join(","),
+        mac_address: att.mac.clone(),
+        tap_device: att.tap.clone(),
+        network_namespace: att.netns.clone(),
+        gateway: gateways.join(","),
+        dns_servers: Vec::new(),
+        ..Default::default()
+    })
+}
+
 pub fn vm_info(vm: &VmRecord) -> pb::VmInfo {
     pb::VmInfo {
         vm_id: vm.id.to_string(),

@@ -7,6 +7,7 @@
 //! service as trait objects.
 
 pub mod error;
+pub mod net;
 pub mod ports;
 pub mod service;
 pub mod state;

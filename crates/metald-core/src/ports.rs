@@ -3,6 +3,7 @@
 //! over as trait objects. Backends know nothing of customers or billing.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use crate::net::{NicAttachment, NicSpec};
 use crate::state::VmState;
 use crate::vm::{CustomerId, VmId, VmSpec};
 
@@ -56,6 +58,9 @@ pub struct VmRecord {
 /// Lifecycle work in progress, as recorded in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Pending {
+    /// The VM is being created (addresses leased, network attached).
+    /// Interrupted: rolled back (network detached, leases and row removed).
+    Create,
     /// A VMM is being started. Interrupted: rolled back (any process
     /// killed, files removed, state left as it was).
     Boot,
@@ -71,6 +76,7 @@ impl Pending {
     /// Stable name used in the store.
     pub fn as_str(self) -> &'static str {
         match self {
+            Pending::Create => "create",
             Pending::Boot => "boot",
             Pending::Shutdown => "shutdown",
             Pending::Delete => "delete",
@@ -79,9 +85,14 @@ impl Pending {
 
     /// Inverse of [`Pending::as_str`].
     pub fn parse(s: &str) -> Option<Self> {
-        [Pending::Boot, Pending::Shutdown, Pending::Delete]
-            .into_iter()
-            .find(|p| p.as_str() == s)
+        [
+            Pending::Create,
+            Pending::Boot,
+            Pending::Shutdown,
+            Pending::Delete,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
     }
 }
 
@@ -112,8 +123,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert(&self, vm: &VmRecord) -> Result<(), StoreError>;
     /// One VM by id, whoever owns it.
     async fn get(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError>;
-    /// Replaces state, runtime, last error, pending operation and modified
-    /// time.
+    /// Replaces spec, state, runtime, last error, pending operation and
+    /// modified time.
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError>;
     /// Removes the VM's row. Removing a missing row is not an error.
     async fn remove(&self, id: &VmId) -> Result<(), StoreError>;
@@ -128,6 +139,47 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<VmPage, StoreError>;
     /// Every VM of every customer, for start-up adoption and reconciliation.
     async fn all(&self) -> Result<Vec<VmRecord>, StoreError>;
+
+    /// IPAM: records `addr` as leased to `vm`. `Ok(false)` when another VM
+    /// holds it; never hands an address out twice, also under concurrent
+    /// callers.
+    async fn lease(&self, addr: IpAddr, vm: &VmId) -> Result<bool, StoreError>;
+    /// Every lease, for allocation and the orphan sweep.
+    async fn leases(&self) -> Result<Vec<(IpAddr, VmId)>, StoreError>;
+    /// Releases every address of `vm`.
+    async fn release(&self, vm: &VmId) -> Result<(), StoreError>;
+}
+
+/// Where VM addresses come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnets {
+    /// IPv4 network, prefix length and the gateway the guest routes through.
+    pub v4: (Ipv4Addr, u8, Ipv4Addr),
+    pub v6: (Ipv6Addr, u8, Ipv6Addr),
+}
+
+/// Host networking for VMs: a namespace, veth and TAP per interface.
+#[async_trait]
+pub trait Network: Send + Sync + 'static {
+    /// The subnets IPAM allocates from.
+    fn subnets(&self) -> Subnets;
+    /// A stable locally administered MAC for interface `index` of `vm`.
+    fn mac_for(&self, vm: &VmId, index: usize) -> String;
+    /// Creates (idempotently) the devices of one interface with the given
+    /// MAC and rate limits; returns the names it used.
+    async fn attach(
+        &self,
+        vm: &VmId,
+        index: usize,
+        nic: &NicSpec,
+        mac: &str,
+    ) -> Result<NicAttachment, PortError>;
+    /// Removes every device of interface `index` of `vm`; missing devices
+    /// are not an error.
+    async fn detach(&self, vm: &VmId, index: usize) -> Result<(), PortError>;
+    /// Interfaces metald created on this host, by naming scheme and
+    /// ownership mark, for the orphan sweep.
+    async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError>;
 }
 
 /// What a VMM reports about a guest it runs.

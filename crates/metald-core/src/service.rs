@@ -10,15 +10,17 @@
 //!   after each step, so a restarted metald finds every VMM it started.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::net;
 use crate::ports::{
-    GuestStatus, Observer, Pending, StopMode, Store, StoreError, VmPage, VmRecord, Vmm, VmmExit,
-    VmmRuntime,
+    GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, VmPage, VmRecord, Vmm,
+    VmmExit, VmmRuntime,
 };
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
@@ -64,6 +66,8 @@ struct Inner {
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// What the previous reconcile pass found unclaimed (its age guard).
     suspects: Mutex<HashSet<String>>,
+    /// Host networking, when enabled.
+    network: Option<Arc<dyn Network>>,
     /// Told about every stored change (billing).
     observers: Vec<Arc<dyn Observer>>,
 }
@@ -89,6 +93,7 @@ impl VmService {
                 config,
                 locks: Mutex::new(HashMap::new()),
                 suspects: Mutex::new(HashSet::new()),
+                network: None,
                 observers: Vec::new(),
             }),
         }
@@ -104,6 +109,16 @@ impl VmService {
         let svc = Self::new(store, vmm, config);
         let mut inner = Arc::into_inner(svc.inner).expect("just built, not shared");
         inner.observers = observers;
+        VmService {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Gives the service host networking (before it is cloned or used).
+    pub fn with_network(self, network: Arc<dyn Network>) -> Self {
+        let mut inner =
+            Arc::into_inner(self.inner).expect("with_network before the service is shared");
+        inner.network = Some(network);
         VmService {
             inner: Arc::new(inner),
         }
@@ -192,27 +207,166 @@ impl VmService {
                 "must be empty or match the authenticated customer",
             ));
         }
+        if !spec.nics.is_empty() && self.inner.network.is_none() {
+            return Err(Error::Unimplemented(
+                "config.network: networking is disabled on this host (UNKEY_METALD_NETWORK_ENABLED=false)".into(),
+            ));
+        }
         let id = requested_id.unwrap_or_else(VmId::generate);
         let t = now();
-        let vm = VmRecord {
+        let has_network = !spec.nics.is_empty();
+        let mut vm = VmRecord {
             id: id.clone(),
             customer: caller.clone(),
             spec,
             state: VmState::Created,
             runtime: None,
             last_error: None,
-            pending: None,
+            pending: has_network.then_some(Pending::Create),
             created_at: t,
             modified_at: t,
         };
+        // The lock keeps the reconciler off the VM while it is wired.
+        let lock = self.lock_for(&id);
+        let _guard = lock.lock().await;
         match self.inner.store.insert(&vm).await {
-            Ok(()) => {
-                info!(vm_id = %id, customer = %caller, "vm created");
-                Ok(vm)
-            }
-            Err(StoreError::AlreadyExists) => Err(Error::AlreadyExists(id.to_string())),
-            Err(e) => Err(store_err(e)),
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists) => return Err(Error::AlreadyExists(id.to_string())),
+            Err(e) => return Err(store_err(e)),
         }
+        if has_network {
+            if let Err(e) = self.wire(&mut vm).await {
+                warn!(vm_id = %id, error = %e, "create failed; rolling back");
+                if let Err(undo) = self.unwire(&id, vm.spec.nics.len()).await {
+                    warn!(vm_id = %id, error = %undo, "rollback of the network failed; the reconciler retries");
+                    return Err(e);
+                }
+                self.inner.store.remove(&id).await.map_err(store_err)?;
+                return Err(e);
+            }
+            let state = vm.state;
+            self.save(&mut vm, state, None, None).await?;
+        }
+        info!(vm_id = %id, customer = %caller, "vm created");
+        Ok(vm)
+    }
+
+    /// Leases addresses and attaches every interface of a VM being
+    /// created, recording the result in its spec.
+    async fn wire(&self, vm: &mut VmRecord) -> Result<()> {
+        let Some(net) = &self.inner.network else {
+            return Ok(());
+        };
+        let subnets = net.subnets();
+        for i in 0..vm.spec.nics.len() {
+            let nic = vm.spec.nics[i].clone();
+            let ipv4 = if nic.want_v4 {
+                let (n, p, _) = subnets.v4;
+                let addr = self
+                    .lease_one(
+                        &vm.id,
+                        nic.ipv4.map(IpAddr::V4),
+                        net::v4_candidates(n, p).map(IpAddr::V4),
+                        &format!("config.network[{i}].ipv4_config.address"),
+                        (IpAddr::V4(n), p),
+                    )
+                    .await?;
+                match addr {
+                    IpAddr::V4(a) => Some((a, p)),
+                    IpAddr::V6(_) => None,
+                }
+            } else {
+                None
+            };
+            let ipv6 = if nic.want_v6 {
+                let (n, p, _) = subnets.v6;
+                let addr = self
+                    .lease_one(
+                        &vm.id,
+                        nic.ipv6.map(IpAddr::V6),
+                        net::v6_candidates(n, p).map(IpAddr::V6),
+                        &format!("config.network[{i}].ipv6_config.address"),
+                        (IpAddr::V6(n), p),
+                    )
+                    .await?;
+                match addr {
+                    IpAddr::V6(a) => Some((a, p)),
+                    IpAddr::V4(_) => None,
+                }
+            } else {
+                None
+            };
+            let mac = nic.mac.clone().unwrap_or_else(|| net.mac_for(&vm.id, i));
+            let mut att = net
+                .attach(&vm.id, i, &nic, &mac)
+                .await
+                .map_err(Error::Backend)?;
+            att.ipv4 = ipv4;
+            att.gateway4 = ipv4.map(|_| subnets.v4.2);
+            att.ipv6 = ipv6;
+            att.gateway6 = ipv6.map(|_| subnets.v6.2);
+            vm.spec.nics[i].attachment = Some(att);
+        }
+        Ok(())
+    }
+
+    /// Leases the requested address (checked against the subnet and other
+    /// VMs) or the first free candidate.
+    async fn lease_one(
+        &self,
+        vm: &VmId,
+        requested: Option<IpAddr>,
+        candidates: impl Iterator<Item = IpAddr>,
+        field: &str,
+        subnet: (IpAddr, u8),
+    ) -> Result<IpAddr> {
+        let store = &self.inner.store;
+        if let Some(addr) = requested {
+            if !net::contains(subnet.0, subnet.1, addr)
+                || net::candidates_exclude(subnet.0, subnet.1, addr)
+            {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "{addr} is not a usable address of {}/{}",
+                        subnet.0, subnet.1
+                    ),
+                ));
+            }
+            return match store.lease(addr, vm).await.map_err(store_err)? {
+                true => Ok(addr),
+                false => Err(Error::AlreadyExists(format!(
+                    "{field}: {addr} is in use by another VM"
+                ))),
+            };
+        }
+        let taken: HashSet<IpAddr> = store
+            .leases()
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        for addr in candidates.filter(|a| !taken.contains(a)) {
+            // A concurrent create may take it first: then try the next.
+            if store.lease(addr, vm).await.map_err(store_err)? {
+                return Ok(addr);
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "no free address left in {}/{}",
+            subnet.0, subnet.1
+        )))
+    }
+
+    /// Detaches every interface and releases every address of a VM.
+    async fn unwire(&self, id: &VmId, nics: usize) -> Result<()> {
+        if let Some(net) = &self.inner.network {
+            for i in 0..nics.max(1) {
+                net.detach(id, i).await.map_err(Error::Backend)?;
+            }
+        }
+        self.inner.store.release(id).await.map_err(store_err)
     }
 
     /// Starts a VMM for the VM and lets the guest run. The row is marked
@@ -540,10 +694,18 @@ impl VmService {
             let _guard = lock.lock().await;
             let id = vm.id.clone();
             match vm.pending {
+                Some(Pending::Create) => {
+                    self.unwire(&id, vm.spec.nics.len()).await?;
+                    self.inner.store.remove(&id).await.map_err(store_err)?;
+                    info!(vm_id = %id, "rolled back a create interrupted by a restart");
+                    report.rolled_back += 1;
+                    continue;
+                }
                 Some(Pending::Delete) => {
                     vmm.destroy(&id, vm.runtime.as_ref())
                         .await
                         .map_err(Error::Backend)?;
+                    self.unwire(&id, vm.spec.nics.len()).await?;
                     self.inner.store.remove(&id).await.map_err(store_err)?;
                     self.removed(&id);
                     info!(vm_id = %id, "finished a delete interrupted by a restart");
@@ -744,6 +906,8 @@ pub struct ReconcileReport {
     pub orphan_processes: usize,
     /// Unclaimed VM directories removed.
     pub orphan_dirs: usize,
+    /// Unclaimed network devices / address leases removed (per VM).
+    pub orphan_networks: usize,
 }
 
 /// What [`VmService::recover`] found.

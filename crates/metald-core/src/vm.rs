@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::net::{NicInput, NicSpec, check_nics};
 
 /// Smallest guest memory metald accepts (64 MiB).
 pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
@@ -134,7 +135,7 @@ pub struct VmSpecInput {
     pub kernel_args: String,
     pub boot_options: BTreeMap<String, String>,
     pub disks: Vec<DiskInput>,
-    pub network_interfaces: usize,
+    pub network: Vec<NicInput>,
     pub console_enabled: bool,
     pub metadata: BTreeMap<String, String>,
 }
@@ -162,6 +163,9 @@ pub struct VmSpec {
     pub kernel_args: String,
     pub boot_options: BTreeMap<String, String>,
     pub disks: Vec<DiskSpec>,
+    /// Network interfaces; empty for a VM without network.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
     pub console_enabled: bool,
     pub metadata: BTreeMap<String, String>,
 }
@@ -185,11 +189,7 @@ impl VmSpec {
         };
         check_kernel_args(&input.kernel_args)?;
         let disks = check_disks(&input.disks)?;
-        if input.network_interfaces > 0 {
-            return Err(Error::Unimplemented(
-                "config.network: network interfaces are not supported yet".into(),
-            ));
-        }
+        let nics = check_nics(&input.network)?;
         check_metadata(&input.metadata)?;
         Ok(VmSpec {
             vcpus,
@@ -200,6 +200,7 @@ impl VmSpec {
             kernel_args: input.kernel_args,
             boot_options: input.boot_options,
             disks,
+            nics,
             console_enabled: input.console_enabled,
             metadata: input.metadata,
         })

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -242,9 +243,12 @@ impl Store for SqliteStore {
     /// running VMM's runtime) would silently be lost.
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let runtime = runtime_json(vm)?;
+        let spec = serde_json::to_string(&vm.spec).map_err(|e| {
+            StoreError::Other(format!("encoding spec of vm {:?}: {e}", vm.id.as_str()))
+        })?;
         let result = sqlx::query(
             "UPDATE vms SET state = $1, runtime_json = $2, last_error = $3, pending_op = $4, \
-             modified_at = $5 WHERE vm_id = $6",
+             modified_at = $5, spec_json = $7 WHERE vm_id = $6",
         )
         .bind(vm.state.as_str())
         .bind(runtime)
@@ -252,6 +256,7 @@ impl Store for SqliteStore {
         .bind(vm.pending.map(Pending::as_str))
         .bind(vm.modified_at)
         .bind(vm.id.as_str())
+        .bind(spec)
         .execute(&self.pool)
         .await
         .map_err(|e| db_err(format_args!("updating vm {:?}", vm.id.as_str()), e))?;
@@ -352,6 +357,51 @@ impl Store for SqliteStore {
             .into_iter()
             .map(VmRow::into_record)
             .collect()
+    }
+
+    async fn lease(&self, addr: IpAddr, vm: &VmId) -> Result<bool, StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let result =
+            sqlx::query("INSERT INTO ip_leases (address, vm_id, leased_at) VALUES ($1, $2, $3)")
+                .bind(addr.to_string())
+                .bind(vm.as_str())
+                .bind(now)
+                .execute(&self.pool)
+                .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
+            Err(e) => Err(db_err(format_args!("leasing {addr}"), e)),
+        }
+    }
+
+    async fn leases(&self) -> Result<Vec<(IpAddr, VmId)>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT address, vm_id FROM ip_leases")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_err("loading address leases", e))?;
+        rows.into_iter()
+            .map(|(a, v)| {
+                let addr = a
+                    .parse()
+                    .map_err(|_| StoreError::Other(format!("unreadable leased address {a:?}")))?;
+                let vm = VmId::parse(&v, "vm_id")
+                    .map_err(|_| StoreError::Other(format!("unreadable lease owner {v:?}")))?;
+                Ok((addr, vm))
+            })
+            .collect()
+    }
+
+    async fn release(&self, vm: &VmId) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM ip_leases WHERE vm_id = $1")
+            .bind(vm.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_err(format_args!("releasing addresses of {:?}", vm.as_str()), e))
+            .map(drop)
     }
 }
 

@@ -24,6 +24,7 @@ fn spec() -> VmSpec {
             interface_type: "virtio-blk".into(),
             options: BTreeMap::from([("cache".into(), "none".into())]),
         }],
+        nics: Vec::new(),
         console_enabled: true,
         metadata: BTreeMap::from([("team".into(), "blue".into())]),
     }
@@ -201,4 +202,36 @@ async fn sqlx_pool(path: &std::path::Path) -> sqlx::SqlitePool {
     sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
         .await
         .unwrap()
+}
+
+#[tokio::test]
+async fn an_address_is_leased_once_even_under_concurrent_callers() {
+    let (_dir, _path, store) = open().await;
+    let addr: std::net::IpAddr = "10.100.0.2".parse().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .lease(addr, &VmId::parse(&format!("vm-{i}"), "t").unwrap())
+                .await
+                .unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += t.await.unwrap() as usize;
+    }
+    assert_eq!(winners, 1, "exactly one VM gets the address");
+    let leases = store.leases().await.unwrap();
+    assert_eq!(leases.len(), 1);
+    store.release(&leases[0].1).await.unwrap();
+    assert!(store.leases().await.unwrap().is_empty());
+    assert!(
+        store
+            .lease(addr, &VmId::parse("vm-late", "t").unwrap())
+            .await
+            .unwrap(),
+        "released addresses are reusable"
+    );
 }

@@ -67,12 +67,28 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
         a.push(initrd.clone().into_os_string());
     }
     a.push("-append".into());
-    a.push(if spec.kernel_args.is_empty() {
-        DEFAULT_KERNEL_ARGS.into()
+    let mut cmdline = if spec.kernel_args.is_empty() {
+        DEFAULT_KERNEL_ARGS.to_owned()
     } else {
-        spec.kernel_args.clone().into()
-    });
-    // Drives are named by position: client ids may hold characters QEMU
+        spec.kernel_args.clone()
+    };
+    for att in spec.nics.iter().filter_map(|n| n.attachment.as_ref()) {
+        cmdline.push(' ');
+        cmdline.push_str(&att.kernel_args());
+    }
+    a.push(cmdline.into());
+    // Interfaces: the TAP inside the VM's namespace (QEMU runs there).
+    for (i, att) in spec
+        .nics
+        .iter()
+        .filter_map(|n| n.attachment.as_ref())
+        .enumerate()
+    {
+        a.push("-netdev".into());
+        a.push(format!("tap,id=net{i},ifname={},script=no,downscript=no", att.tap).into());
+        a.push("-device".into());
+        a.push(format!("virtio-net-device,netdev=net{i},mac={}", att.mac).into());
+    } // Drives are named by position: client ids may hold characters QEMU
     // ids do not allow. The root device is first (VmSpec sorts it so), so
     // the guest sees it as /dev/vda.
     for (i, disk) in spec.disks.iter().enumerate() {
@@ -125,6 +141,7 @@ mod tests {
                     options: BTreeMap::new(),
                 },
             ],
+            nics: Vec::new(),
             console_enabled: true,
             metadata: BTreeMap::new(),
         }

@@ -81,6 +81,28 @@ pub struct QemuBackend {
     children: Children,
 }
 
+/// Makes the child join network namespace `name` (`/run/netns/<name>`)
+/// between fork and exec, like `ip netns exec`: namespace membership is
+/// per thread, so this never touches a metald (tokio) thread.
+fn join_netns_on_exec(cmd: &mut tokio::process::Command, name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let ns = std::fs::File::open(Path::new("/run/netns").join(name))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("network namespace {name}: {e}")))?;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes the setns(2) system call on a descriptor it owns, which is
+    // async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::move_into_link_name_space(
+                ns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+    Ok(())
+}
+
 /// The VM a QEMU command line serves, if it is one metald started with
 /// its files under `state_dir`.
 fn vm_of_cmdline(args: &[String], state_dir: &str) -> Option<VmId> {
@@ -238,6 +260,9 @@ impl Vmm for QemuBackend {
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+            if let Some(att) = spec.nics.iter().find_map(|n| n.attachment.as_ref()) {
+                join_netns_on_exec(&mut cmd, &att.netns)?;
+            }
             let (pid, start_time) = self.children.spawn(cmd)?;
             let record = serde_json::to_vec(&SpawnRecord { pid, start_time })
                 .map_err(std::io::Error::other)?;

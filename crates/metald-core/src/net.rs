@@ -1,0 +1,369 @@
+//! A VM's network interfaces: what the client asked for ([`NicSpec`],
+//! validated here) and what metald attached ([`NicAttachment`], filled by
+//! the service from IPAM and the network adapter).
+//!
+//! One interface per VM for now: its namespace holds one TAP the VMM uses.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Most interfaces a VM may have today.
+pub const MAX_NICS: usize = 1;
+
+/// An interface as the client described it, not yet validated.
+#[derive(Debug, Clone, Default)]
+pub struct NicInput {
+    pub id: String,
+    pub mac: String,
+    pub ipv4_address: String,
+    pub ipv6_address: String,
+    /// `NetworkMode`: 0 unspecified (dual stack), 1 dual stack, 2 IPv4
+    /// only, 3 IPv6 only.
+    pub mode: i32,
+    /// Bytes per second; 0 is unlimited.
+    pub rx_bandwidth: i64,
+    pub tx_bandwidth: i64,
+}
+
+/// A validated interface request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    pub id: String,
+    /// Client-chosen MAC (lowercase), else metald derives one.
+    pub mac: Option<String>,
+    /// Client-chosen static addresses, else IPAM picks.
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    pub want_v4: bool,
+    pub want_v6: bool,
+    pub rx_bytes_per_sec: u64,
+    pub tx_bytes_per_sec: u64,
+    /// What metald attached; absent until CreateVm finished.
+    #[serde(default)]
+    pub attachment: Option<NicAttachment>,
+}
+
+/// An interface as metald wired it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicAttachment {
+    pub mac: String,
+    pub ipv4: Option<(Ipv4Addr, u8)>,
+    pub gateway4: Option<Ipv4Addr>,
+    pub ipv6: Option<(Ipv6Addr, u8)>,
+    pub gateway6: Option<Ipv6Addr>,
+    /// Network namespace the VMM runs in.
+    pub netns: String,
+    /// TAP device inside the namespace.
+    pub tap: String,
+    /// Host side of the veth pair, on the host bridge.
+    pub host_veth: String,
+}
+
+impl NicAttachment {
+    /// Kernel arguments telling the guest its addresses: the kernel's own
+    /// `ip=` for IPv4, and `metald.ip6=` / `metald.gw6=` for IPv6 (the
+    /// kernel has no IPv6 equivalent; metald's test guest applies them,
+    /// other guests can read /proc/cmdline or use SLAAC).
+    pub fn kernel_args(&self) -> String {
+        let mut args = Vec::new();
+        if let Some((ip, prefix)) = self.ipv4 {
+            let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0));
+            let gw = self.gateway4.map(|g| g.to_string()).unwrap_or_default();
+            args.push(format!("ip={ip}::{gw}:{mask}::eth0:off"));
+        }
+        if let Some((ip, prefix)) = self.ipv6 {
+            args.push(format!("metald.ip6={ip}/{prefix}"));
+            if let Some(gw) = self.gateway6 {
+                args.push(format!("metald.gw6={gw}"));
+            }
+        }
+        args.join(" ")
+    }
+}
+
+/// Judges the interfaces of a CreateVm request.
+pub fn check_nics(nics: &[NicInput]) -> Result<Vec<NicSpec>> {
+    if nics.len() > MAX_NICS {
+        return Err(Error::invalid(
+            "config.network",
+            format!(
+                "at most {MAX_NICS} interface per VM is supported, got {}",
+                nics.len()
+            ),
+        ));
+    }
+    let mut out: Vec<NicSpec> = Vec::new();
+    for (i, n) in nics.iter().enumerate() {
+        let f = |name: &str| format!("config.network[{i}].{name}");
+        let id = if n.id.is_empty() {
+            format!("eth{i}")
+        } else {
+            n.id.clone()
+        };
+        if id.len() > 32
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Error::invalid(
+                f("id"),
+                "must be 1..=32 characters of letters, digits, '-' and '_'",
+            ));
+        }
+        if out.iter().any(|o| o.id == id) {
+            return Err(Error::invalid(
+                f("id"),
+                format!("duplicate interface id {id:?}"),
+            ));
+        }
+        let mac = if n.mac.is_empty() {
+            None
+        } else {
+            Some(check_mac(&n.mac).map_err(|r| Error::invalid(f("mac_address"), r))?)
+        };
+        let (want_v4, want_v6) = match n.mode {
+            0 | 1 => (true, true),
+            2 => (true, false),
+            3 => (false, true),
+            m => {
+                return Err(Error::invalid(
+                    f("mode"),
+                    format!("unknown network mode {m}"),
+                ));
+            }
+        };
+        let ipv4 = match n.ipv4_address.as_str() {
+            "" => None,
+            a => Some(a.parse::<Ipv4Addr>().map_err(|_| {
+                Error::invalid(
+                    f("ipv4_config.address"),
+                    format!("{a:?} is not an IPv4 address"),
+                )
+            })?),
+        };
+        let ipv6 = match n.ipv6_address.as_str() {
+            "" => None,
+            a => Some(a.parse::<Ipv6Addr>().map_err(|_| {
+                Error::invalid(
+                    f("ipv6_config.address"),
+                    format!("{a:?} is not an IPv6 address"),
+                )
+            })?),
+        };
+        if ipv4.is_some() && !want_v4 {
+            return Err(Error::invalid(
+                f("ipv4_config.address"),
+                "given, but the mode is IPv6 only",
+            ));
+        }
+        if ipv6.is_some() && !want_v6 {
+            return Err(Error::invalid(
+                f("ipv6_config.address"),
+                "given, but the mode is IPv4 only",
+            ));
+        }
+        let rate = |v: i64, name: &str| -> Result<u64> {
+            u64::try_from(v)
+                .map_err(|_| Error::invalid(f(name), format!("must not be negative, got {v}")))
+        };
+        out.push(NicSpec {
+            id,
+            mac,
+            ipv4,
+            ipv6,
+            want_v4,
+            want_v6,
+            rx_bytes_per_sec: rate(n.rx_bandwidth, "rx_rate_limit.bandwidth")?,
+            tx_bytes_per_sec: rate(n.tx_bandwidth, "tx_rate_limit.bandwidth")?,
+            attachment: None,
+        });
+    }
+    Ok(out)
+}
+
+/// A unicast MAC written `aa:bb:cc:dd:ee:ff`, returned lowercase.
+fn check_mac(raw: &str) -> std::result::Result<String, String> {
+    let parts: Vec<&str> = raw.split(':').collect();
+    let bytes: Option<Vec<u8>> = parts
+        .iter()
+        .map(|p| {
+            if p.len() == 2 {
+                u8::from_str_radix(p, 16).ok()
+            } else {
+                None
+            }
+        })
+        .collect();
+    match bytes {
+        Some(b) if b.len() == 6 => {
+            if b[0] & 1 == 1 {
+                return Err(format!("{raw:?} is a multicast address"));
+            }
+            if b.iter().all(|x| *x == 0) {
+                return Err(format!("{raw:?} is all zero"));
+            }
+            Ok(raw.to_ascii_lowercase())
+        }
+        _ => Err(format!(
+            "{raw:?} is not a MAC address like 02:00:00:00:00:01"
+        )),
+    }
+}
+
+/// Every host address of `net/prefix` a VM may get: not the network
+/// address, not the gateway (the first host), not the broadcast address.
+pub fn v4_candidates(net: Ipv4Addr, prefix: u8) -> impl Iterator<Item = Ipv4Addr> {
+    let base = u32::from(net) & u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
+    let size = 1u64 << (32 - prefix as u32);
+    (2..size.saturating_sub(1)).map(move |i| Ipv4Addr::from(base + i as u32))
+}
+
+/// Host addresses of an IPv6 prefix in order, skipping `::` and the
+/// gateway (`::1`); at most 2^24 are offered.
+pub fn v6_candidates(net: Ipv6Addr, prefix: u8) -> impl Iterator<Item = Ipv6Addr> {
+    let base = u128::from(net) & u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
+    let host_bits = 128 - prefix as u32;
+    let size: u128 = if host_bits >= 24 {
+        1 << 24
+    } else {
+        1 << host_bits
+    };
+    (2..size).map(move |i| Ipv6Addr::from(base + i))
+}
+
+/// Whether `addr` lies in `net/prefix` (same family).
+pub fn contains(net: std::net::IpAddr, prefix: u8, addr: std::net::IpAddr) -> bool {
+    use std::net::IpAddr::{V4, V6};
+    match (net, addr) {
+        (V4(n), V4(a)) => {
+            let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (V6(n), V6(a)) => {
+            let mask = u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Whether `addr` is one of the subnet addresses no VM may have: the
+/// network address, the gateway (first host) or, for IPv4, the broadcast.
+pub fn candidates_exclude(net: std::net::IpAddr, prefix: u8, addr: std::net::IpAddr) -> bool {
+    use std::net::IpAddr::{V4, V6};
+    match (net, addr) {
+        (V4(_), V4(a)) => {
+            let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
+            let host = u32::from(a) & !mask;
+            host <= 1 || host == !mask
+        }
+        (V6(_), V6(a)) => {
+            let mask = u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
+            (u128::from(a) & !mask) <= 1
+        }
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nic() -> NicInput {
+        NicInput::default()
+    }
+
+    #[test]
+    fn defaults_to_one_dual_stack_interface() {
+        let n = check_nics(&[nic()]).unwrap();
+        assert_eq!(n[0].id, "eth0");
+        assert!(n[0].want_v4 && n[0].want_v6 && n[0].mac.is_none());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases: Vec<(NicInput, &str)> = vec![
+            (
+                NicInput {
+                    mac: "zz:00:00:00:00:01".into(),
+                    ..nic()
+                },
+                "config.network[0].mac_address",
+            ),
+            (
+                NicInput {
+                    mac: "01:00:00:00:00:01".into(),
+                    ..nic()
+                },
+                "config.network[0].mac_address",
+            ),
+            (
+                NicInput {
+                    ipv4_address: "10.0.0.300".into(),
+                    ..nic()
+                },
+                "config.network[0].ipv4_config.address",
+            ),
+            (
+                NicInput {
+                    ipv6_address: "fd00::zz".into(),
+                    ..nic()
+                },
+                "config.network[0].ipv6_config.address",
+            ),
+            (
+                NicInput {
+                    ipv6_address: "fd00::5".into(),
+                    mode: 2,
+                    ..nic()
+                },
+                "config.network[0].ipv6_config.address",
+            ),
+            (NicInput { mode: 9, ..nic() }, "config.network[0].mode"),
+            (
+                NicInput {
+                    rx_bandwidth: -1,
+                    ..nic()
+                },
+                "config.network[0].rx_rate_limit.bandwidth",
+            ),
+        ];
+        for (input, field) in cases {
+            let err = check_nics(&[input]).unwrap_err().to_string();
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+        let err = check_nics(&[nic(), nic()]).unwrap_err().to_string();
+        assert!(err.contains("config.network"), "{err}");
+    }
+
+    #[test]
+    fn candidates_skip_network_gateway_and_broadcast() {
+        let v4: Vec<Ipv4Addr> = v4_candidates("10.9.0.0".parse().unwrap(), 29).collect();
+        assert_eq!(v4.first(), Some(&"10.9.0.2".parse().unwrap()));
+        assert_eq!(v4.last(), Some(&"10.9.0.6".parse().unwrap()));
+        assert_eq!(v4.len(), 5);
+        let mut v6 = v6_candidates("fd00:1::".parse().unwrap(), 64);
+        assert_eq!(v6.next(), Some("fd00:1::2".parse().unwrap()));
+    }
+
+    #[test]
+    fn kernel_args_carry_both_families() {
+        let a = NicAttachment {
+            mac: "02:00:00:00:00:01".into(),
+            ipv4: Some(("10.9.0.2".parse().unwrap(), 16)),
+            gateway4: Some("10.9.0.1".parse().unwrap()),
+            ipv6: Some(("fd00:1::2".parse().unwrap(), 64)),
+            gateway6: Some("fd00:1::1".parse().unwrap()),
+            netns: "n".into(),
+            tap: "tap0".into(),
+            host_veth: "v".into(),
+        };
+        assert_eq!(
+            a.kernel_args(),
+            "ip=10.9.0.2::10.9.0.1:255.255.0.0::eth0:off metald.ip6=fd00:1::2/64 metald.gw6=fd00:1::1"
+        );
+    }
+}
