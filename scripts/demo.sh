@@ -42,6 +42,8 @@ export UNKEY_METALD_BACKEND=qemu UNKEY_METALD_AUTH_MODE=dev UNKEY_METALD_ADDRESS
 export UNKEY_METALD_PORT=$port UNKEY_METALD_DATA_DIR=$state
 # No billing service runs in the demo; VMs are still metered for GetVmInfo.
 export UNKEY_METALD_BILLING_ENABLED=${UNKEY_METALD_BILLING_ENABLED:-false}
+# The demo VM has no network interface; leave the host's bridges alone.
+export UNKEY_METALD_NETWORK_ENABLED=${UNKEY_METALD_NETWORK_ENABLED:-false}
 export UNKEY_METALD_QEMU_ACCEL=${UNKEY_METALD_QEMU_ACCEL:-tcg}
 : >"$state/metald.out"
 "$bin" >"$state/metald.out" 2>"$state/metald.log" &

@@ -510,11 +510,15 @@ impl VmService {
                 warn!(vm_id = %id, error = %e, "graceful stop before delete failed; killing");
             }
         }
-        if let Err(e) = self.inner.vmm.destroy(id, vm.runtime.as_ref()).await {
+        let destroyed = match self.inner.vmm.destroy(id, vm.runtime.as_ref()).await {
+            Ok(()) => self.unwire(id, vm.spec.nics.len()).await,
+            Err(e) => Err(Error::Backend(e)),
+        };
+        if let Err(e) = destroyed {
             let (state, runtime) = (vm.state, vm.runtime.clone());
             self.save(&mut vm, state, runtime, Some(format!("delete failed: {e}")))
                 .await?;
-            return Err(Error::Backend(e));
+            return Err(e);
         }
         self.inner.store.remove(id).await.map_err(store_err)?;
         self.removed(id);
@@ -841,27 +845,38 @@ impl VmService {
         }
         for id in host.dirs {
             let key = format!("directory of {id}");
-            let lock = self.lock_for(&id);
-            let Ok(_guard) = lock.try_lock() else {
+            let Some(_guard) = self
+                .unclaimed(&id, key, immediate, &previous, &mut suspects)
+                .await?
+            else {
                 continue;
             };
-            if self
-                .inner
-                .store
-                .get(&id)
-                .await
-                .map_err(store_err)?
-                .is_some()
-            {
-                continue;
-            }
-            if !immediate && !previous.contains(&key) {
-                suspects.insert(key);
-                continue;
-            }
             warn!(vm_id = %id, "removing files no VM row claims");
             vmm.destroy(&id, None).await.map_err(Error::Backend)?;
             report.orphan_dirs += 1;
+        }
+        if let Some(net) = &self.inner.network {
+            let mut ids: HashSet<VmId> = net
+                .scan()
+                .await
+                .map_err(Error::Backend)?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            let leases = self.inner.store.leases().await.map_err(store_err)?;
+            ids.extend(leases.into_iter().map(|(_, id)| id));
+            for id in ids {
+                let key = format!("network of {id}");
+                let Some(_guard) = self
+                    .unclaimed(&id, key, immediate, &previous, &mut suspects)
+                    .await?
+                else {
+                    continue;
+                };
+                warn!(vm_id = %id, "removing network devices and addresses no VM row claims");
+                self.unwire(&id, 1).await?;
+                report.orphan_networks += 1;
+            }
         }
         *self
             .inner
@@ -872,6 +887,30 @@ impl VmService {
             info!(?report, "reconciled");
         }
         Ok(report)
+    }
+
+    /// For the reconciler: takes `id`'s lock when no operation holds it, no
+    /// row claims the VM and the age guard allows acting on `key` (found
+    /// unclaimed by the previous pass, or `immediate`).
+    async fn unclaimed(
+        &self,
+        id: &VmId,
+        key: String,
+        immediate: bool,
+        previous: &HashSet<String>,
+        suspects: &mut HashSet<String>,
+    ) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
+        let Ok(guard) = self.lock_for(id).try_lock_owned() else {
+            return Ok(None);
+        };
+        if self.inner.store.get(id).await.map_err(store_err)?.is_some() {
+            return Ok(None);
+        }
+        if !immediate && !previous.contains(&key) {
+            suspects.insert(key);
+            return Ok(None);
+        }
+        Ok(Some(guard))
     }
 
     /// Shuts every running or paused VM down (gracefully, killing after the

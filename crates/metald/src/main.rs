@@ -4,6 +4,7 @@
 //! stops; the next metald adopts them.
 
 mod config;
+mod network;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -222,6 +223,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         vec![billing],
     );
+    let service = if config.network_enabled {
+        let host = metald_network::Host::setup(metald_network::NetworkConfig {
+            bridge: config.network_bridge.clone(),
+            ipv4_subnet: config.network_ipv4_subnet,
+            ipv6_subnet: config.network_ipv6_subnet,
+            isolate_vms: config.network_isolate_vms,
+            egress: config.network_egress,
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "UNKEY_METALD_NETWORK_*: setting up bridge {}: {e}",
+                config.network_bridge
+            )
+        })?;
+        info!(bridge = %config.network_bridge, v4 = %config.network_ipv4_subnet, v6 = %config.network_ipv6_subnet, "VM networking ready");
+        service.with_network(Arc::new(network::HostNetwork::new(host)))
+    } else {
+        info!("VM networking disabled (UNKEY_METALD_NETWORK_ENABLED=false)");
+        service
+    };
     // Before serving: finish or roll back interrupted operations, adopt
     // surviving VMMs, then clean up whatever no VM claims.
     service.recover().await.context("re-attaching to VMs")?;

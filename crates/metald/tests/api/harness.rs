@@ -121,6 +121,8 @@ impl Daemon {
             // No billing service unless a test starts one (and passes
             // --billing-enabled true, which wins over the environment).
             .env("UNKEY_METALD_BILLING_ENABLED", "false")
+            // Likewise no host bridge unless a network test asks for one.
+            .env("UNKEY_METALD_NETWORK_ENABLED", "false")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

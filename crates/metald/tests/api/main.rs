@@ -7,6 +7,7 @@ mod billing;
 mod harness;
 mod lifecycle;
 mod listing;
+mod network;
 mod readme;
 mod restart;
 mod tenancy;

@@ -1,0 +1,126 @@
+//! Adapts `metald_network::Host` (bridge, namespaces, veth, TAP) to the
+//! service's `Network` port.
+
+use async_trait::async_trait;
+use metald_core::VmId;
+use metald_core::net::{NicAttachment, NicSpec};
+use metald_core::ports::{Network, PortError, Subnets};
+use metald_network::{Host, InterfaceSpec};
+
+/// Host networking for metald's VMs.
+pub struct HostNetwork {
+    host: Host,
+}
+
+impl HostNetwork {
+    pub fn new(host: Host) -> Self {
+        HostNetwork { host }
+    }
+}
+
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn parse_mac(mac: &str) -> Result<[u8; 6], PortError> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC {mac:?}")))
+        .collect::<Result<_, _>>()?;
+    bytes.try_into().map_err(|_| format!("bad MAC {mac:?}"))
+}
+
+/// Whether host device `dev` is a port of `bridge`.
+fn on_bridge(dev: &str, bridge: &str) -> bool {
+    std::fs::read_link(format!("/sys/class/net/{dev}/master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n == bridge))
+        .unwrap_or(false)
+}
+
+#[async_trait]
+impl Network for HostNetwork {
+    fn subnets(&self) -> Subnets {
+        let c = self.host.config();
+        Subnets {
+            v4: (
+                c.ipv4_subnet.network(),
+                c.ipv4_subnet.prefix_len(),
+                self.host.gateway_v4(),
+            ),
+            v6: (
+                c.ipv6_subnet.network(),
+                c.ipv6_subnet.prefix_len(),
+                self.host.gateway_v6(),
+            ),
+        }
+    }
+
+    fn mac_for(&self, vm: &VmId, index: usize) -> String {
+        mac_string(metald_network::mac_for(vm.as_str(), index))
+    }
+
+    async fn attach(
+        &self,
+        vm: &VmId,
+        index: usize,
+        nic: &NicSpec,
+        mac: &str,
+    ) -> Result<NicAttachment, PortError> {
+        let names = Host::names(vm.as_str(), index);
+        let spec = InterfaceSpec {
+            vm_id: vm.to_string(),
+            index,
+            names: names.clone(),
+            mac: parse_mac(mac)?,
+            rx_rate_bytes_per_sec: nic.rx_bytes_per_sec,
+            tx_rate_bytes_per_sec: nic.tx_bytes_per_sec,
+        };
+        self.host.create_interface(&spec).await?;
+        Ok(NicAttachment {
+            mac: mac.to_owned(),
+            ipv4: None,
+            gateway4: None,
+            ipv6: None,
+            gateway6: None,
+            netns: names.netns,
+            tap: names.tap,
+            host_veth: names.host_veth,
+        })
+    }
+
+    async fn detach(&self, vm: &VmId, index: usize) -> Result<(), PortError> {
+        self.host
+            .destroy_interface(&Host::names(vm.as_str(), index))
+            .await
+    }
+
+    /// Only interfaces on this metald's bridge count: another metald on the
+    /// host (with its own bridge) owns the rest. An interface whose host
+    /// veth is gone cannot be placed and is left alone.
+    async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError> {
+        let bridge = &self.host.config().bridge;
+        Ok(self
+            .host
+            .scan()
+            .await?
+            .into_iter()
+            .filter(|o| on_bridge(&o.names.host_veth, bridge))
+            .filter_map(|o| VmId::parse(&o.vm_id, "vm_id").ok().map(|id| (id, o.index)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn macs_round_trip() {
+        let mac = [0x02, 0xab, 0, 1, 2, 0xff];
+        assert_eq!(super::mac_string(mac), "02:ab:00:01:02:ff");
+        assert_eq!(super::parse_mac("02:ab:00:01:02:ff").unwrap(), mac);
+        assert!(super::parse_mac("02:ab").is_err());
+    }
+}
