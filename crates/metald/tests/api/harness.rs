@@ -255,7 +255,11 @@ pub async fn connect_json(
     if !token.is_empty() {
         req = req.header("Authorization", format!("Bearer {token}"));
     }
-    let resp = req.send().await.expect("http");
+    // A transport failure (metald gone) is reported as code "transport".
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => return Err(("transport".to_owned(), e.to_string())),
+    };
     let status = resp.status();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
     if status.is_success() {

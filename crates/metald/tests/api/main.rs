@@ -4,11 +4,13 @@
 //! command prepares them).
 
 mod billing;
+mod chaos;
 mod harness;
 mod lifecycle;
 mod listing;
 mod network;
 mod readme;
 mod restart;
+mod supervision;
 mod tenancy;
 mod validation;
