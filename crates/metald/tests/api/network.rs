@@ -374,3 +374,60 @@ async fn a_create_that_fails_after_the_namespace_was_made_leaves_nothing() {
     );
     assert_eq!(leases(&d), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_megabyte_per_second_limit_holds_for_traffic_to_the_guest() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let assets = Assets::load();
+    let lan = Lan::new(6);
+    let d = lan.daemon(&[]);
+    let limit = 1_000_000u64;
+    let nic = json!({"mode": "NETWORK_MODE_IPV4_ONLY", "rx_rate_limit": {"bandwidth": limit}});
+    d.ok(
+        T,
+        "CreateVm",
+        json!({"vm_id": "shaped", "config": with_nic(&assets, "metald.sink=5001", nic)}),
+    )
+    .await;
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "shaped"})).await;
+    let ip = info["networkInfo"]["ipAddress"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d.ok(T, "BootVm", json!({"vm_id": "shaped"})).await;
+    let console =
+        d.ok(T, "GetVmInfo", json!({"vm_id": "shaped"})).await["backendInfo"]["console_log"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    wait_for_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(120)).await;
+    let mut conn = None;
+    for _ in 0..100 {
+        if let Ok(c) = tokio::net::TcpStream::connect((ip.as_str(), 5001)).await {
+            conn = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conn = conn.expect("the guest's sink accepts connections");
+    // 4 MB towards the guest; done when the guest has read it all and
+    // closed its side (its nc exits on our EOF).
+    let payload = vec![0x5au8; 4_000_000];
+    let start = std::time::Instant::now();
+    conn.write_all(&payload).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest).await;
+    let secs = start.elapsed().as_secs_f64();
+    let rate = payload.len() as f64 / secs;
+    eprintln!(
+        "4 MB to the guest in {secs:.2} s: {:.0} bytes/s against a limit of {limit}",
+        rate
+    );
+    assert!(
+        (0.8..=1.2).contains(&(rate / limit as f64)),
+        "throughput {rate:.0} B/s is not within 20% of the {limit} B/s limit"
+    );
+    d.ok(T, "DeleteVm", json!({"vm_id": "shaped", "force": true}))
+        .await;
+}
