@@ -227,6 +227,26 @@ fn nic_to_pb(n: &metald_core::net::NicSpec) -> pb::NetworkInterface {
     }
 }
 
+/// GetVmInfo's `metrics` from the latest sample.
+pub fn metrics(u: &metald_core::ports::VmUsage) -> pb::VmMetrics {
+    pb::VmMetrics {
+        cpu_usage_percent: u.cpu_percent,
+        memory_usage_bytes: u.memory_bytes,
+        network_stats: buffa::MessageField::some(pb::NetworkStats {
+            bytes_received: u.net_rx_bytes,
+            bytes_transmitted: u.net_tx_bytes,
+            ..Default::default()
+        }),
+        storage_stats: buffa::MessageField::some(pb::StorageStats {
+            bytes_read: u.disk_read_bytes,
+            bytes_written: u.disk_write_bytes,
+            ..Default::default()
+        }),
+        uptime_seconds: u.uptime_seconds,
+        ..Default::default()
+    }
+}
+
 /// GetVmInfo's `network_info`: the first interface as attached.
 pub fn network_info(s: &VmSpec) -> Option<pb::VmNetworkInfo> {
     let att = s.nics.first()?.attachment.as_ref()?;

@@ -191,6 +191,10 @@ impl pb::VmService for VmApi {
             config: buffa::MessageField::some(convert::spec_to_pb(&d.record.spec)),
             state: state(&d.record),
             backend_info: d.backend_info.into_iter().collect(),
+            metrics: d
+                .usage
+                .map(|u| buffa::MessageField::some(convert::metrics(&u)))
+                .unwrap_or_default(),
             network_info: convert::network_info(&d.record.spec)
                 .map(buffa::MessageField::some)
                 .unwrap_or_default(),

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use connectrpc::client::{ClientConfig, HttpClient};
-use metald_core::ports::{Observer, VmRecord};
+use metald_core::ports::{Observer, UsageSource, VmRecord, VmUsage};
 use metald_core::{VmId, VmState};
 use metald_proto::billing::v1 as pb;
 use tokio::sync::mpsc;
@@ -26,7 +26,6 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::spool::{EventRow, MeterRow, SampleRow, Spool};
-use crate::usage::Usage;
 
 /// Billing settings (`UNKEY_METALD_BILLING_*`).
 #[derive(Debug, Clone)]
@@ -78,7 +77,7 @@ enum Msg {
 /// per VM for GetVmInfo.
 pub struct Billing {
     tx: mpsc::UnboundedSender<Msg>,
-    latest: Arc<Mutex<HashMap<String, Usage>>>,
+    latest: Arc<Mutex<HashMap<String, VmUsage>>>,
 }
 
 /// The background tasks; abort them on shutdown.
@@ -165,12 +164,18 @@ impl Billing {
     }
 
     /// The latest usage sampled for a VM.
-    pub fn latest(&self, id: &VmId) -> Option<Usage> {
+    pub fn latest(&self, id: &VmId) -> Option<VmUsage> {
         self.latest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id.as_str())
             .copied()
+    }
+}
+
+impl UsageSource for Billing {
+    fn usage(&self, id: &VmId) -> Option<VmUsage> {
+        self.latest(id)
     }
 }
 
@@ -195,6 +200,10 @@ impl Observer for Billing {
 struct Meter {
     customer: String,
     cpu: usage::CpuTracker,
+    /// CPU time and time of the previous sample, for the CPU percentage.
+    last_cpu: Option<(i64, i64)>,
+    /// When metering of this VMM began (Unix ns).
+    since: i64,
     pid: i32,
     start_time: u64,
     next_seq: i64,
@@ -211,7 +220,7 @@ struct MeterTask {
     meters: HashMap<String, Meter>,
     buffer: Vec<SampleRow>,
     dirty: HashMap<String, MeterRow>,
-    latest: Arc<Mutex<HashMap<String, Usage>>>,
+    latest: Arc<Mutex<HashMap<String, VmUsage>>>,
     active: Arc<Mutex<Vec<String>>>,
 }
 
@@ -381,6 +390,8 @@ impl MeterTask {
                 let m = Meter {
                     customer: ev.customer,
                     cpu: usage::CpuTracker::default(),
+                    last_cpu: None,
+                    since: now,
                     pid,
                     start_time,
                     next_seq,
@@ -459,7 +470,23 @@ impl MeterTask {
                 // The sampler stalled (host overload): say so.
                 gaps.push((id.clone(), m.customer.clone(), m.last_ts, ts));
             }
-            fresh.push((id.clone(), u));
+            let cpu_percent = match m.last_cpu {
+                Some((c, t)) if ts > t => (u.cpu_ns - c) as f64 * 100.0 / (ts - t) as f64,
+                _ => 0.0,
+            };
+            m.last_cpu = Some((u.cpu_ns, ts));
+            fresh.push((
+                id.clone(),
+                VmUsage {
+                    cpu_percent,
+                    memory_bytes: u.memory_bytes,
+                    disk_read_bytes: u.disk_read,
+                    disk_write_bytes: u.disk_write,
+                    net_rx_bytes: u.net_rx,
+                    net_tx_bytes: u.net_tx,
+                    uptime_seconds: (ts - m.since) / 1_000_000_000,
+                },
+            ));
             if self.writer.is_some() {
                 self.buffer.push(SampleRow::new(&id, m.next_seq, ts, u));
             }

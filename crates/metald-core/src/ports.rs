@@ -305,3 +305,23 @@ pub trait Observer: Send + Sync + 'static {
     /// The VM's row is gone.
     fn vm_removed(&self, id: &VmId);
 }
+
+/// The latest usage measured for a VM (GetVmInfo's `metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VmUsage {
+    /// Share of one CPU used over the last sample interval, in percent
+    /// (may exceed 100 with several vCPUs).
+    pub cpu_percent: f64,
+    pub memory_bytes: i64,
+    pub disk_read_bytes: i64,
+    pub disk_write_bytes: i64,
+    pub net_rx_bytes: i64,
+    pub net_tx_bytes: i64,
+    /// Seconds since metering of this VMM began.
+    pub uptime_seconds: i64,
+}
+
+/// Where the service reads a VM's latest usage from (billing's sampler).
+pub trait UsageSource: Send + Sync + 'static {
+    fn usage(&self, id: &VmId) -> Option<VmUsage>;
+}

@@ -19,8 +19,8 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::net;
 use crate::ports::{
-    GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, VmPage, VmRecord, Vmm,
-    VmmExit, VmmRuntime,
+    GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, UsageSource, VmPage,
+    VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
 };
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
@@ -51,6 +51,8 @@ impl Default for ServiceConfig {
 pub struct VmDetails {
     pub record: VmRecord,
     pub backend_info: BTreeMap<String, String>,
+    /// The latest measured usage, while a VMM runs and is metered.
+    pub usage: Option<VmUsage>,
 }
 
 /// The VM lifecycle service. Cheap to clone; clones share state.
@@ -68,6 +70,8 @@ struct Inner {
     suspects: Mutex<HashSet<String>>,
     /// Host networking, when enabled.
     network: Option<Arc<dyn Network>>,
+    /// Latest measured usage per VM, for GetVmInfo.
+    usage: Option<Arc<dyn UsageSource>>,
     /// Told about every stored change (billing).
     observers: Vec<Arc<dyn Observer>>,
 }
@@ -94,6 +98,7 @@ impl VmService {
                 locks: Mutex::new(HashMap::new()),
                 suspects: Mutex::new(HashSet::new()),
                 network: None,
+                usage: None,
                 observers: Vec::new(),
             }),
         }
@@ -119,6 +124,16 @@ impl VmService {
         let mut inner =
             Arc::into_inner(self.inner).expect("with_network before the service is shared");
         inner.network = Some(network);
+        VmService {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Gives the service a source of measured usage for GetVmInfo.
+    pub fn with_usage(self, usage: Arc<dyn UsageSource>) -> Self {
+        let mut inner =
+            Arc::into_inner(self.inner).expect("with_usage before the service is shared");
+        inner.usage = Some(usage);
         VmService {
             inner: Arc::new(inner),
         }
@@ -540,9 +555,14 @@ impl VmService {
         if let Some(p) = record.pending {
             backend_info.insert("pending_operation".into(), p.as_str().into());
         }
+        let usage = match (&self.inner.usage, record.state.has_process()) {
+            (Some(u), true) => u.usage(id),
+            _ => None,
+        };
         Ok(VmDetails {
             record,
             backend_info,
+            usage,
         })
     }
 

@@ -221,8 +221,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ServiceConfig {
             default_shutdown_timeout: config.vm_shutdown_timeout,
         },
-        vec![billing],
-    );
+        vec![billing.clone()],
+    )
+    .with_usage(billing);
     let service = if config.network_enabled {
         let host = metald_network::Host::setup(metald_network::NetworkConfig {
             bridge: config.network_bridge.clone(),

@@ -53,6 +53,18 @@ async fn connect_json_lifecycle_boots_a_real_guest_and_leaves_nothing() {
         .to_owned();
     let text = wait_for_console(&console, MARKER, 1, BOOT).await;
     assert!(text.contains("kernel="), "marker names the kernel: {text}");
+    // Billing is off in tests, yet the VM is metered for GetVmInfo.
+    let info = d.ok(t, "GetVmInfo", json!({"vm_id": id})).await;
+    let metrics = &info["metrics"];
+    let memory: i64 = metrics["memoryUsageBytes"]
+        .as_str()
+        .unwrap_or("0")
+        .parse()
+        .unwrap();
+    assert!(
+        memory > 16 << 20,
+        "a booted guest's VMM uses memory: {metrics}"
+    );
 
     let paused = d.ok(t, "PauseVm", json!({"vm_id": id})).await;
     assert_eq!(state_of(&paused), "VM_STATE_PAUSED");
