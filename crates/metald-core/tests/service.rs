@@ -1,0 +1,456 @@
+//! The service layer against the real SQLite store and a fake VMM (the only
+//! place metald uses a fake backend): interrupted operations, the
+//! reconciler's age guard and locks, truthful reads, per-VM serialisation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use metald_core::ports::{
+    GuestStatus, HostResources, Pending, PortError, StopMode, Store, VmRecord, Vmm, VmmExit,
+    VmmRuntime,
+};
+use metald_core::service::ServiceConfig;
+use metald_core::vm::VmSpecInput;
+use metald_core::{CustomerId, Error, VmId, VmService, VmSpec, VmState};
+use metald_store::SqliteStore;
+use tokio::sync::{Notify, watch};
+
+#[derive(Default)]
+struct Fake {
+    alive: HashSet<i32>,
+    exits: HashMap<i32, watch::Sender<Option<VmmExit>>>,
+    destroyed: Vec<String>,
+    killed: Vec<i32>,
+    scan: HostResources,
+}
+
+#[derive(Default)]
+struct FakeVmm {
+    s: Mutex<Fake>,
+    next_pid: AtomicI32,
+    /// Boots of the VM named "slow" wait for this.
+    gate: Notify,
+}
+
+impl FakeVmm {
+    fn st(&self) -> std::sync::MutexGuard<'_, Fake> {
+        self.s.lock().unwrap()
+    }
+    fn spawn(&self) -> i32 {
+        let pid = 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst);
+        let mut s = self.st();
+        s.alive.insert(pid);
+        s.exits.insert(pid, watch::channel(None).0);
+        pid
+    }
+    /// The process dies; `exit` is what its watcher will learn (None: the
+    /// watcher never hears of it).
+    fn die(&self, pid: i32, exit: Option<VmmExit>) {
+        let mut s = self.st();
+        s.alive.remove(&pid);
+        if let (Some(e), Some(tx)) = (exit, s.exits.get(&pid)) {
+            let _ = tx.send(Some(e));
+        }
+    }
+    fn rt(pid: i32) -> VmmRuntime {
+        VmmRuntime {
+            backend: "fake".into(),
+            pid,
+            start_time: 1,
+            socket: format!("/fake/{pid}").into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Vmm for FakeVmm {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    async fn boot(&self, id: &VmId, _spec: &VmSpec) -> Result<VmmRuntime, PortError> {
+        if id.as_str() == "slow" {
+            self.gate.notified().await;
+        }
+        if id.as_str() == "refused" {
+            return Err("the VMM refused the config".into());
+        }
+        Ok(Self::rt(self.spawn()))
+    }
+    async fn pause(&self, _rt: &VmmRuntime) -> Result<(), PortError> {
+        Ok(())
+    }
+    async fn resume(&self, _rt: &VmmRuntime) -> Result<(), PortError> {
+        Ok(())
+    }
+    async fn reboot(
+        &self,
+        _id: &VmId,
+        _spec: &VmSpec,
+        rt: &VmmRuntime,
+    ) -> Result<VmmRuntime, PortError> {
+        Ok(rt.clone())
+    }
+    async fn shutdown(&self, rt: &VmmRuntime, _mode: StopMode) -> Result<(), PortError> {
+        self.die(
+            rt.pid,
+            Some(VmmExit {
+                code: Some(0),
+                signal: None,
+            }),
+        );
+        Ok(())
+    }
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+        if let Some(rt) = rt {
+            self.die(
+                rt.pid,
+                Some(VmmExit {
+                    code: None,
+                    signal: Some(9),
+                }),
+            );
+        }
+        self.st().destroyed.push(id.to_string());
+        Ok(())
+    }
+    async fn adopt(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        if self.st().alive.contains(&rt.pid) {
+            Ok(GuestStatus::Running)
+        } else {
+            Err("no such process".into())
+        }
+    }
+    fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
+        let rx = self.st().exits.get(&rt.pid).map(|tx| tx.subscribe());
+        async move {
+            match rx {
+                Some(mut rx) => rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|e| e.clone()),
+                None => None,
+            }
+            .unwrap_or(VmmExit {
+                code: None,
+                signal: None,
+            })
+        }
+        .boxed()
+    }
+    fn is_alive(&self, rt: &VmmRuntime) -> bool {
+        self.st().alive.contains(&rt.pid)
+    }
+    async fn release(&self, _id: &VmId, _rt: &VmmRuntime) {}
+    async fn scan(&self) -> HostResources {
+        self.st().scan.clone()
+    }
+    async fn kill_orphan(&self, pid: i32, _start_time: u64) -> Result<(), PortError> {
+        self.st().killed.push(pid);
+        Ok(())
+    }
+    async fn describe(&self, _id: &VmId, _rt: Option<&VmmRuntime>) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    store: Arc<SqliteStore>,
+    vmm: Arc<FakeVmm>,
+    svc: VmService,
+    spec: VmSpec,
+}
+
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"k").unwrap();
+    let store = Arc::new(
+        SqliteStore::open(&dir.path().join("metald.db"))
+            .await
+            .unwrap(),
+    );
+    let vmm = Arc::new(FakeVmm::default());
+    let svc = VmService::new(store.clone(), vmm.clone(), ServiceConfig::default());
+    let spec = VmSpec::new(VmSpecInput {
+        vcpu_count: 1,
+        memory_bytes: 128 << 20,
+        kernel_path: kernel.to_string_lossy().into_owned(),
+        ..Default::default()
+    })
+    .unwrap();
+    World {
+        _dir: dir,
+        store,
+        vmm,
+        svc,
+        spec,
+    }
+}
+
+fn id(s: &str) -> VmId {
+    VmId::parse(s, "vm_id").unwrap()
+}
+
+fn me() -> CustomerId {
+    CustomerId::parse("acme").unwrap()
+}
+
+fn row(
+    w: &World,
+    name: &str,
+    state: VmState,
+    pid: Option<i32>,
+    pending: Option<Pending>,
+) -> VmRecord {
+    VmRecord {
+        id: id(name),
+        customer: me(),
+        spec: w.spec.clone(),
+        state,
+        runtime: pid.map(FakeVmm::rt),
+        last_error: None,
+        pending,
+        created_at: 0,
+        modified_at: 0,
+    }
+}
+
+#[tokio::test]
+async fn start_up_finishes_or_rolls_back_interrupted_operations_and_adopts_the_rest() {
+    let w = world().await;
+    let (alive_a, alive_b, alive_c) = (w.vmm.spawn(), w.vmm.spawn(), w.vmm.spawn());
+    for r in [
+        row(
+            &w,
+            "deleting",
+            VmState::Running,
+            Some(alive_a),
+            Some(Pending::Delete),
+        ),
+        row(&w, "booting", VmState::Created, None, Some(Pending::Boot)),
+        row(
+            &w,
+            "stopping",
+            VmState::Running,
+            Some(alive_b),
+            Some(Pending::Shutdown),
+        ),
+        row(&w, "lost", VmState::Running, Some(4242), None),
+        row(&w, "kept", VmState::Paused, Some(alive_c), None),
+    ] {
+        w.store.insert(&r).await.unwrap();
+    }
+    let report = w.svc.recover().await.unwrap();
+    assert_eq!(
+        (
+            report.adopted,
+            report.failed,
+            report.finished,
+            report.rolled_back
+        ),
+        (1, 1, 2, 1),
+        "{report:?}"
+    );
+    assert!(
+        w.store.get(&id("deleting")).await.unwrap().is_none(),
+        "interrupted delete finished"
+    );
+    let booting = w.store.get(&id("booting")).await.unwrap().unwrap();
+    assert_eq!(
+        (booting.state, booting.pending),
+        (VmState::Created, None),
+        "interrupted boot rolled back"
+    );
+    assert!(booting.last_error.unwrap().contains("interrupted"));
+    assert_eq!(
+        w.store.get(&id("stopping")).await.unwrap().unwrap().state,
+        VmState::Shutdown
+    );
+    let lost = w.store.get(&id("lost")).await.unwrap().unwrap();
+    assert_eq!((lost.state, lost.runtime), (VmState::Failed, None));
+    let kept = w.store.get(&id("kept")).await.unwrap().unwrap();
+    assert_eq!(kept.state, VmState::Running, "state taken from the VMM");
+    let destroyed = w.vmm.st().destroyed.clone();
+    for name in ["deleting", "booting", "lost"] {
+        assert!(
+            destroyed.contains(&name.to_string()),
+            "{name} cleaned: {destroyed:?}"
+        );
+    }
+    assert!(!destroyed.contains(&"kept".to_string()));
+}
+
+#[tokio::test]
+async fn periodic_reconcile_acts_only_on_a_second_sighting_and_never_on_claimed_processes() {
+    let w = world().await;
+    let claimed = w.vmm.spawn();
+    w.store
+        .insert(&row(&w, "real", VmState::Running, Some(claimed), None))
+        .await
+        .unwrap();
+    w.vmm.st().scan = HostResources {
+        processes: vec![
+            (id("ghost"), 777, 1),
+            (id("real"), claimed, 1),
+            (id("real"), 778, 1),
+        ],
+        dirs: vec![id("ghost"), id("real")],
+    };
+    let first = w.svc.reconcile(false).await.unwrap();
+    assert_eq!(
+        (first.orphan_processes, first.orphan_dirs),
+        (0, 0),
+        "first sighting only noted"
+    );
+    assert!(w.vmm.st().killed.is_empty());
+    let second = w.svc.reconcile(false).await.unwrap();
+    assert_eq!(
+        (second.orphan_processes, second.orphan_dirs),
+        (2, 1),
+        "{second:?}"
+    );
+    let killed = w.vmm.st().killed.clone();
+    assert_eq!(
+        killed,
+        vec![777, 778],
+        "the unclaimed ones, never the recorded VMM"
+    );
+    assert_eq!(
+        w.vmm.st().destroyed,
+        vec!["ghost".to_string()],
+        "only the directory no row claims"
+    );
+}
+
+#[tokio::test]
+async fn reads_are_truthful_even_before_the_exit_watcher_writes() {
+    let w = world().await;
+    w.svc
+        .create(&me(), Some(id("a")), "", w.spec.clone())
+        .await
+        .unwrap();
+    let pid = w
+        .svc
+        .boot(&me(), &id("a"))
+        .await
+        .unwrap()
+        .runtime
+        .unwrap()
+        .pid;
+    // The process dies and nothing tells the watcher.
+    w.vmm.die(pid, None);
+    let d = w.svc.get(&me(), &id("a")).await.unwrap();
+    assert_eq!(d.record.state, VmState::Failed);
+    assert!(
+        d.backend_info["last_error"].contains("VMM"),
+        "{:?}",
+        d.backend_info
+    );
+    // With an exit status, the reason is recorded.
+    let pid = w
+        .svc
+        .boot(&me(), &id("a"))
+        .await
+        .unwrap()
+        .runtime
+        .unwrap()
+        .pid;
+    w.vmm.die(
+        pid,
+        Some(VmmExit {
+            code: None,
+            signal: Some(9),
+        }),
+    );
+    let d = w.svc.get(&me(), &id("a")).await.unwrap();
+    assert_eq!(d.record.state, VmState::Failed);
+    assert!(
+        d.backend_info["last_error"].contains("signal 9"),
+        "{:?}",
+        d.backend_info
+    );
+    // Pause of a dead VM is refused by the state machine, not the backend.
+    let pid = w
+        .svc
+        .boot(&me(), &id("a"))
+        .await
+        .unwrap()
+        .runtime
+        .unwrap()
+        .pid;
+    w.vmm.die(pid, None);
+    assert!(matches!(
+        w.svc.pause(&me(), &id("a")).await,
+        Err(Error::IllegalTransition { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_refused_boot_keeps_the_vm_and_clears_the_pending_mark() {
+    let w = world().await;
+    w.svc
+        .create(&me(), Some(id("refused")), "", w.spec.clone())
+        .await
+        .unwrap();
+    let err = w.svc.boot(&me(), &id("refused")).await.unwrap_err();
+    assert!(err.to_string().contains("refused the config"), "{err}");
+    let r = w.store.get(&id("refused")).await.unwrap().unwrap();
+    assert_eq!(
+        (r.state, r.pending, r.runtime),
+        (VmState::Created, None, None)
+    );
+    assert!(r.last_error.unwrap().contains("boot failed"));
+    let other = CustomerId::parse("globex").unwrap();
+    assert!(
+        matches!(
+            w.svc.get(&other, &id("refused")).await,
+            Err(Error::NotFound(_))
+        ),
+        "another tenant sees nothing"
+    );
+}
+
+#[tokio::test]
+async fn one_vm_waits_for_its_own_operations_while_others_proceed() {
+    let w = world().await;
+    w.svc
+        .create(&me(), Some(id("slow")), "", w.spec.clone())
+        .await
+        .unwrap();
+    w.svc
+        .create(&me(), Some(id("fast")), "", w.spec.clone())
+        .await
+        .unwrap();
+    let svc = w.svc.clone();
+    let slow_boot = tokio::spawn(async move { svc.boot(&me(), &id("slow")).await });
+    tokio::task::yield_now().await;
+    // Another VM is not held up by the slow one.
+    let fast = tokio::time::timeout(Duration::from_secs(5), w.svc.boot(&me(), &id("fast"))).await;
+    assert_eq!(fast.expect("not blocked").unwrap().state, VmState::Running);
+    // The slow VM's next operation waits for its boot.
+    let svc = w.svc.clone();
+    let mut pause = tokio::spawn(async move { svc.pause(&me(), &id("slow")).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut pause)
+            .await
+            .is_err(),
+        "pause waits for the boot"
+    );
+    // The reconciler leaves a VM alone while an operation holds it.
+    w.vmm.st().scan = HostResources {
+        processes: vec![(id("slow"), 999, 1)],
+        dirs: vec![],
+    };
+    let r = w.svc.reconcile(true).await.unwrap();
+    assert_eq!(r.orphan_processes, 0, "a boot in progress is never raced");
+    w.vmm.gate.notify_one();
+    assert_eq!(slow_boot.await.unwrap().unwrap().state, VmState::Running);
+    assert_eq!(pause.await.unwrap().unwrap().state, VmState::Paused);
+}
