@@ -66,6 +66,8 @@ struct VmEvent {
     customer: String,
     /// pid and start time when a VMM runs.
     process: Option<(i32, u64)>,
+    /// Host side of the VM's veth, whose counters are the VM's traffic.
+    veth: Option<String>,
 }
 
 enum Msg {
@@ -189,6 +191,12 @@ impl Observer for Billing {
             id: vm.id.to_string(),
             customer: vm.customer.to_string(),
             process,
+            veth: vm
+                .spec
+                .nics
+                .iter()
+                .find_map(|n| n.attachment.as_ref())
+                .map(|a| a.host_veth.clone()),
         }));
     }
 
@@ -204,6 +212,8 @@ struct Meter {
     last_cpu: Option<(i64, i64)>,
     /// When metering of this VMM began (Unix ns).
     since: i64,
+    /// Host-side veth of the VM's interface, if it has one.
+    veth: Option<String>,
     pid: i32,
     start_time: u64,
     next_seq: i64,
@@ -323,7 +333,7 @@ impl MeterTask {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(Msg::Changed(ev)) => self.changed(ev).await,
-                    Some(Msg::Removed(id)) => self.changed(VmEvent { id, customer: String::new(), process: None }).await,
+                    Some(Msg::Removed(id)) => self.changed(VmEvent { id, customer: String::new(), process: None, veth: None }).await,
                     None => break,
                 },
                 _ = sample.tick() => self.sample().await,
@@ -366,6 +376,7 @@ impl MeterTask {
                     // reboots by restarting): the stream continues.
                     m.pid = pid;
                     m.start_time = start_time;
+                    m.veth = ev.veth;
                     let row = Self::row(&ev.id, m, true);
                     self.dirty.insert(ev.id, row);
                     return;
@@ -392,6 +403,7 @@ impl MeterTask {
                     cpu: usage::CpuTracker::default(),
                     last_cpu: None,
                     since: now,
+                    veth: ev.veth,
                     pid,
                     start_time,
                     next_seq,
@@ -439,18 +451,20 @@ impl MeterTask {
         if self.meters.is_empty() {
             return;
         }
-        let targets: Vec<(String, i32, usage::CpuTracker)> = self
+        let targets: Vec<(String, i32, usage::CpuTracker, Option<String>)> = self
             .meters
             .iter()
-            .map(|(id, m)| (id.clone(), m.pid, m.cpu.clone()))
+            .map(|(id, m)| (id.clone(), m.pid, m.cpu.clone(), m.veth.clone()))
             .collect();
         let Ok(read) = tokio::task::spawn_blocking(move || {
             targets
                 .into_iter()
-                .filter_map(|(id, pid, mut cpu)| {
-                    usage::read(pid, &mut cpu)
-                        .ok()
-                        .map(|u| (id, u, cpu, now_ns()))
+                .filter_map(|(id, pid, mut cpu, veth)| {
+                    let mut u = usage::read(pid, &mut cpu).ok()?;
+                    if let Some(veth) = veth {
+                        (u.net_rx, u.net_tx) = usage::veth_traffic(&veth);
+                    }
+                    Some((id, u, cpu, now_ns()))
                 })
                 .collect::<Vec<_>>()
         })

@@ -10,7 +10,10 @@
 //! - Memory: resident set size (`/proc/<pid>/statm`, field 2, in pages).
 //! - Disk: `read_bytes` / `write_bytes` of `/proc/<pid>/io`: bytes the VMM
 //!   made the host's storage layer read or write for the guest's disks.
-//! - Network: zero until metald gives VMs network interfaces.
+//! - Network: the counters of the host side of the VM's veth pair
+//!   (`/sys/class/net/<veth>/statistics`): what the host side receives
+//!   the guest sent (`net_tx`), what it transmits the guest received
+//!   (`net_rx`). Zero for a VM without an interface.
 
 use std::collections::HashMap;
 use std::io;
@@ -95,6 +98,17 @@ pub fn read(pid: i32, cpu: &mut CpuTracker) -> io::Result<Usage> {
         net_rx: 0,
         net_tx: 0,
     })
+}
+
+/// Bytes the guest received and sent, from the host side of its veth.
+pub fn veth_traffic(veth: &str) -> (i64, i64) {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{veth}/statistics/{name}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (read("tx_bytes"), read("rx_bytes"))
 }
 
 fn field(text: &str, name: &str) -> i64 {
