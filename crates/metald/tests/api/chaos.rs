@@ -9,17 +9,32 @@ use rand::{Rng, SeedableRng};
 use rustix::process::Signal;
 use serde_json::{Value, json};
 
-use crate::harness::{Assets, Daemon, connect_json, processes_mentioning, state_of};
+use crate::harness::{Assets, connect_json, processes_mentioning, state_of};
+use crate::network::{Lan, leases, netns_list, with_nic};
 
 const T: &str = "dev_customer_chaos";
 const VMS: usize = 10;
 const OPS: usize = 240;
 const KILLS: usize = 12;
 
+/// Even-numbered VMs have a network interface (namespace, veth, TAP,
+/// leases), odd ones none.
+fn networked(i: usize) -> bool {
+    i % 2 == 0
+}
+
 fn op(rng: &mut StdRng, assets: &Assets) -> (&'static str, Value) {
-    let id = format!("chaos-{}", rng.random_range(0..VMS));
+    let i = rng.random_range(0..VMS);
+    let id = format!("chaos-{i}");
     match rng.random_range(0..14) {
-        0..=2 => ("CreateVm", json!({"vm_id": id, "config": assets.config()})),
+        0..=2 => {
+            let config = if networked(i) {
+                with_nic(assets, "", json!({}))
+            } else {
+                assets.config()
+            };
+            ("CreateVm", json!({"vm_id": id, "config": config}))
+        }
         3..=6 => ("BootVm", json!({"vm_id": id})),
         7 => ("PauseVm", json!({"vm_id": id})),
         8 => ("ResumeVm", json!({"vm_id": id})),
@@ -42,9 +57,8 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         .unwrap_or_else(|| std::process::id() as u64);
     eprintln!("chaos seed {seed} (METALD_CHAOS_SEED={seed} repeats this run)");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut d = Daemon::start_with(&[
-        "--auth-mode",
-        "dev",
+    let lan = Lan::new(7);
+    let mut d = lan.daemon(&[
         "--reconcile-interval",
         "500ms",
         "--vm-shutdown-timeout",
@@ -129,6 +143,30 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         }
         ids.insert(id);
     }
+    // Network: a VM with an interface owns one namespace, one bridge port
+    // and two leases from create to delete; nothing else may exist.
+    let namespaces = netns_list();
+    let mut expected_ports = 0;
+    for i in 0..VMS {
+        let id = format!("chaos-{i}");
+        let netns = metald_network::Host::names(&id, 0).netns;
+        let should = ids.contains(&id) && networked(i);
+        assert_eq!(
+            namespaces.contains(&netns),
+            should,
+            "{id}: namespace {netns} exists iff the VM does"
+        );
+        expected_ports += should as usize;
+    }
+    let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", lan.bridge))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(ports, expected_ports, "bridge ports = networked VMs");
+    assert_eq!(
+        leases(&d),
+        2 * expected_ports as i64,
+        "two leases per networked VM"
+    );
     let orphan_procs: Vec<i32> = d
         .vmm_pids()
         .into_iter()
@@ -142,7 +180,8 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         .collect();
     eprintln!(
         "rows by state {by_state:?}; VMM processes {}; orphan processes {}; orphan dirs {}; \
-         TAP devices, namespaces, cgroups: none (this run's VMs have no network; metald makes no cgroups yet)",
+         namespaces and bridge ports {ports} for {expected_ports} networked VMs (no orphans); \
+         cgroups: none (metald makes none yet)",
         claimed_pids.len(),
         orphan_procs.len(),
         orphan_dirs.len()
@@ -164,4 +203,9 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         d.vmm_pids().is_empty(),
         "nothing left after deleting every VM"
     );
+    assert_eq!(leases(&d), 0, "every address released");
+    let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", lan.bridge))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(ports, 0, "no bridge port left");
 }

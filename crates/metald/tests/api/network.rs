@@ -16,14 +16,14 @@ use crate::harness::{Assets, Daemon, wait_for_console};
 const T: &str = "dev_customer_net";
 
 /// A bridge and subnets of this test's own, removed when dropped.
-struct Lan {
-    bridge: String,
+pub(crate) struct Lan {
+    pub(crate) bridge: String,
     v4: String,
     v6: String,
 }
 
 impl Lan {
-    fn new(n: u8) -> Lan {
+    pub(crate) fn new(n: u8) -> Lan {
         let tag = format!("{:04x}", std::process::id() as u16 ^ (n as u16) << 12);
         Lan {
             bridge: format!("mtdt{tag}"),
@@ -32,7 +32,7 @@ impl Lan {
         }
     }
 
-    fn daemon(&self, extra: &[&str]) -> Daemon {
+    pub(crate) fn daemon(&self, extra: &[&str]) -> Daemon {
         let mut args = vec![
             "--auth-mode",
             "dev",
@@ -63,7 +63,7 @@ fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn netns_list() -> HashSet<String> {
+pub(crate) fn netns_list() -> HashSet<String> {
     sh("ip", &["netns", "list"])
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -107,7 +107,7 @@ fn assert_no_devices(lan: &Lan, vm_ids: &[String]) {
     );
 }
 
-fn leases(d: &Daemon) -> i64 {
+pub(crate) fn leases(d: &Daemon) -> i64 {
     let db = d.data_dir.join("metald.db");
     let out = Command::new("python3")
         .args(["-c", "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from ip_leases').fetchone()[0])"])
@@ -120,7 +120,7 @@ fn leases(d: &Daemon) -> i64 {
         .expect("lease count")
 }
 
-fn with_nic(assets: &Assets, extra_args: &str, nic: Value) -> Value {
+pub(crate) fn with_nic(assets: &Assets, extra_args: &str, nic: Value) -> Value {
     let mut config = assets.config();
     let args = format!(
         "{} {extra_args}",
