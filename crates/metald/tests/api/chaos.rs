@@ -20,7 +20,7 @@ const KILLS: usize = 12;
 /// Even-numbered VMs have a network interface (namespace, veth, TAP,
 /// leases), odd ones none.
 fn networked(i: usize) -> bool {
-    i % 2 == 0
+    i.is_multiple_of(2)
 }
 
 fn op(rng: &mut StdRng, assets: &Assets) -> (&'static str, Value) {
