@@ -30,6 +30,10 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest page ListVms returns; larger requests are reduced to it.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// How long a read waits for a VM's lock before answering from the row as
+/// it stands (an operation may hold the lock for a whole graceful shutdown).
+const READ_LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// Tunables of the service.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -627,8 +631,11 @@ impl VmService {
         self.record_exit(vm, exit).await
     }
 
-    /// [`Self::refresh`] for readers: only when no operation holds the VM
-    /// (an operation in progress writes the outcome itself).
+    /// [`Self::refresh`] for readers. When the VM's lock is held (the exit
+    /// watcher recording this very exit, or an operation that will write
+    /// its own outcome), waits a bounded time for it and rereads the row,
+    /// so a reader never reports a dead VMM as running just because it
+    /// arrived while the exit was being written.
     async fn refresh_if_idle(&self, vm: &mut VmRecord) {
         let stale = vm.state.has_process()
             && !vm
@@ -639,7 +646,7 @@ impl VmService {
             return;
         }
         let lock = self.lock_for(&vm.id);
-        let Ok(_guard) = lock.try_lock() else {
+        let Ok(_guard) = tokio::time::timeout(READ_LOCK_WAIT, lock.lock()).await else {
             return;
         };
         match self.inner.store.get(&vm.id).await {
