@@ -224,6 +224,36 @@ pub struct HostResources {
     pub dirs: Vec<VmId>,
 }
 
+/// Why a VMM could not start (or restart) a guest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BootError {
+    /// The VMM rejected the configuration, in its own words (a kernel that
+    /// is a directory, more memory than the host allows): retrying the same
+    /// request cannot succeed.
+    #[error("{0}")]
+    Refused(String),
+    /// Anything else: the VMM could not be started, crashed or did not
+    /// answer in time.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for BootError {
+    fn from(e: String) -> Self {
+        BootError::Failed(e)
+    }
+}
+
+/// Device counters a VMM keeps itself (Firecracker's metrics, Cloud
+/// Hypervisor's `vm.counters`): cumulative bytes since the VMM started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+}
+
 /// How to stop a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
@@ -242,7 +272,7 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Starts a VMM process for `id` and lets the guest run. Returns once
     /// the VMM reports the guest running. On error nothing is left behind.
-    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, PortError>;
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError>;
 
     /// Stops the guest's vCPUs.
     async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError>;
@@ -257,7 +287,7 @@ pub trait Vmm: Send + Sync + 'static {
         id: &VmId,
         spec: &VmSpec,
         rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, PortError>;
+    ) -> Result<VmmRuntime, BootError>;
 
     /// Stops the guest; when this returns the VMM process is gone.
     async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError>;
@@ -270,7 +300,7 @@ pub trait Vmm: Send + Sync + 'static {
     /// Re-attaches to a VMM after metald restarted: checks the pid and its
     /// start time, then asks the VMM for the guest's state. An error means
     /// the process is not (or no longer) this VM's VMM.
-    async fn adopt(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError>;
+    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError>;
 
     /// Resolves when the VMM process exits.
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit>;
@@ -294,6 +324,12 @@ pub trait Vmm: Send + Sync + 'static {
     /// Backend facts for GetVmInfo (`backend_info`): VMM name and version,
     /// pid, socket, console log.
     async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String>;
+
+    /// The VMM's own device counters, where it keeps them; `None` for a
+    /// backend that has none (metald then measures from the host side).
+    async fn counters(&self, _id: &VmId, _rt: &VmmRuntime) -> Option<DeviceCounters> {
+        None
+    }
 }
 
 /// Told about every stored change of a VM, after the store accepted it.

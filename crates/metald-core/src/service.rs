@@ -19,8 +19,8 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::net;
 use crate::ports::{
-    GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, UsageSource, VmPage,
-    VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
+    BootError, GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, UsageSource,
+    VmPage, VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
 };
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
@@ -89,6 +89,16 @@ fn now() -> i64 {
 
 fn store_err(e: StoreError) -> Error {
     Error::Store(e.to_string())
+}
+
+/// A configuration the VMM refused is the request's problem
+/// (`failed_precondition`, with the VMM's reason); anything else is
+/// metald's (`internal`).
+fn boot_err(e: BootError) -> Error {
+    match e {
+        BootError::Refused(reason) => Error::FailedPrecondition(reason),
+        BootError::Failed(reason) => Error::Backend(reason),
+    }
 }
 
 impl VmService {
@@ -401,7 +411,7 @@ impl VmService {
         // crash could have left before starting a fresh one.
         let started = match vmm.destroy(id, vm.runtime.as_ref()).await {
             Ok(()) => vmm.boot(id, &vm.spec).await,
-            Err(e) => Err(e),
+            Err(e) => Err(BootError::Failed(e)),
         };
         match started {
             Ok(rt) => {
@@ -416,7 +426,7 @@ impl VmService {
                 let state = vm.state;
                 self.save(&mut vm, state, None, Some(format!("boot failed: {e}")))
                     .await?;
-                Err(Error::Backend(e))
+                Err(boot_err(e))
             }
         }
     }
@@ -452,9 +462,17 @@ impl VmService {
             .ok_or_else(|| Error::Backend("no VMM process recorded".into()))?;
         let vmm = &self.inner.vmm;
         let new_rt = match op {
-            Op::Pause => vmm.pause(&rt).await.map(|()| rt.clone()),
-            Op::Resume => vmm.resume(&rt).await.map(|()| rt.clone()),
-            Op::Reboot => vmm.reboot(id, &vm.spec, &rt).await,
+            Op::Pause => vmm
+                .pause(&rt)
+                .await
+                .map(|()| rt.clone())
+                .map_err(Error::Backend),
+            Op::Resume => vmm
+                .resume(&rt)
+                .await
+                .map(|()| rt.clone())
+                .map_err(Error::Backend),
+            Op::Reboot => vmm.reboot(id, &vm.spec, &rt).await.map_err(boot_err),
             _ => unreachable!("only pause, resume and reboot come here"),
         };
         let new_rt = match new_rt {
@@ -464,9 +482,9 @@ impl VmService {
                 // rather than a bare backend error.
                 self.refresh(&mut vm).await?;
                 if !vm.state.has_process() {
-                    return Err(Self::check(&vm, op).err().unwrap_or(Error::Backend(e)));
+                    return Err(Self::check(&vm, op).err().unwrap_or(e));
                 }
-                return Err(Error::Backend(e));
+                return Err(e);
             }
         };
         self.save(&mut vm, to, Some(new_rt.clone()), None).await?;
@@ -559,10 +577,24 @@ impl VmService {
         if let Some(p) = record.pending {
             backend_info.insert("pending_operation".into(), p.as_str().into());
         }
-        let usage = match (&self.inner.usage, record.state.has_process()) {
+        let mut usage = match (&self.inner.usage, record.state.has_process()) {
             (Some(u), true) => u.usage(id),
             _ => None,
         };
+        // The VMM's own device counters are exact where it keeps them.
+        if let Some(rt) = record
+            .runtime
+            .as_ref()
+            .filter(|_| record.state.has_process())
+            && let Some(c) = self.inner.vmm.counters(id, rt).await
+        {
+            let u = usage.get_or_insert_with(VmUsage::default);
+            u.disk_read_bytes = c.disk_read_bytes as i64;
+            u.disk_write_bytes = c.disk_write_bytes as i64;
+            u.net_rx_bytes = c.net_rx_bytes as i64;
+            u.net_tx_bytes = c.net_tx_bytes as i64;
+            backend_info.insert("device_counters".into(), "vmm".into());
+        }
         Ok(VmDetails {
             record,
             backend_info,
@@ -771,7 +803,7 @@ impl VmService {
                 continue;
             }
             let adopted = match &vm.runtime {
-                Some(rt) => vmm.adopt(rt).await.map(|s| (s, rt.clone())),
+                Some(rt) => vmm.adopt(&vm.id, rt).await.map(|s| (s, rt.clone())),
                 None => Err("no VMM process was recorded".into()),
             };
             match adopted {

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    GuestStatus, HostResources, Pending, PortError, StopMode, Store, VmRecord, Vmm, VmmExit,
-    VmmRuntime,
+    BootError, GuestStatus, HostResources, Pending, PortError, StopMode, Store, VmRecord, Vmm,
+    VmmExit, VmmRuntime,
 };
 use metald_core::service::ServiceConfig;
 use metald_core::vm::VmSpecInput;
@@ -72,12 +72,12 @@ impl Vmm for FakeVmm {
     fn name(&self) -> &'static str {
         "fake"
     }
-    async fn boot(&self, id: &VmId, _spec: &VmSpec) -> Result<VmmRuntime, PortError> {
+    async fn boot(&self, id: &VmId, _spec: &VmSpec) -> Result<VmmRuntime, BootError> {
         if id.as_str() == "slow" {
             self.gate.notified().await;
         }
         if id.as_str() == "refused" {
-            return Err("the VMM refused the config".into());
+            return Err(BootError::Refused("the VMM refused the config".into()));
         }
         Ok(Self::rt(self.spawn()))
     }
@@ -92,7 +92,7 @@ impl Vmm for FakeVmm {
         _id: &VmId,
         _spec: &VmSpec,
         rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, PortError> {
+    ) -> Result<VmmRuntime, BootError> {
         Ok(rt.clone())
     }
     async fn shutdown(&self, rt: &VmmRuntime, _mode: StopMode) -> Result<(), PortError> {
@@ -118,7 +118,7 @@ impl Vmm for FakeVmm {
         self.st().destroyed.push(id.to_string());
         Ok(())
     }
-    async fn adopt(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
         if self.st().alive.contains(&rt.pid) {
             Ok(GuestStatus::Running)
         } else {

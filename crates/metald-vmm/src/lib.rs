@@ -3,9 +3,15 @@
 //!
 //! [`process`] holds what every backend needs about processes (detached
 //! spawning, identity by pid + start time, exit watching through pidfds,
-//! killing only the process that is really ours). [`qemu`] drives
-//! `qemu-system-x86_64 -M microvm` over QMP.
+//! killing only the process that is really ours); [`launch`] what every
+//! backend does around its process (per-VM directory, spawn record, socket
+//! wait, kill and clean-up, scanning); [`http`] the HTTP/1.1 client for
+//! VMM APIs on Unix sockets. [`qemu`] drives `qemu-system-x86_64 -M
+//! microvm` over QMP.
 
+pub mod firecracker;
+pub mod http;
+pub mod launch;
 pub mod process;
 pub mod qemu;
 

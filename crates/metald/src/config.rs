@@ -11,12 +11,12 @@ use clap::{Parser, ValueEnum};
 /// Which VMM drives the VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
+    /// Firecracker, configured over its API socket (optionally jailed).
+    Firecracker,
+    /// Cloud Hypervisor, configured over its API socket.
+    Cloudhypervisor,
     /// QEMU `-M microvm`, controlled over QMP.
     Qemu,
-    /// Firecracker (not yet available in this build).
-    Firecracker,
-    /// Cloud Hypervisor (not yet available in this build).
-    Cloudhypervisor,
 }
 
 /// How API callers authenticate.
@@ -60,7 +60,12 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[command(name = "metald", version, about, long_about = None)]
 pub struct Config {
     /// VMM backend.
-    #[arg(long, env = "UNKEY_METALD_BACKEND", value_enum, default_value = "qemu")]
+    #[arg(
+        long,
+        env = "UNKEY_METALD_BACKEND",
+        value_enum,
+        default_value = "firecracker"
+    )]
     pub backend: Backend,
 
     /// Address the API listens on.
@@ -117,6 +122,49 @@ pub struct Config {
         default_value = "auto"
     )]
     pub qemu_accel: QemuAccel,
+
+    /// Firecracker binary (default: firecracker on PATH).
+    #[arg(long, env = "UNKEY_METALD_FIRECRACKER_BINARY")]
+    pub firecracker_binary: Option<PathBuf>,
+
+    /// Run each Firecracker through the jailer (own uid, chroot, cgroups).
+    /// Unset, metald refuses to run Firecracker as root: set it to false to
+    /// accept that risk explicitly.
+    #[arg(long, env = "UNKEY_METALD_JAILER_ENABLED", action = clap::ArgAction::Set)]
+    pub jailer_enabled: Option<bool>,
+
+    /// Jailer binary (default: jailer on PATH).
+    #[arg(long, env = "UNKEY_METALD_JAILER_BINARY")]
+    pub jailer_binary: Option<PathBuf>,
+
+    /// Where the jailer makes each VM's chroot (default: <data dir>/jailer).
+    #[arg(long, env = "UNKEY_METALD_JAILER_CHROOT_DIR")]
+    pub jailer_chroot_dir: Option<PathBuf>,
+
+    /// First uid/gid of the range jailed VMs run as (one per VM).
+    #[arg(long, env = "UNKEY_METALD_JAILER_UID_START", default_value_t = 900_000)]
+    pub jailer_uid_start: u32,
+
+    /// Size of the jailer's uid/gid range.
+    #[arg(long, env = "UNKEY_METALD_JAILER_UID_COUNT", default_value_t = 4096)]
+    pub jailer_uid_count: u32,
+
+    /// cgroup version the jailer uses, 1 or 2 (default: 2 when the host has
+    /// a cgroup2 hierarchy with the cpu and memory controllers, else 1).
+    #[arg(long, env = "UNKEY_METALD_JAILER_CGROUP_VERSION")]
+    pub jailer_cgroup_version: Option<u8>,
+
+    /// Parent cgroup of the jailed VMs' cgroups.
+    #[arg(
+        long,
+        env = "UNKEY_METALD_JAILER_PARENT_CGROUP",
+        default_value = "metald"
+    )]
+    pub jailer_parent_cgroup: String,
+
+    /// Cloud Hypervisor binary (default: cloud-hypervisor on PATH).
+    #[arg(long, env = "UNKEY_METALD_CLOUD_HYPERVISOR_BINARY")]
+    pub cloud_hypervisor_binary: Option<PathBuf>,
 
     /// How long a VMM may take to start and report the guest running.
     #[arg(long, env = "UNKEY_METALD_BOOT_TIMEOUT", default_value = "30s", value_parser = duration)]
@@ -329,6 +377,8 @@ mod tests {
         assert_eq!(c.port, 8080);
         assert_eq!(c.address.to_string(), "0.0.0.0");
         assert_eq!(c.auth_mode, AuthMode::Jwt);
+        assert_eq!(c.backend, Backend::Firecracker);
+        assert_eq!(c.jailer_enabled, None, "unset: refused as root");
         assert_eq!(c.vm_shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.reconcile_interval, Duration::from_secs(30));
         assert!(!c.shutdown_vms_on_exit, "VMs outlive metald unless asked");
@@ -372,6 +422,12 @@ mod tests {
             ("--port", "eighty", "UNKEY_METALD_PORT"),
             ("--boot-timeout", "soon", "UNKEY_METALD_BOOT_TIMEOUT"),
             ("--backend", "xen", "UNKEY_METALD_BACKEND"),
+            ("--jailer-enabled", "maybe", "UNKEY_METALD_JAILER_ENABLED"),
+            (
+                "--jailer-uid-start",
+                "many",
+                "UNKEY_METALD_JAILER_UID_START",
+            ),
             ("--address", "nowhere", "UNKEY_METALD_ADDRESS"),
         ] {
             let err = Config::try_parse_from(["metald", flag, value])

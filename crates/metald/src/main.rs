@@ -120,11 +120,81 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
             .map_err(anyhow::Error::msg)?;
             Ok(Arc::new(qemu))
         }
-        other => bail!(
-            "UNKEY_METALD_BACKEND={}: this backend is not available yet; use qemu",
-            format!("{other:?}").to_lowercase()
+        Backend::Firecracker => {
+            use metald_vmm::firecracker::jailer::JailerConfig;
+            use metald_vmm::firecracker::{FirecrackerBackend, FirecrackerConfig};
+            let binary = binary_or_path(
+                &config.firecracker_binary,
+                "firecracker",
+                "UNKEY_METALD_FIRECRACKER_BINARY",
+            )?;
+            let root = rustix::process::geteuid().is_root();
+            let jailer = match config.jailer_enabled {
+                Some(true) => Some(JailerConfig {
+                    binary: binary_or_path(
+                        &config.jailer_binary,
+                        "jailer",
+                        "UNKEY_METALD_JAILER_BINARY",
+                    )?,
+                    chroot_base: config
+                        .jailer_chroot_dir
+                        .clone()
+                        .unwrap_or_else(|| config.data_dir.join("jailer")),
+                    uid_start: config.jailer_uid_start,
+                    uid_count: config.jailer_uid_count,
+                    cgroup_version: config
+                        .jailer_cgroup_version
+                        .unwrap_or_else(host_cgroup_version),
+                    parent_cgroup: config.jailer_parent_cgroup.clone(),
+                }),
+                None if root => bail!(
+                    "UNKEY_METALD_JAILER_ENABLED: refusing to run Firecracker as root without the jailer; \
+                     set it to true (recommended) or to false to accept running VMMs as root"
+                ),
+                Some(false) if root => {
+                    warn!(
+                        "Firecracker runs as root without the jailer (UNKEY_METALD_JAILER_ENABLED=false)"
+                    );
+                    None
+                }
+                _ => None,
+            };
+            info!(binary = %binary.display(), jailed = jailer.is_some(), "using the Firecracker backend");
+            let fc = FirecrackerBackend::new(FirecrackerConfig {
+                binary,
+                state_dir: config.data_dir.join("vms"),
+                boot_timeout: config.boot_timeout,
+                jailer,
+            })
+            .map_err(anyhow::Error::msg)?;
+            Ok(Arc::new(fc))
+        }
+        Backend::Cloudhypervisor => bail!(
+            "UNKEY_METALD_BACKEND=cloudhypervisor: this backend is not available yet; use firecracker or qemu"
         ),
     }
+}
+
+/// A binary from its setting, else found on PATH.
+fn binary_or_path(
+    setting: &Option<std::path::PathBuf>,
+    name: &str,
+    var: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    match setting {
+        Some(b) => Ok(b.clone()),
+        None => metald_vmm::find_on_path(name)
+            .with_context(|| format!("{var}: {name} is not on PATH; set {var} to its path")),
+    }
+}
+
+/// 2 when the host's cgroup2 hierarchy offers the cpu and memory
+/// controllers, else 1.
+fn host_cgroup_version() -> u8 {
+    let controllers =
+        std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+    if has("cpu") && has("memory") { 2 } else { 1 }
 }
 
 fn billing_config(config: &Config) -> anyhow::Result<metald_billing::BillingConfig> {

@@ -67,16 +67,7 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
         a.push(initrd.clone().into_os_string());
     }
     a.push("-append".into());
-    let mut cmdline = if spec.kernel_args.is_empty() {
-        DEFAULT_KERNEL_ARGS.to_owned()
-    } else {
-        spec.kernel_args.clone()
-    };
-    for att in spec.nics.iter().filter_map(|n| n.attachment.as_ref()) {
-        cmdline.push(' ');
-        cmdline.push_str(&att.kernel_args());
-    }
-    a.push(cmdline.into());
+    a.push(crate::launch::kernel_cmdline(spec, DEFAULT_KERNEL_ARGS).into());
     // Interfaces: the TAP inside the VM's namespace (QEMU runs there).
     for (i, att) in spec
         .nics

@@ -20,26 +20,22 @@ pub mod args;
 pub mod qmp;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit, VmmRuntime,
+    BootError, GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit, VmmRuntime,
 };
 use metald_core::vm::{VmId, VmSpec};
-use serde::{Deserialize, Serialize};
-use tracing::{debug, warn};
+use tracing::warn;
 
+use crate::launch::{self, NotReady};
 use crate::process::{self, Children};
 
 /// The backend's name in `UNKEY_METALD_BACKEND` and `backend_info`.
 pub const NAME: &str = "qemu";
-
-/// Longest Unix socket path the kernel accepts (`sun_path` minus the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,28 +77,6 @@ pub struct QemuBackend {
     children: Children,
 }
 
-/// Makes the child join network namespace `name` (`/run/netns/<name>`)
-/// between fork and exec, like `ip netns exec`: namespace membership is
-/// per thread, so this never touches a metald (tokio) thread.
-fn join_netns_on_exec(cmd: &mut tokio::process::Command, name: &str) -> std::io::Result<()> {
-    use std::os::fd::AsFd;
-    let ns = std::fs::File::open(Path::new("/run/netns").join(name))
-        .map_err(|e| std::io::Error::new(e.kind(), format!("network namespace {name}: {e}")))?;
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes the setns(2) system call on a descriptor it owns, which is
-    // async-signal-safe; it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            rustix::thread::move_into_link_name_space(
-                ns.as_fd(),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .map_err(std::io::Error::from)
-        });
-    }
-    Ok(())
-}
-
 /// The VM a QEMU command line serves, if it is one metald started with
 /// its files under `state_dir`.
 fn vm_of_cmdline(args: &[String], state_dir: &str) -> Option<VmId> {
@@ -115,13 +89,6 @@ fn vm_of_cmdline(args: &[String], state_dir: &str) -> Option<VmId> {
     // As written on the command line: commas doubled (see args.rs).
     let qmp = format!("unix:{}", sock.display()).replace(',', ",,");
     args.iter().any(|a| a.starts_with(&qmp)).then_some(id)
-}
-
-/// What `vmm.json` records.
-#[derive(Debug, Serialize, Deserialize)]
-struct SpawnRecord {
-    pid: i32,
-    start_time: u64,
 }
 
 impl QemuBackend {
@@ -162,44 +129,25 @@ impl QemuBackend {
         self.config.state_dir.join(id.as_str())
     }
 
-    /// Last lines of QEMU's stderr, to explain a failed start.
-    fn qemu_log_tail(dir: &Path) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(dir.join("qemu.log")) {
-            let _ = f.read_to_string(&mut text);
-        }
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        let tail = lines[lines.len().saturating_sub(5)..].join("; ");
-        if tail.is_empty() {
-            "no output".into()
-        } else {
-            tail
-        }
-    }
-
     /// Waits for the QMP socket (bounded retry with backoff, while watching
     /// for QEMU exiting instead), then lets the guest run.
-    async fn start_guest(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), String> {
-        let exited = self.children.wait_exit(rt.pid, rt.start_time);
-        let attach = async {
-            let mut delay = Duration::from_millis(5);
-            loop {
-                match qmp::Qmp::connect(&rt.socket).await {
-                    Ok(q) => return q,
-                    Err(e) => debug!(error = %e, "QMP not ready yet"),
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(100));
-            }
-        };
-        let mut qmp = tokio::select! {
-            exit = exited => {
-                return Err(format!("qemu {} while starting: {}", exit.describe(), Self::qemu_log_tail(dir)));
-            }
-            r = tokio::time::timeout(self.config.boot_timeout, attach) => r.map_err(|_| {
-                format!("qemu did not open its QMP socket within {:?}", self.config.boot_timeout)
-            })?,
-        };
+    async fn start_guest(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), BootError> {
+        let mut qmp = launch::until_ready(&self.children, rt, self.config.boot_timeout, || {
+            let socket = rt.socket.clone();
+            async move { qmp::Qmp::connect(&socket).await.map_err(|e| e.to_string()) }
+        })
+        .await
+        .map_err(|e| match e {
+            // QEMU exits at start only over its configuration.
+            NotReady::Exited(how) => BootError::Refused(format!(
+                "qemu {how} while starting: {}",
+                launch::log_tail(&dir.join("qemu.log"), 5)
+            )),
+            NotReady::TimedOut(last) => BootError::Failed(format!(
+                "qemu did not open its QMP socket within {:?}: {last}",
+                self.config.boot_timeout
+            )),
+        })?;
         let run = async {
             qmp.execute("cont", None).await?;
             let st = qmp.execute("query-status", None).await?;
@@ -211,13 +159,7 @@ impl QemuBackend {
         tokio::time::timeout(qmp::COMMAND_TIMEOUT, run)
             .await
             .unwrap_or_else(|_| Err("qemu did not answer cont within 10 s".into()))
-    }
-
-    /// Waits up to `limit` for the VMM to exit.
-    async fn exits_within(&self, rt: &VmmRuntime, limit: Duration) -> bool {
-        tokio::time::timeout(limit, self.children.wait_exit(rt.pid, rt.start_time))
-            .await
-            .is_ok()
+            .map_err(BootError::Failed)
     }
 }
 
@@ -227,23 +169,12 @@ impl Vmm for QemuBackend {
         NAME
     }
 
-    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, PortError> {
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
         let dir = self.vm_dir(id);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("clearing {}: {e}", dir.display())),
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let socket = dir.join("qmp.sock");
         let console_log = dir.join("console.log");
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(format!(
-                "QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR",
-                socket.display()
-            ));
-        }
+        launch::check_socket_path(&socket)?;
+        launch::fresh_dir(&dir)?;
         let spawned = (|| {
             let log = std::fs::File::create(dir.join("qemu.log"))?;
             let mut cmd = tokio::process::Command::new(&self.config.binary);
@@ -261,19 +192,16 @@ impl Vmm for QemuBackend {
             .stdout(log.try_clone()?)
             .stderr(log);
             if let Some(att) = spec.nics.iter().find_map(|n| n.attachment.as_ref()) {
-                join_netns_on_exec(&mut cmd, &att.netns)?;
+                launch::join_netns_on_exec(&mut cmd, &att.netns)?;
             }
-            let (pid, start_time) = self.children.spawn(cmd)?;
-            let record = serde_json::to_vec(&SpawnRecord { pid, start_time })
-                .map_err(std::io::Error::other)?;
-            std::fs::write(dir.join("vmm.json"), record)?;
-            Ok::<_, std::io::Error>((pid, start_time))
+            let rec = launch::spawn_recorded(&self.children, cmd, &dir)?;
+            Ok::<_, std::io::Error>((rec.pid, rec.start_time))
         })();
         let (pid, start_time) = match spawned {
             Ok(p) => p,
             Err(e) => {
                 let _ = self.destroy(id, None).await;
-                return Err(format!("starting {}: {e}", self.config.binary.display()));
+                return Err(format!("starting {}: {e}", self.config.binary.display()).into());
             }
         };
         let rt = VmmRuntime {
@@ -306,77 +234,32 @@ impl Vmm for QemuBackend {
         _id: &VmId,
         _spec: &VmSpec,
         rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, PortError> {
+    ) -> Result<VmmRuntime, BootError> {
         qmp::run(&rt.socket, "system_reset", None).await?;
         Ok(rt.clone())
     }
 
     async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError> {
-        if !process::is_alive(rt.pid, rt.start_time) {
-            return Ok(());
-        }
-        if let StopMode::Graceful(limit) = mode {
-            match qmp::run(&rt.socket, "system_powerdown", None).await {
-                Ok(_) if self.exits_within(rt, limit).await => return Ok(()),
-                Ok(_) => warn!(
-                    pid = rt.pid,
-                    ?limit,
-                    "guest ignored the ACPI power button; killing its VMM"
-                ),
-                Err(e) => {
-                    warn!(pid = rt.pid, error = %e, "cannot ask the guest to power off; killing its VMM")
-                }
-            }
-        }
-        self.children.kill(rt.pid, rt.start_time).await?;
-        // QEMU removes its socket only on a clean exit.
-        let _ = std::fs::remove_file(&rt.socket);
-        Ok(())
+        launch::stop(&self.children, rt, mode, "ACPI power button", || async {
+            qmp::run(&rt.socket, "system_powerdown", None)
+                .await
+                .map(drop)
+        })
+        .await
     }
 
     async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
-        let dir = self.vm_dir(id);
-        let mut known: Vec<(i32, u64)> = rt.map(|r| (r.pid, r.start_time)).into_iter().collect();
-        if let Some(rec) = std::fs::read(dir.join("vmm.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<SpawnRecord>(&b).ok())
-        {
-            known.push((rec.pid, rec.start_time));
-        }
-        for (pid, start_time) in known {
-            self.children.kill(pid, start_time).await?;
-            self.children.forget(pid, start_time);
-        }
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("removing {}: {e}", dir.display())),
-        }
+        launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await
     }
 
-    async fn adopt(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
         if rt.backend != NAME {
             return Err(format!(
                 "recorded backend is {:?}, this metald runs {NAME}",
                 rt.backend
             ));
         }
-        if !process::is_alive(rt.pid, rt.start_time) {
-            return Err(format!(
-                "process {} is gone or is another process now",
-                rt.pid
-            ));
-        }
-        let socket = rt.socket.to_string_lossy();
-        let ours = process::cmdline(rt.pid)
-            .map(|args| args.iter().any(|a| a.contains(socket.as_ref())))
-            .unwrap_or(false);
-        if !ours {
-            return Err(format!(
-                "process {} is not the QEMU serving {socket}",
-                rt.pid
-            ));
-        }
+        launch::is_our_process(rt, &rt.socket.to_string_lossy())?;
         match qmp::status(&rt.socket).await?.as_str() {
             "running" => Ok(GuestStatus::Running),
             "paused" => Ok(GuestStatus::Paused),
@@ -399,40 +282,13 @@ impl Vmm for QemuBackend {
     }
 
     async fn scan(&self) -> HostResources {
-        let mut found = HostResources::default();
-        if let Ok(entries) = std::fs::read_dir(&self.config.state_dir) {
-            for e in entries.flatten() {
-                let name = e.file_name();
-                if e.file_type().is_ok_and(|t| t.is_dir())
-                    && let Ok(id) = VmId::parse(&name.to_string_lossy(), "dir")
-                {
-                    found.dirs.push(id);
-                }
-            }
-        }
         // A QEMU of this metald names the VM (`-name metald-<id>`) and has
         // its QMP socket under this state directory.
         let state_dir = self.config.state_dir.to_string_lossy().into_owned();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return found;
-        };
-        for e in procs.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(args) = process::cmdline(pid) else {
-                continue;
-            };
-            let Some(id) = vm_of_cmdline(&args, &state_dir) else {
-                continue;
-            };
-            if let Ok(st) = process::stat(pid)
-                && st.state != 'Z'
-            {
-                found.processes.push((id, pid, st.start_time));
-            }
+        HostResources {
+            processes: launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
+            dirs: launch::vm_dirs(&self.config.state_dir),
         }
-        found
     }
 
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {

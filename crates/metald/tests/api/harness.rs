@@ -118,6 +118,9 @@ impl Daemon {
             .arg(&self.data_dir)
             .args(&self.extra_args)
             .env_remove("UNKEY_METALD_AUTH_MODE")
+            // QEMU unless a test passes --backend (flags win over the
+            // environment).
+            .env("UNKEY_METALD_BACKEND", "qemu")
             // No billing service unless a test starts one (and passes
             // --billing-enabled true, which wins over the environment).
             .env("UNKEY_METALD_BILLING_ENABLED", "false")

@@ -195,8 +195,9 @@ async fn a_boot_the_vmm_refuses_leaves_no_process_or_file() {
         .call(t, "BootVm", json!({"vm_id": "bogus"}))
         .await
         .unwrap_err();
-    assert_eq!(e.0, "internal", "{e:?}");
-    assert!(!e.1.is_empty());
+    // The VMM's own reason, as a precondition the request did not meet.
+    assert_eq!(e.0, "failed_precondition", "{e:?}");
+    assert!(e.1.contains("qemu"), "{e:?}");
     let info = d.ok(t, "GetVmInfo", json!({"vm_id": "bogus"})).await;
     assert_eq!(
         state_of(&info),

@@ -1,0 +1,267 @@
+//! Jailer mode: each Firecracker runs through Firecracker's `jailer`, as
+//! its own uid/gid, chrooted in `<chroot_base>/<exec name>/<jail id>/root`,
+//! inside the VM's network namespace and in per-VM cgroups.
+//!
+//! The jailer makes the chroot, its device nodes and the cgroups; metald
+//! puts the guest's files in first (hard links, or copies across
+//! filesystems), owned by the VM's uid where the guest may write, and
+//! removes the whole jail and the cgroups when the VM is deleted. A marker
+//! file in the jail names the VM, so a jail is never removed for another.
+
+use std::path::{Path, PathBuf};
+
+use metald_core::vm::{VmId, VmSpec};
+
+/// Settings of jailer mode.
+#[derive(Debug, Clone)]
+pub struct JailerConfig {
+    /// The `jailer` binary.
+    pub binary: PathBuf,
+    /// `--chroot-base-dir`.
+    pub chroot_base: PathBuf,
+    /// First uid (and gid) handed to VMs.
+    pub uid_start: u32,
+    /// How many uids the range holds; one per running VM.
+    pub uid_count: u32,
+    /// `--cgroup-version`: 1 or 2.
+    pub cgroup_version: u8,
+    /// `--parent-cgroup`.
+    pub parent_cgroup: String,
+}
+
+/// Marker in the jail directory naming the VM it belongs to.
+pub const OWNER_FILE: &str = "metald-vm-id";
+
+/// The jailer's `--id` for a VM: the VM id itself when it fits the
+/// jailer's alphabet (letters, digits, '-'), else the id with '_' made
+/// '-' and a hash of the original appended (the owner marker catches the
+/// unlikely collision).
+pub fn jail_id(id: &VmId) -> String {
+    let raw = id.as_str();
+    if !raw.contains('_') {
+        return raw.to_owned();
+    }
+    // FNV-1a, 64 bits: stable across builds, no dependency.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in raw.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let head: String = raw.chars().take(64 - 17).collect();
+    format!("{}-{h:016x}", head.replace('_', "-"))
+}
+
+/// Where one VM's jail lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    /// `<chroot_base>/<exec name>/<jail id>`.
+    pub dir: PathBuf,
+    /// `<dir>/root`, the chroot.
+    pub root: PathBuf,
+    pub id: String,
+}
+
+impl Jail {
+    pub fn new(config: &JailerConfig, exec_name: &str, vm: &VmId) -> Self {
+        let id = jail_id(vm);
+        let dir = config.chroot_base.join(exec_name).join(&id);
+        Jail {
+            root: dir.join("root"),
+            dir,
+            id,
+        }
+    }
+
+    /// The API socket as seen from the host.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("run/firecracker.socket")
+    }
+
+    /// Whether the jail directory belongs to `vm` (or to nobody yet).
+    pub fn owned_by(&self, vm: &VmId) -> bool {
+        match std::fs::read_to_string(self.dir.join(OWNER_FILE)) {
+            Ok(owner) => owner.trim() == vm.as_str(),
+            Err(_) => true,
+        }
+    }
+
+    /// Removes the jail if it is `vm`'s. Refuses another VM's jail.
+    pub fn remove(&self, vm: &VmId) -> Result<(), String> {
+        if !self.owned_by(vm) {
+            return Err(format!(
+                "jail {} belongs to another VM; not removing it",
+                self.dir.display()
+            ));
+        }
+        crate::launch::remove_dir(&self.dir)
+    }
+}
+
+/// A file the guest uses, placed in the chroot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The path Firecracker sees (inside the chroot).
+    pub inside: String,
+}
+
+/// Puts `src` into the chroot as `name`: a hard link, or a copy when the
+/// file is on another filesystem. Files the guest may write are owned by
+/// the VM's uid (for a hard link that is the original file: the VM owns
+/// its writable disk).
+pub fn place(
+    root: &Path,
+    src: &Path,
+    name: &str,
+    writable: bool,
+    owner: (u32, u32),
+) -> Result<Placed, String> {
+    let dst = root.join(name);
+    match std::fs::hard_link(src, &dst) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
+            std::fs::copy(src, &dst)
+                .map_err(|e| format!("copying {} into the jail: {e}", src.display()))?;
+        }
+        Err(e) => {
+            return Err(format!("linking {} into the jail: {e}", src.display()));
+        }
+    }
+    if writable {
+        std::os::unix::fs::chown(&dst, Some(owner.0), Some(owner.1))
+            .map_err(|e| format!("handing {} to uid {}: {e}", dst.display(), owner.0))?;
+    }
+    Ok(Placed {
+        inside: format!("/{name}"),
+    })
+}
+
+/// Cgroup limits for a VM: CPU time of its vCPUs and its memory plus the
+/// VMM's own overhead.
+pub fn cgroup_args(version: u8, spec: &VmSpec) -> Vec<String> {
+    const PERIOD_US: u64 = 100_000;
+    const OVERHEAD: u64 = 128 << 20;
+    let quota = PERIOD_US * u64::from(spec.vcpus);
+    let mem = spec.memory_bytes + OVERHEAD;
+    let props = if version == 2 {
+        vec![
+            format!("cpu.max={quota} {PERIOD_US}"),
+            format!("memory.max={mem}"),
+        ]
+    } else {
+        vec![
+            format!("cpu.cfs_period_us={PERIOD_US}"),
+            format!("cpu.cfs_quota_us={quota}"),
+            format!("memory.limit_in_bytes={mem}"),
+        ]
+    };
+    props
+        .into_iter()
+        .flat_map(|p| ["--cgroup".to_owned(), p])
+        .collect()
+}
+
+/// The cgroup directories the jailer makes for a VM, found through the
+/// host's cgroup mounts (v1: one per controller; v2: one).
+pub fn cgroup_dirs(config: &JailerConfig, jail_id: &str) -> Vec<PathBuf> {
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+            let wanted = if config.cgroup_version == 2 {
+                kind == "cgroup2"
+            } else {
+                kind == "cgroup"
+            };
+            wanted.then(|| Path::new(at).join(&config.parent_cgroup).join(jail_id))
+        })
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// Removes a VM's cgroups once its process has exited. The kernel may
+/// report a cgroup busy for a moment after its last task was reaped, so a
+/// busy cgroup is retried for up to a second.
+pub async fn remove_cgroups(config: &JailerConfig, jail_id: &str) -> Result<(), String> {
+    for dir in cgroup_dirs(config, jail_id) {
+        let mut tries = 0;
+        loop {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e)
+                    if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
+                        && tries < 50 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(format!("removing cgroup {}: {e}", dir.display())),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jail_ids_fit_the_jailers_alphabet_and_stay_apart() {
+        let plain = VmId::parse("vm-1", "t").unwrap();
+        assert_eq!(jail_id(&plain), "vm-1");
+        let a = jail_id(&VmId::parse("a_b", "t").unwrap());
+        let b = jail_id(&VmId::parse("a-b", "t").unwrap());
+        assert_ne!(a, b);
+        assert!(a.starts_with("a-b-"));
+        let long = VmId::parse(&format!("x_{}", "y".repeat(62)), "t").unwrap();
+        let j = jail_id(&long);
+        assert!(j.len() <= 64, "{j}");
+        assert!(j.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    }
+
+    #[test]
+    fn a_jail_of_another_vm_is_never_removed() {
+        let base = tempfile::tempdir().unwrap();
+        let config = JailerConfig {
+            binary: "/bin/jailer".into(),
+            chroot_base: base.path().into(),
+            uid_start: 100000,
+            uid_count: 10,
+            cgroup_version: 1,
+            parent_cgroup: "metald".into(),
+        };
+        let mine = VmId::parse("vm-1", "t").unwrap();
+        let jail = Jail::new(&config, "firecracker", &mine);
+        std::fs::create_dir_all(&jail.root).unwrap();
+        std::fs::write(jail.dir.join(OWNER_FILE), "other-vm").unwrap();
+        assert!(jail.remove(&mine).is_err());
+        assert!(jail.root.exists());
+        std::fs::write(jail.dir.join(OWNER_FILE), "vm-1").unwrap();
+        jail.remove(&mine).unwrap();
+        assert!(!jail.dir.exists());
+        jail.remove(&mine).unwrap();
+    }
+
+    #[test]
+    fn places_files_by_link_and_hands_writable_ones_to_the_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let src = dir.path().join("disk.img");
+        std::fs::write(&src, b"data").unwrap();
+        let p = place(&root, &src, "disk", true, (4242, 4343)).unwrap();
+        assert_eq!(p.inside, "/disk");
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(root.join("disk")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4242, 4343));
+        assert_eq!(m.ino(), std::fs::metadata(&src).unwrap().ino(), "hard link");
+    }
+}

@@ -1,0 +1,166 @@
+//! Firecracker's metrics FIFO, read continuously. Firecracker writes one
+//! JSON object per flush (every 60 s, and on `FlushMetrics`); its counters
+//! are deltas since the previous flush, so metald sums them into totals.
+//!
+//! metald opens the FIFO read-write: a FIFO with no writer would read as
+//! end-of-file, and one with no reader would make Firecracker's writes
+//! fail. A metald restart re-opens it on adoption; what Firecracker wrote
+//! meanwhile waits in the pipe (up to its 64 KiB).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use metald_core::ports::DeviceCounters;
+use serde::Deserialize;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+/// The parts of one metrics line metald uses.
+#[derive(Debug, Default, Deserialize)]
+struct Line {
+    #[serde(default)]
+    block: Block,
+    #[serde(default)]
+    net: Net,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Block {
+    #[serde(default)]
+    read_bytes: u64,
+    #[serde(default)]
+    write_bytes: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Net {
+    #[serde(default)]
+    rx_bytes_count: u64,
+    #[serde(default)]
+    tx_bytes_count: u64,
+}
+
+/// Totals of one VM, and a signal for each line read.
+#[derive(Debug, Default)]
+pub struct Totals {
+    counters: Mutex<DeviceCounters>,
+    lines: Mutex<u64>,
+    changed: Notify,
+}
+
+impl Totals {
+    /// The sums so far.
+    pub fn get(&self) -> DeviceCounters {
+        *self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many lines were read so far.
+    pub fn lines(&self) -> u64 {
+        *self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves after the next line is read.
+    pub async fn next_line(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Adds one metrics line; unreadable lines are skipped.
+    pub fn add(&self, text: &str) {
+        let Ok(line) = serde_json::from_str::<Line>(text) else {
+            debug!(len = text.len(), "skipping an unreadable metrics line");
+            return;
+        };
+        {
+            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            c.disk_read_bytes += line.block.read_bytes;
+            c.disk_write_bytes += line.block.write_bytes;
+            c.net_rx_bytes += line.net.rx_bytes_count;
+            c.net_tx_bytes += line.net.tx_bytes_count;
+        }
+        *self.lines.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.changed.notify_waiters();
+    }
+}
+
+/// A reader task and the totals it keeps.
+#[derive(Debug)]
+pub struct Reader {
+    pub totals: Arc<Totals>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Creates the FIFO at `path` (mode 0600, owned by `owner` when given).
+pub fn make_fifo(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// Starts reading the FIFO at `path`.
+pub fn start(path: &Path) -> std::io::Result<Reader> {
+    let rx = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(path)?;
+    let totals = Arc::new(Totals::default());
+    let t = totals.clone();
+    let task = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(rx).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            t.add(&line);
+        }
+    });
+    Ok(Reader { totals, task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn sums_the_deltas_of_every_line_written_to_the_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.fifo");
+        make_fifo(&path, None).unwrap();
+        let reader = start(&path).unwrap();
+        let mut w = tokio::net::unix::pipe::OpenOptions::new()
+            .open_sender(&path)
+            .unwrap();
+        let first = reader.totals.next_line();
+        w.write_all(
+            b"{\"utc_timestamp_ms\":1,\"block\":{\"read_bytes\":100,\"write_bytes\":7},\"net\":{\"rx_bytes_count\":5,\"tx_bytes_count\":6}}\n",
+        )
+        .await
+        .unwrap();
+        first.await;
+        let second = reader.totals.next_line();
+        w.write_all(b"not json\n{\"block\":{\"read_bytes\":1},\"net\":{\"tx_bytes_count\":4}}\n")
+            .await
+            .unwrap();
+        second.await;
+        assert_eq!(reader.totals.lines(), 2, "the unreadable line is skipped");
+        assert_eq!(
+            reader.totals.get(),
+            DeviceCounters {
+                disk_read_bytes: 101,
+                disk_write_bytes: 7,
+                net_rx_bytes: 5,
+                net_tx_bytes: 10,
+            }
+        );
+    }
+}

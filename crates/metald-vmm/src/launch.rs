@@ -1,0 +1,363 @@
+//! What every backend does around its VMM process, written once: a fresh
+//! per-VM directory, joining the VM's network namespace, the spawn record
+//! that makes a process findable before the store knows it, waiting for the
+//! control socket while watching for an early exit, killing what a
+//! directory records and removing it, and finding a backend's processes and
+//! directories for the reconciler.
+
+use std::future::Future;
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use metald_core::ports::{StopMode, VmmRuntime};
+use metald_core::vm::{VmId, VmSpec};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::process::{self, Children};
+
+/// Longest Unix socket path the kernel accepts (`sun_path` minus the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Name of the spawn record in a VM directory.
+pub const SPAWN_RECORD: &str = "vmm.json";
+
+/// Removes whatever a previous run left in `dir` and creates it empty.
+pub fn fresh_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("clearing {}: {e}", dir.display())),
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))
+}
+
+/// Refuses socket paths the kernel cannot bind.
+pub fn check_socket_path(socket: &Path) -> Result<(), String> {
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "control socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR",
+            socket.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Makes the child join network namespace `name` (`/run/netns/<name>`)
+/// between fork and exec, like `ip netns exec`: namespace membership is
+/// per thread, so this never touches a metald (tokio) thread.
+pub fn join_netns_on_exec(cmd: &mut tokio::process::Command, name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let ns = std::fs::File::open(Path::new("/run/netns").join(name))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("network namespace {name}: {e}")))?;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes the setns(2) system call on a descriptor it owns, which is
+    // async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::move_into_link_name_space(
+                ns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+    Ok(())
+}
+
+/// What a VM directory's spawn record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnRecord {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+/// Spawns `cmd` detached (see [`Children::spawn`]) and writes the spawn
+/// record into `dir` at once, so a crash between here and the store update
+/// still leaves the process findable by [`kill_and_remove`].
+pub fn spawn_recorded(
+    children: &Children,
+    cmd: tokio::process::Command,
+    dir: &Path,
+) -> std::io::Result<SpawnRecord> {
+    let (pid, start_time) = children.spawn(cmd)?;
+    let rec = SpawnRecord { pid, start_time };
+    let bytes = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join(SPAWN_RECORD), bytes)?;
+    Ok(rec)
+}
+
+/// The spawn record in `dir`, if one is there and readable.
+pub fn recorded_spawn(dir: &Path) -> Option<SpawnRecord> {
+    std::fs::read(dir.join(SPAWN_RECORD))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// The last `lines` non-empty lines of a log file joined by `; `, to
+/// explain a failed start; `no output` when there are none.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = all[all.len().saturating_sub(lines)..].join("; ");
+    if tail.is_empty() {
+        "no output".into()
+    } else {
+        tail
+    }
+}
+
+/// How a start-up wait ended badly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// The VMM exited first; the text describes how.
+    Exited(String),
+    /// Nothing answered within the limit; the text is the last probe error.
+    TimedOut(String),
+}
+
+/// Calls `probe` with backoff (5 ms doubling to 100 ms) until it succeeds,
+/// the process in `rt` exits, or `limit` passes: a bounded retry, never a
+/// fixed sleep.
+pub async fn until_ready<T, F, Fut>(
+    children: &Children,
+    rt: &VmmRuntime,
+    limit: Duration,
+    mut probe: F,
+) -> Result<T, NotReady>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let exited = children.wait_exit(rt.pid, rt.start_time);
+    let mut last = String::from("not tried");
+    let attempts = async {
+        let mut delay = Duration::from_millis(5);
+        loop {
+            match probe().await {
+                Ok(v) => return v,
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    };
+    tokio::select! {
+        exit = exited => Err(NotReady::Exited(exit.describe())),
+        r = tokio::time::timeout(limit, attempts) => match r {
+            Ok(v) => Ok(v),
+            Err(_) => Err(NotReady::TimedOut(last)),
+        },
+    }
+}
+
+/// Stops the VMM in `rt`: in graceful mode asks the guest to power off
+/// with `ask` (the ACPI power button, Ctrl-Alt-Del, ...) and waits up to
+/// the limit, then SIGKILLs whatever still runs. Removes the control
+/// socket, which most VMMs leave behind when killed.
+pub async fn stop<F, Fut>(
+    children: &Children,
+    rt: &VmmRuntime,
+    mode: StopMode,
+    request: &str,
+    ask: F,
+) -> Result<(), String>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    if process::is_alive(rt.pid, rt.start_time) {
+        if let StopMode::Graceful(limit) = mode {
+            match ask().await {
+                Ok(()) if exits_within(children, rt, limit).await => {}
+                Ok(()) => warn!(
+                    pid = rt.pid,
+                    ?limit,
+                    "guest ignored the {request}; killing its VMM"
+                ),
+                Err(e) => {
+                    warn!(pid = rt.pid, error = %e, "cannot send the {request}; killing its VMM")
+                }
+            }
+        }
+        children.kill(rt.pid, rt.start_time).await?;
+    }
+    let _ = std::fs::remove_file(&rt.socket);
+    Ok(())
+}
+
+/// The guest's kernel command line: the VM's own arguments (or
+/// `default`), then what its network interfaces tell the guest.
+pub fn kernel_cmdline(spec: &VmSpec, default: &str) -> String {
+    let mut cmdline = if spec.kernel_args.is_empty() {
+        default.to_owned()
+    } else {
+        spec.kernel_args.clone()
+    };
+    for att in spec.nics.iter().filter_map(|n| n.attachment.as_ref()) {
+        cmdline.push(' ');
+        cmdline.push_str(&att.kernel_args());
+    }
+    cmdline
+}
+
+/// Whether the process in `rt` exits within `limit`.
+pub async fn exits_within(children: &Children, rt: &VmmRuntime, limit: Duration) -> bool {
+    tokio::time::timeout(limit, children.wait_exit(rt.pid, rt.start_time))
+        .await
+        .is_ok()
+}
+
+/// Kills the process `rt` names and the one `dir`'s spawn record names (if
+/// each is still the recorded process), then removes `dir`. Idempotent.
+pub async fn kill_and_remove(
+    children: &Children,
+    dir: &Path,
+    rt: Option<&VmmRuntime>,
+) -> Result<(), String> {
+    let mut known: Vec<(i32, u64)> = rt.map(|r| (r.pid, r.start_time)).into_iter().collect();
+    if let Some(rec) = recorded_spawn(dir) {
+        known.push((rec.pid, rec.start_time));
+    }
+    for (pid, start_time) in known {
+        children.kill(pid, start_time).await?;
+        children.forget(pid, start_time);
+    }
+    remove_dir(dir)
+}
+
+/// Removes a directory tree; a missing one is not an error.
+pub fn remove_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("removing {}: {e}", dir.display())),
+    }
+}
+
+/// The VM ids that have a directory under `state_dir`.
+pub fn vm_dirs(state_dir: &Path) -> Vec<VmId> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(state_dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir())
+                && let Ok(id) = VmId::parse(&e.file_name().to_string_lossy(), "dir")
+            {
+                found.push(id);
+            }
+        }
+    }
+    found
+}
+
+/// Every live (not zombie) process: pid, start time and command line.
+pub fn live_processes() -> Vec<(i32, u64, Vec<String>)> {
+    let mut found = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in procs.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(args) = process::cmdline(pid) else {
+            continue;
+        };
+        if let Ok(st) = process::stat(pid)
+            && st.state != 'Z'
+        {
+            found.push((pid, st.start_time, args));
+        }
+    }
+    found
+}
+
+/// Live processes whose command line `owner` recognises as serving a VM,
+/// with pid and start time.
+pub fn find_processes(owner: impl Fn(&[String]) -> Option<VmId>) -> Vec<(VmId, i32, u64)> {
+    live_processes()
+        .into_iter()
+        .filter_map(|(pid, start_time, args)| owner(&args).map(|id| (id, pid, start_time)))
+        .collect()
+}
+
+/// Whether `pid` still is the recorded process and its command line holds
+/// `needle` (its socket path): the identity check of adoption.
+pub fn is_our_process(rt: &VmmRuntime, needle: &str) -> Result<(), String> {
+    if !process::is_alive(rt.pid, rt.start_time) {
+        return Err(format!(
+            "process {} is gone or is another process now",
+            rt.pid
+        ));
+    }
+    let ours = process::cmdline(rt.pid)
+        .map(|args| args.iter().any(|a| a.contains(needle)))
+        .unwrap_or(false);
+    if ours {
+        Ok(())
+    } else {
+        Err(format!(
+            "process {} is not the VMM serving {needle}",
+            rt.pid
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_vmm_exiting_during_the_wait_ends_it_with_its_status() {
+        let children = Children::default();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "exit 3"]);
+        let rec = spawn_recorded(&children, cmd, dir.path()).unwrap();
+        assert_eq!(recorded_spawn(dir.path()), Some(rec));
+        let rt = VmmRuntime {
+            backend: "test".into(),
+            pid: rec.pid,
+            start_time: rec.start_time,
+            socket: dir.path().join("none.sock"),
+        };
+        let r: Result<(), _> = until_ready(&children, &rt, Duration::from_secs(30), || async {
+            Err("no socket".to_string())
+        })
+        .await;
+        assert_eq!(r, Err(NotReady::Exited("exited with status 3".into())));
+    }
+
+    #[tokio::test]
+    async fn kill_and_remove_kills_the_recorded_process_and_removes_the_dir() {
+        let children = Children::default();
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("vm-1");
+        fresh_dir(&dir).unwrap();
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("600");
+        let rec = spawn_recorded(&children, cmd, &dir).unwrap();
+        assert_eq!(
+            vm_dirs(base.path()),
+            vec![VmId::parse("vm-1", "t").unwrap()]
+        );
+        // The store never learned the runtime: the record alone suffices.
+        kill_and_remove(&children, &dir, None).await.unwrap();
+        assert!(!process::is_alive(rec.pid, rec.start_time));
+        assert!(!dir.exists());
+        kill_and_remove(&children, &dir, None).await.unwrap();
+    }
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        assert_eq!(log_tail(&p, 2), "no output");
+        std::fs::write(&p, "a\n\nb\nc\n").unwrap();
+        assert_eq!(log_tail(&p, 2), "b; c");
+    }
+}

@@ -1,0 +1,563 @@
+//! One lifecycle suite, run once per backend through the metald API: QEMU
+//! always; Firecracker (plain and jailed) and Cloud Hypervisor when their
+//! binaries are found (`FIRECRACKER_BIN`, `JAILER_BIN`,
+//! `CLOUD_HYPERVISOR_BIN`, else on `PATH`) and `/dev/kvm` opens. A backend
+//! that can't run here is reported as *ignored*, with the reason printed,
+//! never as passed.
+//!
+//! After each step the VMM's own view (QMP `query-status`, Firecracker's
+//! `GET /` and `GET /vm/config`, Cloud Hypervisor's `vm.info`) is compared
+//! with metald's. Guests are not waited for: under nested KVM Firecracker
+//! and Cloud Hypervisor guests boot too slowly to test (see the README).
+
+#[path = "api/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use harness::{Assets, Daemon, state_of};
+use libtest_mimic::{Arguments, Failed, Trial};
+use rustix::process::{Pid, Signal, kill_process};
+use serde_json::{Value, json};
+
+const T: &str = "dev_customer_suite";
+
+/// A backend as the suite runs it.
+#[derive(Clone)]
+struct Backend {
+    /// Trial name prefix.
+    name: &'static str,
+    /// Which VMM answers on the socket.
+    kind: Kind,
+    /// metald flags selecting and configuring the backend.
+    args: Vec<String>,
+    /// Why it can't run here, if it can't.
+    skip: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Qemu,
+    Firecracker { jailed: bool },
+    CloudHypervisor,
+}
+
+/// A binary from `var`, else `name` on PATH.
+fn find(var: &str, name: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(var) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("{var}={} is not a file", p.display()))
+        };
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("{var} is not set and {name} is not on PATH"))
+}
+
+fn kvm() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm: {e}"))
+}
+
+fn backends() -> Vec<Backend> {
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let mut out = vec![Backend {
+        name: "qemu",
+        kind: Kind::Qemu,
+        args: s(&["--backend", "qemu"]),
+        skip: None,
+    }];
+    let fc = find("FIRECRACKER_BIN", "firecracker").and_then(|b| kvm().map(|()| b));
+    out.push(match &fc {
+        Ok(b) => Backend {
+            name: "firecracker",
+            kind: Kind::Firecracker { jailed: false },
+            args: vec![
+                "--backend".into(),
+                "firecracker".into(),
+                "--firecracker-binary".into(),
+                b.display().to_string(),
+                "--jailer-enabled".into(),
+                "false".into(),
+            ],
+            skip: None,
+        },
+        Err(e) => Backend {
+            name: "firecracker",
+            kind: Kind::Firecracker { jailed: false },
+            args: Vec::new(),
+            skip: Some(e.clone()),
+        },
+    });
+    let jailed = fc.and_then(|b| find("JAILER_BIN", "jailer").map(|j| (b, j)));
+    out.push(match jailed {
+        Ok((b, j)) => Backend {
+            name: "firecracker_jailed",
+            kind: Kind::Firecracker { jailed: true },
+            args: vec![
+                "--backend".into(),
+                "firecracker".into(),
+                "--firecracker-binary".into(),
+                b.display().to_string(),
+                "--jailer-enabled".into(),
+                "true".into(),
+                "--jailer-binary".into(),
+                j.display().to_string(),
+                "--jailer-uid-start".into(),
+                "990100".into(),
+                "--jailer-uid-count".into(),
+                "8".into(),
+            ],
+            skip: None,
+        },
+        Err(e) => Backend {
+            name: "firecracker_jailed",
+            kind: Kind::Firecracker { jailed: true },
+            args: Vec::new(),
+            skip: Some(e),
+        },
+    });
+    let ch = find("CLOUD_HYPERVISOR_BIN", "cloud-hypervisor").and_then(|b| kvm().map(|()| b));
+    out.push(match ch {
+        Ok(b) => Backend {
+            name: "cloudhypervisor",
+            kind: Kind::CloudHypervisor,
+            args: vec![
+                "--backend".into(),
+                "cloudhypervisor".into(),
+                "--cloud-hypervisor-binary".into(),
+                b.display().to_string(),
+            ],
+            skip: None,
+        },
+        Err(e) => Backend {
+            name: "cloudhypervisor",
+            kind: Kind::CloudHypervisor,
+            args: Vec::new(),
+            skip: Some(e),
+        },
+    });
+    out
+}
+
+type Case = fn(Backend) -> Result<(), Failed>;
+
+fn main() {
+    let args = Arguments::from_args();
+    let cases: [(&str, Case); 3] = [
+        ("full_lifecycle_matches_the_vmms_own_view", full_lifecycle),
+        (
+            "a_vmm_killed_from_outside_is_reported_and_can_boot_again",
+            killed_vmm,
+        ),
+        (
+            "a_config_the_vmm_refuses_leaves_nothing_and_gives_its_reason",
+            refused_config,
+        ),
+    ];
+    let mut trials = Vec::new();
+    for b in backends() {
+        if let Some(why) = &b.skip {
+            eprintln!("backend suite: {} skipped: {why}", b.name);
+        }
+        for (case, f) in cases {
+            let ignored = b.skip.is_some();
+            let backend = b.clone();
+            trials.push(
+                Trial::test(format!("{}::{case}", b.name), move || {
+                    if let Some(why) = &backend.skip {
+                        return Err(format!("{} cannot run here: {why}", backend.name).into());
+                    }
+                    f(backend)
+                })
+                .with_ignored_flag(ignored),
+            );
+        }
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
+
+fn block_on<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f);
+}
+
+fn daemon(b: &Backend) -> Daemon {
+    let mut args: Vec<&str> = vec!["--auth-mode", "dev"];
+    args.extend(b.args.iter().map(String::as_str));
+    Daemon::start_with(&args)
+}
+
+/// A config for the test guest; `kernel` replaces the kernel path.
+fn config(assets: &Assets, kernel: Option<&str>) -> Value {
+    let mut c = assets.config();
+    if let Some(k) = kernel {
+        c["boot"]["kernel_path"] = json!(k);
+    }
+    c
+}
+
+/// The guest's state as the VMM itself reports it, normalised to
+/// `running` / `paused`.
+fn vmm_state(kind: Kind, socket: &str) -> String {
+    match kind {
+        Kind::Qemu => qmp_status(socket),
+        Kind::Firecracker { .. } => {
+            let v = curl(socket, "GET", "/");
+            v["state"].as_str().unwrap_or("?").to_lowercase()
+        }
+        Kind::CloudHypervisor => {
+            let v = curl(socket, "GET", "/api/v1/vm.info");
+            v["state"].as_str().unwrap_or("?").to_lowercase()
+        }
+    }
+}
+
+/// One request to a VMM API socket with curl, as an operator would.
+fn curl(socket: &str, method: &str, path: &str) -> Value {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--unix-socket",
+            socket,
+            "-X",
+            method,
+        ])
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{path}: {e}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        )
+    })
+}
+
+/// QMP `query-status` over the VM's socket.
+fn qmp_status(socket: &str) -> String {
+    let s = UnixStream::connect(socket).expect("QMP socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let answer = |r: &mut BufReader<UnixStream>, line: &mut String| -> Value {
+        loop {
+            line.clear();
+            r.read_line(line).expect("QMP read");
+            let v: Value = serde_json::from_str(line).expect("QMP json");
+            if v.get("return").is_some() || v.get("QMP").is_some() {
+                return v;
+            }
+        }
+    };
+    answer(&mut r, &mut line);
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .unwrap();
+    answer(&mut r, &mut line);
+    w.write_all(b"{\"execute\":\"query-status\"}\n").unwrap();
+    let v = answer(&mut r, &mut line);
+    v["return"]["status"].as_str().unwrap_or("?").to_owned()
+}
+
+/// Checks the VMM holds the configuration metald gave it.
+fn check_vmm_config(kind: Kind, socket: &str, assets: &Assets) {
+    match kind {
+        Kind::Firecracker { .. } => {
+            let c = curl(socket, "GET", "/vm/config");
+            assert_eq!(c["machine-config"]["vcpu_count"], 1, "{c}");
+            assert_eq!(c["machine-config"]["mem_size_mib"], 128, "{c}");
+            assert_eq!(c["machine-config"]["smt"], false, "{c}");
+            let args = c["boot-source"]["boot_args"].as_str().unwrap_or_default();
+            assert!(args.contains(&assets.kernel_args), "{c}");
+            let drives = c["drives"].as_array().cloned().unwrap_or_default();
+            assert_eq!(drives.len(), 1, "{c}");
+            assert_eq!(drives[0]["drive_id"], "root");
+            assert_eq!(drives[0]["is_root_device"], true);
+            assert_eq!(drives[0]["is_read_only"], true);
+        }
+        Kind::CloudHypervisor => {
+            let i = curl(socket, "GET", "/api/v1/vm.info");
+            let c = &i["config"];
+            assert_eq!(c["cpus"]["boot_vcpus"], 1, "{i}");
+            assert_eq!(c["memory"]["size"], 134217728u64, "{i}");
+            let disks = c["disks"].as_array().cloned().unwrap_or_default();
+            assert_eq!(disks.len(), 1, "{i}");
+            assert_eq!(disks[0]["readonly"], true, "{i}");
+        }
+        Kind::Qemu => {}
+    }
+}
+
+/// metald's state and socket for a VM.
+async fn info(d: &Daemon, id: &str) -> Value {
+    d.ok(T, "GetVmInfo", json!({"vm_id": id})).await
+}
+
+fn socket_of(v: &Value) -> String {
+    v["backendInfo"]["socket"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no socket in {v}"))
+        .to_owned()
+}
+
+fn pid_of(v: &Value) -> i32 {
+    v["backendInfo"]["pid"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {v}"))
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits (bounded) for a killed process to be gone.
+fn wait_dead(pid: i32) {
+    for _ in 0..500 {
+        if !alive(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("process {pid} still alive 5 s after SIGKILL");
+}
+
+/// Asserts metald and the VMM agree the guest is in `want`.
+async fn agree(d: &Daemon, b: &Backend, id: &str, want: &str) -> Value {
+    let v = info(d, id).await;
+    assert_eq!(
+        state_of(&v),
+        format!("VM_STATE_{}", want.to_uppercase()),
+        "{v}"
+    );
+    assert_eq!(
+        vmm_state(b.kind, &socket_of(&v)),
+        want,
+        "VMM's view of {id}"
+    );
+    v
+}
+
+/// Nothing of the VM is left on the host: process, directory, jail,
+/// cgroups.
+fn assert_gone(d: &Daemon, b: &Backend, id: &str, pids: &[i32]) {
+    for &p in pids {
+        assert!(!alive(p), "VMM process {p} of {id} still runs");
+    }
+    assert!(
+        !d.data_dir.join("vms").join(id).exists(),
+        "{id}'s directory is left"
+    );
+    if b.kind == (Kind::Firecracker { jailed: true }) {
+        let jail = d.data_dir.join("jailer/firecracker").join(id);
+        assert!(!jail.exists(), "jail {} is left", jail.display());
+        for ctrl in ["cpu", "memory", "unified"] {
+            let cg = Path::new("/sys/fs/cgroup")
+                .join(ctrl)
+                .join("metald")
+                .join(id);
+            assert!(!cg.exists(), "cgroup {} is left", cg.display());
+        }
+    }
+}
+
+fn full_lifecycle(b: Backend) -> Result<(), Failed> {
+    block_on(async move {
+        let assets = Assets::load();
+        let d = daemon(&b);
+        let id = format!("life-{}", b.name.replace('_', "-"));
+        let id = id.as_str();
+        d.ok(
+            T,
+            "CreateVm",
+            json!({"vm_id": id, "config": config(&assets, None)}),
+        )
+        .await;
+        let mut pids = Vec::new();
+
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        let v = agree(&d, &b, id, "running").await;
+        let socket = socket_of(&v);
+        check_vmm_config(b.kind, &socket, &assets);
+        pids.push(pid_of(&v));
+        if let Kind::Firecracker { jailed: true } = b.kind {
+            let pid = pid_of(&v);
+            let uid = v["backendInfo"]["uid"]
+                .as_str()
+                .expect("uid in backend_info");
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            assert!(
+                line.split_whitespace().skip(1).all(|u| u == uid),
+                "firecracker runs as uid {uid}: {line}"
+            );
+            // In its own mount namespace /proc/<pid>/root reads as "/":
+            // compare the directories as files.
+            use std::os::unix::fs::MetadataExt;
+            let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
+            let jail =
+                std::fs::metadata(d.data_dir.join("jailer/firecracker").join(id).join("root"))
+                    .unwrap();
+            assert_eq!(
+                (root.dev(), root.ino()),
+                (jail.dev(), jail.ino()),
+                "chrooted in its jail"
+            );
+        }
+
+        d.ok(T, "PauseVm", json!({"vm_id": id})).await;
+        agree(&d, &b, id, "paused").await;
+        d.ok(T, "ResumeVm", json!({"vm_id": id})).await;
+        agree(&d, &b, id, "running").await;
+
+        d.ok(T, "RebootVm", json!({"vm_id": id})).await;
+        let v = agree(&d, &b, id, "running").await;
+        pids.push(pid_of(&v));
+
+        // Graceful: the guest may still be booting and ignore the request;
+        // the VMM is then killed after the timeout.
+        d.ok(T, "ShutdownVm", json!({"vm_id": id, "timeout_seconds": 1}))
+            .await;
+        let v = info(&d, id).await;
+        assert_eq!(state_of(&v), "VM_STATE_SHUTDOWN", "{v}");
+        for &p in &pids {
+            assert!(!alive(p), "VMM {p} gone after shutdown");
+        }
+        assert!(!Path::new(&socket_of_or(&v, &socket)).exists());
+
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        let v = agree(&d, &b, id, "running").await;
+        pids.push(pid_of(&v));
+        check_vmm_config(b.kind, &socket_of(&v), &assets);
+
+        d.ok(T, "ShutdownVm", json!({"vm_id": id, "force": true}))
+            .await;
+        let v = info(&d, id).await;
+        assert_eq!(state_of(&v), "VM_STATE_SHUTDOWN", "{v}");
+        assert!(!alive(*pids.last().unwrap()), "forced shutdown kills");
+
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        let v = agree(&d, &b, id, "running").await;
+        pids.push(pid_of(&v));
+
+        // Forced: a guest still booting under nested KVM would ignore the
+        // graceful request for the whole default timeout.
+        d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
+            .await;
+        let e = d.call(T, "GetVmInfo", json!({"vm_id": id})).await;
+        assert_eq!(e.unwrap_err().0, "not_found");
+        assert_gone(&d, &b, id, &pids);
+    });
+    Ok(())
+}
+
+/// The socket a stopped VM had (it has none in backend_info any more).
+fn socket_of_or(v: &Value, fallback: &str) -> String {
+    v["backendInfo"]["socket"]
+        .as_str()
+        .unwrap_or(fallback)
+        .to_owned()
+}
+
+fn killed_vmm(b: Backend) -> Result<(), Failed> {
+    block_on(async move {
+        let assets = Assets::load();
+        let d = daemon(&b);
+        let id = format!("kill-{}", b.name.replace('_', "-"));
+        let id = id.as_str();
+        d.ok(
+            T,
+            "CreateVm",
+            json!({"vm_id": id, "config": config(&assets, None)}),
+        )
+        .await;
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        let v = agree(&d, &b, id, "running").await;
+        let pid = pid_of(&v);
+        kill_process(Pid::from_raw(pid).unwrap(), Signal::KILL).unwrap();
+        wait_dead(pid);
+        // The first read after the process is gone tells the truth.
+        let v = info(&d, id).await;
+        assert_eq!(state_of(&v), "VM_STATE_FAILED", "{v}");
+        let reason = v["backendInfo"]["last_error"].as_str().unwrap_or_default();
+        assert!(reason.contains("signal 9"), "exit reason recorded: {v}");
+
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        let v = agree(&d, &b, id, "running").await;
+        let again = pid_of(&v);
+        d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
+            .await;
+        assert_gone(&d, &b, id, &[pid, again]);
+    });
+    Ok(())
+}
+
+fn refused_config(b: Backend) -> Result<(), Failed> {
+    block_on(async move {
+        let assets = Assets::load();
+        let d = daemon(&b);
+        let id = format!("refused-{}", b.name.replace('_', "-"));
+        let id = id.as_str();
+        // A regular file that is no kernel: metald's validation accepts it,
+        // the VMM refuses it.
+        d.ok(
+            T,
+            "CreateVm",
+            json!({"vm_id": id, "config": config(&assets, Some(&assets.disk))}),
+        )
+        .await;
+        let (code, message) = d
+            .call(T, "BootVm", json!({"vm_id": id}))
+            .await
+            .expect_err("a disk image is not a kernel");
+        assert_eq!(code, "failed_precondition", "{message}");
+        let vmm = match b.kind {
+            Kind::Qemu => "qemu",
+            Kind::Firecracker { .. } => "firecracker",
+            Kind::CloudHypervisor => "cloud-hypervisor",
+        };
+        assert!(
+            message.to_lowercase().contains(vmm),
+            "the VMM's reason: {message}"
+        );
+        let v = info(&d, id).await;
+        assert_eq!(state_of(&v), "VM_STATE_CREATED", "{v}");
+        assert!(v["backendInfo"].get("pid").is_none(), "{v}");
+        assert!(
+            d.vmm_pids().is_empty(),
+            "no VMM process left: {:?}",
+            d.vmm_pids()
+        );
+        assert_gone(&d, &b, id, &[]);
+        d.ok(T, "DeleteVm", json!({"vm_id": id})).await;
+    });
+    Ok(())
+}
