@@ -285,6 +285,40 @@ pub fn find_processes(owner: impl Fn(&[String]) -> Option<VmId>) -> Vec<(VmId, i
         .collect()
 }
 
+/// First line of `<binary> --version`.
+pub fn version_of(binary: &Path, var: &str) -> Result<String, String> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{var}: cannot run {}: {e}", binary.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{var}: {} --version failed: {}",
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned())
+}
+
+/// Refuses a runtime another backend recorded (metald restarted with a
+/// different `UNKEY_METALD_BACKEND`).
+pub fn check_backend(rt: &VmmRuntime, name: &str) -> Result<(), String> {
+    if rt.backend == name {
+        Ok(())
+    } else {
+        Err(format!(
+            "recorded backend is {:?}, this metald runs {name}",
+            rt.backend
+        ))
+    }
+}
+
 /// Whether `pid` still is the recorded process and its command line holds
 /// `needle` (its socket path): the identity check of adoption.
 pub fn is_our_process(rt: &VmmRuntime, needle: &str) -> Result<(), String> {

@@ -9,11 +9,14 @@
 //! VMM APIs on Unix sockets. [`qemu`] drives `qemu-system-x86_64 -M
 //! microvm` over QMP.
 
+pub mod cgroup;
+pub mod cloudhypervisor;
 pub mod firecracker;
 pub mod http;
 pub mod launch;
 pub mod process;
 pub mod qemu;
+pub mod ratelimit;
 
 use std::path::{Path, PathBuf};
 

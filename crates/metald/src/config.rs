@@ -50,6 +50,17 @@ pub enum JwtAlgorithm {
     EdDsa,
 }
 
+fn uid_gid(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s
+        .split_once(':')
+        .ok_or("write it as uid:gid, e.g. 900000:900000")?;
+    let n = |x: &str| {
+        x.parse::<u32>()
+            .map_err(|_| format!("{x:?} is not a numeric id"))
+    };
+    Ok((n(u)?, n(g)?))
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 100ms, 30s, 1m)"))
 }
@@ -165,6 +176,24 @@ pub struct Config {
     /// Cloud Hypervisor binary (default: cloud-hypervisor on PATH).
     #[arg(long, env = "UNKEY_METALD_CLOUD_HYPERVISOR_BINARY")]
     pub cloud_hypervisor_binary: Option<PathBuf>,
+
+    /// Run each Cloud Hypervisor as this `uid:gid` (it needs access to
+    /// /dev/kvm and /dev/net/tun); default: metald's own user.
+    #[arg(long, env = "UNKEY_METALD_CLOUD_HYPERVISOR_USER", value_parser = uid_gid)]
+    pub cloud_hypervisor_user: Option<(u32, u32)>,
+
+    /// Put each Cloud Hypervisor in its own cgroups with CPU and memory
+    /// limits (the jailer does this for Firecracker).
+    #[arg(long, env = "UNKEY_METALD_CGROUPS_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cgroups_enabled: bool,
+
+    /// cgroup version for those cgroups, 1 or 2 (default: as the host has).
+    #[arg(long, env = "UNKEY_METALD_CGROUP_VERSION")]
+    pub cgroup_version: Option<u8>,
+
+    /// Parent cgroup of the VMs' cgroups.
+    #[arg(long, env = "UNKEY_METALD_CGROUP_PARENT", default_value = "metald")]
+    pub cgroup_parent: String,
 
     /// How long a VMM may take to start and report the guest running.
     #[arg(long, env = "UNKEY_METALD_BOOT_TIMEOUT", default_value = "30s", value_parser = duration)]
@@ -427,6 +456,11 @@ mod tests {
                 "--jailer-uid-start",
                 "many",
                 "UNKEY_METALD_JAILER_UID_START",
+            ),
+            (
+                "--cloud-hypervisor-user",
+                "nobody",
+                "UNKEY_METALD_CLOUD_HYPERVISOR_USER",
             ),
             ("--address", "nowhere", "UNKEY_METALD_ADDRESS"),
         ] {

@@ -144,7 +144,7 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
                     uid_count: config.jailer_uid_count,
                     cgroup_version: config
                         .jailer_cgroup_version
-                        .unwrap_or_else(host_cgroup_version),
+                        .unwrap_or_else(metald_vmm::cgroup::host_version),
                     parent_cgroup: config.jailer_parent_cgroup.clone(),
                 }),
                 None if root => bail!(
@@ -169,9 +169,36 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
             .map_err(anyhow::Error::msg)?;
             Ok(Arc::new(fc))
         }
-        Backend::Cloudhypervisor => bail!(
-            "UNKEY_METALD_BACKEND=cloudhypervisor: this backend is not available yet; use firecracker or qemu"
-        ),
+        Backend::Cloudhypervisor => {
+            use metald_vmm::cgroup::CgroupConfig;
+            use metald_vmm::cloudhypervisor::{CloudHypervisorBackend, CloudHypervisorConfig};
+            let binary = binary_or_path(
+                &config.cloud_hypervisor_binary,
+                "cloud-hypervisor",
+                "UNKEY_METALD_CLOUD_HYPERVISOR_BINARY",
+            )?;
+            let cgroups = config.cgroups_enabled.then(|| CgroupConfig {
+                version: config
+                    .cgroup_version
+                    .unwrap_or_else(metald_vmm::cgroup::host_version),
+                parent: config.cgroup_parent.clone(),
+            });
+            if let Some(v) = cgroups.as_ref().map(|c| c.version)
+                && !matches!(v, 1 | 2)
+            {
+                bail!("UNKEY_METALD_CGROUP_VERSION: must be 1 or 2, got {v}");
+            }
+            info!(binary = %binary.display(), cgroups = cgroups.is_some(), "using the Cloud Hypervisor backend");
+            let ch = CloudHypervisorBackend::new(CloudHypervisorConfig {
+                binary,
+                state_dir: config.data_dir.join("vms"),
+                boot_timeout: config.boot_timeout,
+                cgroups,
+                user: config.cloud_hypervisor_user,
+            })
+            .map_err(anyhow::Error::msg)?;
+            Ok(Arc::new(ch))
+        }
     }
 }
 
@@ -186,15 +213,6 @@ fn binary_or_path(
         None => metald_vmm::find_on_path(name)
             .with_context(|| format!("{var}: {name} is not on PATH; set {var} to its path")),
     }
-}
-
-/// 2 when the host's cgroup2 hierarchy offers the cpu and memory
-/// controllers, else 1.
-fn host_cgroup_version() -> u8 {
-    let controllers =
-        std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
-    let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
-    if has("cpu") && has("memory") { 2 } else { 1 }
 }
 
 fn billing_config(config: &Config) -> anyhow::Result<metald_billing::BillingConfig> {

@@ -156,7 +156,8 @@ type Case = fn(Backend) -> Result<(), Failed>;
 
 fn main() {
     let args = Arguments::from_args();
-    let cases: [(&str, Case); 3] = [
+    let cases: [(&str, Case); 4] = [
+        ("a_restarted_metald_adopts_its_running_vmms", restart_adopts),
         ("full_lifecycle_matches_the_vmms_own_view", full_lifecycle),
         (
             "a_vmm_killed_from_outside_is_reported_and_can_boot_again",
@@ -379,13 +380,34 @@ fn assert_gone(d: &Daemon, b: &Backend, id: &str, pids: &[i32]) {
     if b.kind == (Kind::Firecracker { jailed: true }) {
         let jail = d.data_dir.join("jailer/firecracker").join(id);
         assert!(!jail.exists(), "jail {} is left", jail.display());
-        for ctrl in ["cpu", "memory", "unified"] {
-            let cg = Path::new("/sys/fs/cgroup")
-                .join(ctrl)
-                .join("metald")
-                .join(id);
-            assert!(!cg.exists(), "cgroup {} is left", cg.display());
-        }
+    }
+    for cg in cgroup_dirs(id) {
+        assert!(!cg.exists(), "cgroup {} is left", cg.display());
+    }
+}
+
+/// Where a VM's cgroups are, on a v1 (cpu, memory) or v2 host.
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    ["cpu", "memory", ""]
+        .iter()
+        .map(|c| Path::new("/sys/fs/cgroup").join(c).join("metald").join(id))
+        .collect()
+}
+
+/// Asserts the VMM runs in the VM's own cgroups.
+fn assert_in_cgroups(id: &str, pid: i32) {
+    let homes: Vec<PathBuf> = cgroup_dirs(id)
+        .into_iter()
+        .filter(|d| d.join("cgroup.procs").exists())
+        .collect();
+    assert!(!homes.is_empty(), "no cgroup for {id}");
+    for d in homes {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "VMM {pid} is not in {}",
+            d.display()
+        );
     }
 }
 
@@ -408,6 +430,12 @@ fn full_lifecycle(b: Backend) -> Result<(), Failed> {
         let socket = socket_of(&v);
         check_vmm_config(b.kind, &socket, &assets);
         pids.push(pid_of(&v));
+        if matches!(
+            b.kind,
+            Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
+        ) {
+            assert_in_cgroups(id, pid_of(&v));
+        }
         if let Kind::Firecracker { jailed: true } = b.kind {
             let pid = pid_of(&v);
             let uid = v["backendInfo"]["uid"]
@@ -516,6 +544,42 @@ fn killed_vmm(b: Backend) -> Result<(), Failed> {
         d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
             .await;
         assert_gone(&d, &b, id, &[pid, again]);
+    });
+    Ok(())
+}
+
+fn restart_adopts(b: Backend) -> Result<(), Failed> {
+    block_on(async move {
+        let assets = Assets::load();
+        let mut d = daemon(&b);
+        let id = format!("adopt-{}", b.name.replace('_', "-"));
+        let id = id.as_str();
+        d.ok(
+            T,
+            "CreateVm",
+            json!({"vm_id": id, "config": config(&assets, None)}),
+        )
+        .await;
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        let pid = pid_of(&agree(&d, &b, id, "running").await);
+
+        // metald dies without a chance to clean up; its VMM lives on.
+        d.stop(Signal::KILL);
+        assert!(alive(pid), "the VMM outlives metald");
+        d.restart();
+        let v = agree(&d, &b, id, "running").await;
+        assert_eq!(pid_of(&v), pid, "the same process is adopted");
+        d.ok(T, "PauseVm", json!({"vm_id": id})).await;
+        agree(&d, &b, id, "paused").await;
+        d.ok(T, "ResumeVm", json!({"vm_id": id})).await;
+        agree(&d, &b, id, "running").await;
+        // An adopted VMM's exit is still noticed.
+        kill_process(Pid::from_raw(pid).unwrap(), Signal::KILL).unwrap();
+        wait_dead(pid);
+        assert_eq!(state_of(&info(&d, id).await), "VM_STATE_FAILED");
+        d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
+            .await;
+        assert_gone(&d, &b, id, &[pid]);
     });
     Ok(())
 }

@@ -31,41 +31,7 @@ pub struct BootSource {
     pub boot_args: Option<String>,
 }
 
-/// One token bucket of a rate limiter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenBucket {
-    /// Tokens (bytes or operations) per refill.
-    pub size: u64,
-    /// Extra tokens available once, at start.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub one_time_burst: Option<u64>,
-    /// Milliseconds to refill `size` tokens.
-    pub refill_time: u64,
-}
-
-/// A device's rate limiter: bandwidth (bytes) and/or operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct RateLimiter {
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub bandwidth: Option<TokenBucket>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub ops: Option<TokenBucket>,
-}
-
-impl RateLimiter {
-    /// A bandwidth limit of `bytes_per_sec` refilled every second; `None`
-    /// for 0 (unlimited).
-    pub fn bytes_per_sec(bytes_per_sec: u64) -> Option<Self> {
-        (bytes_per_sec > 0).then_some(RateLimiter {
-            bandwidth: Some(TokenBucket {
-                size: bytes_per_sec,
-                one_time_burst: None,
-                refill_time: 1000,
-            }),
-            ops: None,
-        })
-    }
-}
+pub use crate::ratelimit::{RateLimiter, TokenBucket};
 
 /// `PUT /drives/{drive_id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -135,78 +135,23 @@ pub fn place(
     })
 }
 
-/// Cgroup limits for a VM: CPU time of its vCPUs and its memory plus the
-/// VMM's own overhead.
+/// The jailer's `--cgroup` arguments: the VM's limits (see
+/// [`crate::cgroup::limits`]).
 pub fn cgroup_args(version: u8, spec: &VmSpec) -> Vec<String> {
-    const PERIOD_US: u64 = 100_000;
-    const OVERHEAD: u64 = 128 << 20;
-    let quota = PERIOD_US * u64::from(spec.vcpus);
-    let mem = spec.memory_bytes + OVERHEAD;
-    let props = if version == 2 {
-        vec![
-            format!("cpu.max={quota} {PERIOD_US}"),
-            format!("memory.max={mem}"),
-        ]
-    } else {
-        vec![
-            format!("cpu.cfs_period_us={PERIOD_US}"),
-            format!("cpu.cfs_quota_us={quota}"),
-            format!("memory.limit_in_bytes={mem}"),
-        ]
-    };
-    props
+    crate::cgroup::limits(version, spec.vcpus, spec.memory_bytes)
         .into_iter()
-        .flat_map(|p| ["--cgroup".to_owned(), p])
+        .flat_map(|(file, value)| ["--cgroup".to_owned(), format!("{file}={value}")])
         .collect()
 }
 
-/// The cgroup directories the jailer makes for a VM, found through the
-/// host's cgroup mounts (v1: one per controller; v2: one).
-pub fn cgroup_dirs(config: &JailerConfig, jail_id: &str) -> Vec<PathBuf> {
-    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
-        return Vec::new();
-    };
-    let mut dirs: Vec<PathBuf> = mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
-            let wanted = if config.cgroup_version == 2 {
-                kind == "cgroup2"
-            } else {
-                kind == "cgroup"
-            };
-            wanted.then(|| Path::new(at).join(&config.parent_cgroup).join(jail_id))
-        })
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    dirs
-}
-
-/// Removes a VM's cgroups once its process has exited. The kernel may
-/// report a cgroup busy for a moment after its last task was reaped, so a
-/// busy cgroup is retried for up to a second.
-pub async fn remove_cgroups(config: &JailerConfig, jail_id: &str) -> Result<(), String> {
-    for dir in cgroup_dirs(config, jail_id) {
-        let mut tries = 0;
-        loop {
-            match std::fs::remove_dir(&dir) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e)
-                    if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
-                        && tries < 50 =>
-                {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Err(e) => return Err(format!("removing cgroup {}: {e}", dir.display())),
-            }
+impl JailerConfig {
+    /// Where the jailer makes the VMs' cgroups.
+    pub fn cgroups(&self) -> crate::cgroup::CgroupConfig {
+        crate::cgroup::CgroupConfig {
+            version: self.cgroup_version,
+            parent: self.parent_cgroup.clone(),
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -39,8 +39,10 @@ use metald_core::vm::{VmId, VmSpec};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::cgroup;
 use crate::launch::{self, NotReady};
 use crate::process::{self, Children};
+use crate::ratelimit::RateLimiter;
 use api::{ActionType, ApiError, Client};
 use jailer::{Jail, JailerConfig};
 
@@ -116,33 +118,6 @@ fn refused(e: ApiError) -> BootError {
     }
 }
 
-/// A drive's rate limit from its `options` (`rate_limit_bytes_per_sec`,
-/// `rate_limit_ops_per_sec`).
-fn drive_limiter(options: &BTreeMap<String, String>) -> Result<Option<api::RateLimiter>, String> {
-    let num = |k: &str| -> Result<u64, String> {
-        options.get(k).map_or(Ok(0), |v| {
-            v.parse()
-                .map_err(|_| format!("storage option {k}={v:?} is not a whole number"))
-        })
-    };
-    let bytes = num("rate_limit_bytes_per_sec")?;
-    let ops = num("rate_limit_ops_per_sec")?;
-    if bytes == 0 && ops == 0 {
-        return Ok(None);
-    }
-    let bucket = |size: u64| {
-        (size > 0).then_some(api::TokenBucket {
-            size,
-            one_time_burst: None,
-            refill_time: 1000,
-        })
-    };
-    Ok(Some(api::RateLimiter {
-        bandwidth: bucket(bytes),
-        ops: bucket(ops),
-    }))
-}
-
 /// The VM a non-jailed Firecracker's command line serves: its API socket
 /// is `<state_dir>/<id>/firecracker.sock`.
 fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
@@ -161,9 +136,9 @@ fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
 impl FirecrackerBackend {
     /// Checks the binaries answer `--version` and prepares the directories.
     pub fn new(config: FirecrackerConfig) -> Result<Self, String> {
-        let version = version_of(&config.binary, "UNKEY_METALD_FIRECRACKER_BINARY")?;
+        let version = launch::version_of(&config.binary, "UNKEY_METALD_FIRECRACKER_BINARY")?;
         if let Some(j) = &config.jailer {
-            version_of(&j.binary, "UNKEY_METALD_JAILER_BINARY")?;
+            launch::version_of(&j.binary, "UNKEY_METALD_JAILER_BINARY")?;
             if j.uid_count == 0 {
                 return Err("UNKEY_METALD_JAILER_UID_COUNT: must be at least 1".into());
             }
@@ -389,7 +364,7 @@ impl FirecrackerBackend {
                 path_on_host: path,
                 is_root_device: d.is_root,
                 is_read_only: d.read_only,
-                rate_limiter: drive_limiter(&d.options).map_err(BootError::Refused)?,
+                rate_limiter: RateLimiter::from_options(&d.options).map_err(BootError::Refused)?,
             };
             fc.put(&format!("/drives/{}", d.id), &drive)
                 .await
@@ -455,7 +430,7 @@ impl FirecrackerBackend {
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
         if let (Some(jc), Some(jail)) = (&self.config.jailer, self.jail(id)) {
             jail.remove(id)?;
-            jailer::remove_cgroups(jc, jail_id.as_deref().unwrap_or(&jail.id)).await?;
+            cgroup::remove(&jc.cgroups(), jail_id.as_deref().unwrap_or(&jail.id)).await?;
         }
         Ok(())
     }
@@ -473,27 +448,6 @@ fn in_jail(pid: i32, jail_root: &Path) -> bool {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
-}
-
-/// First line of `<binary> --version`.
-fn version_of(binary: &Path, var: &str) -> Result<String, String> {
-    let out = std::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("{var}: cannot run {}: {e}", binary.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{var}: {} --version failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_owned())
 }
 
 #[async_trait]
@@ -621,12 +575,7 @@ impl Vmm for FirecrackerBackend {
     }
 
     async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
-        if rt.backend != NAME {
-            return Err(format!(
-                "recorded backend is {:?}, this metald runs {NAME}",
-                rt.backend
-            ));
-        }
+        launch::check_backend(rt, NAME)?;
         match self.jail(id) {
             // A jailed Firecracker sees its socket as /run/firecracker.socket;
             // its root directory (the jail, after pivot_root) tells which
@@ -676,7 +625,7 @@ impl Vmm for FirecrackerBackend {
         self.children.forget(rt.pid, rt.start_time);
         if let (Some(jc), Some(rec)) = (&self.config.jailer, self.jail_record(id)) {
             // The exited VMM's cgroups are empty now.
-            let _ = jailer::remove_cgroups(jc, &rec.jail_id).await;
+            let _ = cgroup::remove(&jc.cgroups(), &rec.jail_id).await;
         }
     }
 
@@ -808,25 +757,6 @@ mod tests {
         assert_eq!(
             vm_of_cmdline(&args("/var/lib/metald/vms/vm-1/x/firecracker.sock"), state),
             None
-        );
-    }
-
-    #[test]
-    fn drive_options_become_rate_limiters_and_bad_ones_are_named() {
-        let mut o = BTreeMap::new();
-        assert_eq!(drive_limiter(&o), Ok(None));
-        o.insert(
-            "rate_limit_bytes_per_sec".to_string(),
-            "1048576".to_string(),
-        );
-        let l = drive_limiter(&o).unwrap().unwrap();
-        assert_eq!(l.bandwidth.unwrap().size, 1048576);
-        assert_eq!(l.ops, None);
-        o.insert("rate_limit_ops_per_sec".to_string(), "many".to_string());
-        assert!(
-            drive_limiter(&o)
-                .unwrap_err()
-                .contains("rate_limit_ops_per_sec")
         );
     }
 

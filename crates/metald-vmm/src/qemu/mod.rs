@@ -94,28 +94,7 @@ fn vm_of_cmdline(args: &[String], state_dir: &str) -> Option<VmId> {
 impl QemuBackend {
     /// Checks the binary answers `--version` and prepares the state dir.
     pub fn new(config: QemuConfig) -> Result<Self, String> {
-        let out = std::process::Command::new(&config.binary)
-            .arg("--version")
-            .output()
-            .map_err(|e| {
-                format!(
-                    "UNKEY_METALD_QEMU_BINARY: cannot run {}: {e}",
-                    config.binary.display()
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!(
-                "UNKEY_METALD_QEMU_BINARY: {} --version failed: {}",
-                config.binary.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let version = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_owned();
+        let version = launch::version_of(&config.binary, "UNKEY_METALD_QEMU_BINARY")?;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
         Ok(QemuBackend {
@@ -253,12 +232,7 @@ impl Vmm for QemuBackend {
     }
 
     async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
-        if rt.backend != NAME {
-            return Err(format!(
-                "recorded backend is {:?}, this metald runs {NAME}",
-                rt.backend
-            ));
-        }
+        launch::check_backend(rt, NAME)?;
         launch::is_our_process(rt, &rt.socket.to_string_lossy())?;
         match qmp::status(&rt.socket).await?.as_str() {
             "running" => Ok(GuestStatus::Running),

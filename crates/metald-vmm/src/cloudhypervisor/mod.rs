@@ -1,0 +1,471 @@
+//! The Cloud Hypervisor backend: one `cloud-hypervisor` process per VM,
+//! configured over its REST API socket with typed requests ([`api`]).
+//!
+//! A VM's files live in `<state_dir>/<vm_id>/`: `ch.sock` (the API),
+//! `console.log` (the guest's serial port), `vmm.log` (Cloud Hypervisor's
+//! own output) and `vmm.json` (spawn record). There is no jailer, so
+//! metald puts each VMM into its own cgroups ([`crate::cgroup`]) between
+//! fork and exec, and runs it as a configured user where the host allows.
+//!
+//! Some of Cloud Hypervisor's calls act asynchronously, so after each
+//! state-changing call metald polls `vm.info` (bounded, with backoff) until
+//! the VM is in the state the call promises.
+//!
+//! | metald      | Cloud Hypervisor                                     |
+//! |-------------|------------------------------------------------------|
+//! | boot        | spawn, `vmm.ping`, `vm.create`, `vm.boot`            |
+//! | pause       | `vm.pause`, until `vm.info` says `Paused`            |
+//! | resume      | `vm.resume`, until `vm.info` says `Running`          |
+//! | reboot      | `vm.reboot`, until `vm.info` says `Running`          |
+//! | shutdown    | `vm.power-button`, SIGKILL after the timeout         |
+//! | force stop  | SIGKILL                                              |
+//! | delete      | SIGKILL, remove the VM directory and cgroups         |
+
+pub mod api;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use metald_core::ports::{
+    BootError, DeviceCounters, GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit,
+    VmmRuntime,
+};
+use metald_core::vm::{VmId, VmSpec};
+use tracing::warn;
+
+use crate::cgroup::{self, CgroupConfig};
+use crate::launch::{self, NotReady};
+use crate::process::{self, Children};
+use crate::ratelimit::RateLimiter;
+use api::{ApiError, Client};
+
+/// The backend's name in `UNKEY_METALD_BACKEND` and `backend_info`.
+pub const NAME: &str = "cloudhypervisor";
+
+/// Kernel arguments used when a VM gives none.
+pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1";
+
+/// How long a state change may take to show in `vm.info`.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Settings of the Cloud Hypervisor backend.
+#[derive(Debug, Clone)]
+pub struct CloudHypervisorConfig {
+    /// The `cloud-hypervisor` binary.
+    pub binary: PathBuf,
+    /// Parent of the per-VM directories.
+    pub state_dir: PathBuf,
+    /// How long Cloud Hypervisor may take to answer on its socket.
+    pub boot_timeout: Duration,
+    /// Per-VM cgroups; `None` leaves VMMs in metald's own cgroup.
+    pub cgroups: Option<CgroupConfig>,
+    /// Run VMMs as this uid and gid instead of metald's.
+    pub user: Option<(u32, u32)>,
+}
+
+/// The Cloud Hypervisor backend.
+pub struct CloudHypervisorBackend {
+    config: CloudHypervisorConfig,
+    version: String,
+    children: Children,
+}
+
+fn refused(e: ApiError) -> BootError {
+    match e {
+        ApiError::Refused { .. } => BootError::Refused(e.to_string()),
+        ApiError::Call(m) => BootError::Failed(m),
+    }
+}
+
+/// The VM a Cloud Hypervisor's command line serves: its API socket is
+/// `<state_dir>/<id>/ch.sock`.
+fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
+    let sock = args
+        .iter()
+        .position(|a| a == "--api-socket")
+        .and_then(|i| args.get(i + 1))?;
+    let sock = sock.strip_prefix("path=").unwrap_or(sock);
+    let rel = Path::new(sock).strip_prefix(state_dir).ok()?;
+    let mut parts = rel.components();
+    let id = parts.next()?.as_os_str().to_str()?;
+    (parts.as_path() == Path::new("ch.sock"))
+        .then(|| VmId::parse(id, "dir").ok())
+        .flatten()
+}
+
+/// The `vm.create` body for a VM.
+fn vm_config(spec: &VmSpec, console: &Path) -> Result<api::VmConfig, String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let mut disks = Vec::new();
+    for d in &spec.disks {
+        disks.push(api::Disk {
+            id: d.id.clone(),
+            path: path(&d.path),
+            readonly: d.read_only,
+            rate_limiter_config: RateLimiter::from_options(&d.options)?,
+        });
+    }
+    // Cloud Hypervisor has one rate limiter per interface for both
+    // directions; metald's tc limits on the host side hold each direction.
+    let net = spec
+        .nics
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            n.attachment.as_ref().map(|att| api::Net {
+                id: format!("net{i}"),
+                tap: att.tap.clone(),
+                mac: Some(att.mac.clone()),
+                rate_limiter_config: None,
+            })
+        })
+        .collect();
+    Ok(api::VmConfig {
+        cpus: api::Cpus {
+            boot_vcpus: spec.vcpus,
+            max_vcpus: spec.vcpus,
+        },
+        memory: api::Memory {
+            size: spec.memory_bytes,
+        },
+        payload: api::Payload {
+            kernel: path(&spec.kernel),
+            initramfs: spec.initrd.as_deref().map(path),
+            cmdline: Some(launch::kernel_cmdline(spec, DEFAULT_KERNEL_ARGS)),
+        },
+        disks,
+        net,
+        serial: api::Console {
+            mode: "File".into(),
+            file: Some(path(console)),
+        },
+        console: api::Console {
+            mode: "Off".into(),
+            file: None,
+        },
+    })
+}
+
+/// Polls `vm.info` (5 ms doubling to 100 ms, at most [`SETTLE`]) until the
+/// VM is in `want`.
+async fn settle(socket: &Path, want: &str) -> Result<(), String> {
+    let mut last = String::from("no answer");
+    let mut delay = Duration::from_millis(5);
+    let wait = async {
+        loop {
+            match Client::new(socket).info().await {
+                Ok(i) if i.state == want => return,
+                Ok(i) => last = format!("state {:?}", i.state),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    };
+    tokio::time::timeout(SETTLE, wait)
+        .await
+        .map_err(|_| format!("cloud-hypervisor did not reach {want:?} within {SETTLE:?}: {last}"))
+}
+
+impl CloudHypervisorBackend {
+    /// Checks the binary answers `--version` and prepares the state dir.
+    pub fn new(config: CloudHypervisorConfig) -> Result<Self, String> {
+        let version = launch::version_of(&config.binary, "UNKEY_METALD_CLOUD_HYPERVISOR_BINARY")?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
+        Ok(CloudHypervisorBackend {
+            config,
+            version,
+            children: Children::default(),
+        })
+    }
+
+    fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.config.state_dir.join(id.as_str())
+    }
+
+    /// Spawns the VMM (in its namespace and cgroups, as its user).
+    fn spawn(
+        &self,
+        id: &VmId,
+        spec: &VmSpec,
+        dir: &Path,
+        socket: &Path,
+    ) -> Result<VmmRuntime, String> {
+        let mut cmd = tokio::process::Command::new(&self.config.binary);
+        cmd.arg("--api-socket")
+            .arg(format!("path={}", socket.display()));
+        if let Some(att) = spec.nics.iter().find_map(|n| n.attachment.as_ref()) {
+            launch::join_netns_on_exec(&mut cmd, &att.netns).map_err(|e| e.to_string())?;
+        }
+        if let Some(cg) = &self.config.cgroups {
+            let procs = cgroup::create(cg, id.as_str(), spec.vcpus, spec.memory_bytes)?;
+            cgroup::join_on_exec(&mut cmd, procs);
+        }
+        if let Some((uid, gid)) = self.config.user {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .map_err(|e| format!("handing {} to uid {uid}: {e}", dir.display()))?;
+            cmd.uid(uid).gid(gid);
+        }
+        let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| e.to_string())?;
+        cmd.current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        let rec = launch::spawn_recorded(&self.children, cmd, dir)
+            .map_err(|e| format!("starting {}: {e}", self.config.binary.display()))?;
+        Ok(VmmRuntime {
+            backend: NAME.into(),
+            pid: rec.pid,
+            start_time: rec.start_time,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    async fn create_and_boot(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        rt: &VmmRuntime,
+    ) -> Result<(), BootError> {
+        launch::until_ready(&self.children, rt, self.config.boot_timeout, || {
+            let socket = rt.socket.clone();
+            async move { Client::new(&socket).ping().await.map_err(|e| e.to_string()) }
+        })
+        .await
+        .map_err(|e| match e {
+            NotReady::Exited(how) => BootError::Refused(format!(
+                "cloud-hypervisor {how} while starting: {}",
+                launch::log_tail(&dir.join("vmm.log"), 5)
+            )),
+            NotReady::TimedOut(last) => BootError::Failed(format!(
+                "cloud-hypervisor did not answer on {} within {:?}: {last}",
+                rt.socket.display(),
+                self.config.boot_timeout
+            )),
+        })?;
+        let config = vm_config(spec, &dir.join("console.log")).map_err(BootError::Refused)?;
+        let ch = Client::new(&rt.socket);
+        ch.put("vm.create", Some(&config)).await.map_err(refused)?;
+        ch.action("vm.boot").await.map_err(refused)?;
+        settle(&rt.socket, "Running")
+            .await
+            .map_err(BootError::Failed)
+    }
+
+    /// A state-changing call, then `vm.info` until the VM is in `want`.
+    async fn change(&self, rt: &VmmRuntime, call: &str, want: &str) -> Result<(), PortError> {
+        Client::new(&rt.socket)
+            .action(call)
+            .await
+            .map_err(|e| e.to_string())?;
+        settle(&rt.socket, want).await
+    }
+
+    async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), String> {
+        launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
+        if let Some(cg) = &self.config.cgroups {
+            cgroup::remove(cg, id.as_str()).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Vmm for CloudHypervisorBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
+        let dir = self.vm_dir(id);
+        let socket = dir.join("ch.sock");
+        launch::check_socket_path(&socket)?;
+        launch::fresh_dir(&dir)?;
+        let rt = match self.spawn(id, spec, &dir, &socket) {
+            Ok(rt) => rt,
+            Err(e) => {
+                if let Err(c) = self.remove_all(id, None).await {
+                    warn!(vm_id = %id, error = %c, "cleanup after a failed start failed");
+                }
+                return Err(BootError::Failed(e));
+            }
+        };
+        match self.create_and_boot(spec, &dir, &rt).await {
+            Ok(()) => Ok(rt),
+            Err(e) => {
+                warn!(vm_id = %id, error = %e, "cloud-hypervisor failed to start the guest");
+                if let Err(c) = self.remove_all(id, Some(&rt)).await {
+                    warn!(vm_id = %id, error = %c, "cleanup after a failed start failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+        self.change(rt, "vm.pause", "Paused").await
+    }
+
+    async fn resume(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+        self.change(rt, "vm.resume", "Running").await
+    }
+
+    async fn reboot(
+        &self,
+        _id: &VmId,
+        _spec: &VmSpec,
+        rt: &VmmRuntime,
+    ) -> Result<VmmRuntime, BootError> {
+        self.change(rt, "vm.reboot", "Running").await?;
+        Ok(rt.clone())
+    }
+
+    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError> {
+        // A guest that powers off makes Cloud Hypervisor exit.
+        launch::stop(&self.children, rt, mode, "ACPI power button", || async {
+            Client::new(&rt.socket)
+                .action("vm.power-button")
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+        self.remove_all(id, rt).await
+    }
+
+    async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        launch::check_backend(rt, NAME)?;
+        launch::is_our_process(rt, &rt.socket.to_string_lossy())?;
+        let info = Client::new(&rt.socket)
+            .info()
+            .await
+            .map_err(|e| e.to_string())?;
+        match info.state.as_str() {
+            "Running" => Ok(GuestStatus::Running),
+            "Paused" => Ok(GuestStatus::Paused),
+            other => Err(format!("guest is in Cloud Hypervisor state {other:?}")),
+        }
+    }
+
+    fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
+        self.children.wait_exit(rt.pid, rt.start_time)
+    }
+
+    fn is_alive(&self, rt: &VmmRuntime) -> bool {
+        process::is_alive(rt.pid, rt.start_time)
+    }
+
+    async fn release(&self, id: &VmId, rt: &VmmRuntime) {
+        let _ = std::fs::remove_file(&rt.socket);
+        self.children.forget(rt.pid, rt.start_time);
+        if let Some(cg) = &self.config.cgroups {
+            let _ = cgroup::remove(cg, id.as_str()).await;
+        }
+    }
+
+    async fn scan(&self) -> HostResources {
+        let state_dir = self.config.state_dir.clone();
+        HostResources {
+            processes: launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
+            dirs: launch::vm_dirs(&self.config.state_dir),
+        }
+    }
+
+    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {
+        self.children.kill(pid, start_time).await?;
+        self.children.forget(pid, start_time);
+        Ok(())
+    }
+
+    async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String> {
+        let mut info = BTreeMap::new();
+        info.insert("vmm".into(), NAME.into());
+        info.insert("vmm_version".into(), self.version.clone());
+        let console = self.vm_dir(id).join("console.log");
+        if console.exists() {
+            info.insert("console_log".into(), console.to_string_lossy().into_owned());
+        }
+        if let Some(rt) = rt {
+            info.insert("pid".into(), rt.pid.to_string());
+            info.insert("socket".into(), rt.socket.to_string_lossy().into_owned());
+            let alive = process::is_alive(rt.pid, rt.start_time);
+            info.insert("process_alive".into(), alive.to_string());
+            if alive {
+                let ch = Client::new(&rt.socket);
+                if let Ok(i) = ch.info().await {
+                    info.insert("vmm_state".into(), i.state);
+                }
+                if let Ok(p) = ch.ping().await {
+                    info.insert("vmm_version".into(), p.version);
+                    if !p.build_version.is_empty() {
+                        info.insert("vmm_build".into(), p.build_version);
+                    }
+                }
+            }
+        }
+        info
+    }
+
+    async fn counters(&self, _id: &VmId, rt: &VmmRuntime) -> Option<DeviceCounters> {
+        let all: api::Counters = Client::new(&rt.socket).get("vm.counters").await.ok()?;
+        Some(sum_counters(&all))
+    }
+}
+
+/// Totals over every device of `vm.counters`.
+fn sum_counters(all: &api::Counters) -> DeviceCounters {
+    let mut c = DeviceCounters::default();
+    let sum = |k: &str| all.values().filter_map(|d| d.get(k)).sum::<u64>();
+    c.disk_read_bytes = sum("read_bytes");
+    c.disk_write_bytes = sum("write_bytes");
+    c.net_rx_bytes = sum("rx_bytes");
+    c.net_tx_bytes = sum("tx_bytes");
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_only_its_own_cloud_hypervisors() {
+        let args = |sock: &str| -> Vec<String> {
+            ["cloud-hypervisor", "--api-socket", sock]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let state = Path::new("/var/lib/metald/vms");
+        assert_eq!(
+            vm_of_cmdline(&args("path=/var/lib/metald/vms/vm-1/ch.sock"), state),
+            Some(VmId::parse("vm-1", "t").unwrap())
+        );
+        assert_eq!(
+            vm_of_cmdline(&args("path=/elsewhere/vm-1/ch.sock"), state),
+            None
+        );
+    }
+
+    #[test]
+    fn counters_are_summed_over_devices() {
+        let text = r#"{"root":{"read_bytes":10,"write_bytes":2,"read_ops":1},
+            "data":{"read_bytes":5,"write_bytes":0},
+            "net0":{"rx_bytes":7,"tx_bytes":9,"rx_frames":1}}"#;
+        let all: api::Counters = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            sum_counters(&all),
+            DeviceCounters {
+                disk_read_bytes: 15,
+                disk_write_bytes: 2,
+                net_rx_bytes: 7,
+                net_tx_bytes: 9,
+            }
+        );
+    }
+}
