@@ -123,12 +123,20 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
         Backend::Firecracker => {
             use metald_vmm::firecracker::jailer::JailerConfig;
             use metald_vmm::firecracker::{FirecrackerBackend, FirecrackerConfig};
+            // The jailer rule first: it holds whether or not the binaries
+            // are installed yet.
+            let root = rustix::process::geteuid().is_root();
+            if root && config.jailer_enabled.is_none() {
+                bail!(
+                    "UNKEY_METALD_JAILER_ENABLED: refusing to run Firecracker as root without the jailer; \
+                     set it to true (recommended) or to false to accept running VMMs as root"
+                );
+            }
             let binary = binary_or_path(
                 &config.firecracker_binary,
                 "firecracker",
                 "UNKEY_METALD_FIRECRACKER_BINARY",
             )?;
-            let root = rustix::process::geteuid().is_root();
             let jailer = match config.jailer_enabled {
                 Some(true) => Some(JailerConfig {
                     binary: binary_or_path(
@@ -147,10 +155,6 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
                         .unwrap_or_else(metald_vmm::cgroup::host_version),
                     parent_cgroup: config.jailer_parent_cgroup.clone(),
                 }),
-                None if root => bail!(
-                    "UNKEY_METALD_JAILER_ENABLED: refusing to run Firecracker as root without the jailer; \
-                     set it to true (recommended) or to false to accept running VMMs as root"
-                ),
                 Some(false) if root => {
                     warn!(
                         "Firecracker runs as root without the jailer (UNKEY_METALD_JAILER_ENABLED=false)"

@@ -156,7 +156,8 @@ type Case = fn(Backend) -> Result<(), Failed>;
 
 fn main() {
     let args = Arguments::from_args();
-    let cases: [(&str, Case); 4] = [
+    let cases: [(&str, Case); 5] = [
+        ("a_networked_vm_runs_in_its_namespace_on_its_tap", networked),
         ("a_restarted_metald_adopts_its_running_vmms", restart_adopts),
         ("full_lifecycle_matches_the_vmms_own_view", full_lifecycle),
         (
@@ -187,6 +188,14 @@ fn main() {
             );
         }
     }
+    let root = rustix::process::geteuid().is_root();
+    trials.push(
+        Trial::test(
+            "firecracker::as_root_without_an_explicit_jailer_setting_metald_refuses_to_start",
+            refuses_root_without_jailer,
+        )
+        .with_ignored_flag(!root),
+    );
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -202,6 +211,50 @@ fn daemon(b: &Backend) -> Daemon {
     let mut args: Vec<&str> = vec!["--auth-mode", "dev"];
     args.extend(b.args.iter().map(String::as_str));
     Daemon::start_with(&args)
+}
+
+/// A host bridge and subnets of one trial's own, removed afterwards.
+struct Lan {
+    bridge: String,
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// metald with networking on, on a bridge and subnets no other trial uses.
+fn networked_daemon(b: &Backend, n: u8) -> (Daemon, Lan) {
+    let tag = (std::process::id() % 200) as u8;
+    let lan = Lan {
+        bridge: format!("mtbk{n}{tag}"),
+    };
+    let v4 = format!("10.{}.{tag}.0/24", 240 + n);
+    let v6 = format!("fd00:6b6e:{n:x}:{tag:x}::/64");
+    let mut args: Vec<&str> = vec![
+        "--auth-mode",
+        "dev",
+        "--network-enabled",
+        "true",
+        "--network-bridge",
+        &lan.bridge,
+        "--network-ipv4-subnet",
+        &v4,
+        "--network-ipv6-subnet",
+        &v6,
+    ];
+    args.extend(b.args.iter().map(String::as_str));
+    (Daemon::start_with(&args), lan)
+}
+
+/// A file's (device, inode), to compare namespaces and directories.
+fn file_id(path: &str) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    (m.dev(), m.ino())
 }
 
 /// A config for the test guest; `kernel` replaces the kernel path.
@@ -430,6 +483,11 @@ fn full_lifecycle(b: Backend) -> Result<(), Failed> {
         let socket = socket_of(&v);
         check_vmm_config(b.kind, &socket, &assets);
         pids.push(pid_of(&v));
+        if b.kind != Kind::Qemu {
+            // Disk and network metrics come from the VMM's own counters
+            // (Firecracker's metrics FIFO, Cloud Hypervisor's vm.counters).
+            assert_eq!(v["backendInfo"]["device_counters"], "vmm", "{v}");
+        }
         if matches!(
             b.kind,
             Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
@@ -548,6 +606,75 @@ fn killed_vmm(b: Backend) -> Result<(), Failed> {
     Ok(())
 }
 
+fn networked(b: Backend) -> Result<(), Failed> {
+    block_on(async move {
+        let assets = Assets::load();
+        let n = match b.kind {
+            Kind::Qemu => 0,
+            Kind::Firecracker { jailed: false } => 1,
+            Kind::Firecracker { jailed: true } => 2,
+            Kind::CloudHypervisor => 3,
+        };
+        let (d, _lan) = networked_daemon(&b, n);
+        let id = format!("net-{}", b.name.replace('_', "-"));
+        let id = id.as_str();
+        let mut c = config(&assets, None);
+        c["network"] = json!([{"id": "eth0", "ipv4_config": {}, "ipv6_config": {}}]);
+        d.ok(T, "CreateVm", json!({"vm_id": id, "config": c})).await;
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        let v = agree(&d, &b, id, "running").await;
+        let net = &v["networkInfo"];
+        let (ns, tap) = (
+            net["networkNamespace"]
+                .as_str()
+                .expect("namespace")
+                .to_owned(),
+            net["tapDevice"].as_str().expect("tap").to_owned(),
+        );
+        let mac = net["macAddress"].as_str().expect("mac").to_owned();
+        // The VMM runs inside the VM's namespace ...
+        let pid = pid_of(&v);
+        assert_eq!(
+            file_id(&format!("/proc/{pid}/ns/net")),
+            file_id(&format!("/run/netns/{ns}")),
+            "VMM {pid} runs in namespace {ns}"
+        );
+        // ... and drives the TAP metald made there, with metald's MAC.
+        let socket = socket_of(&v);
+        match b.kind {
+            Kind::Firecracker { .. } => {
+                let c = curl(&socket, "GET", "/vm/config");
+                let nic = &c["network-interfaces"][0];
+                assert_eq!(nic["host_dev_name"], tap.as_str(), "{c}");
+                assert_eq!(nic["guest_mac"], mac.as_str(), "{c}");
+                let args = c["boot-source"]["boot_args"].as_str().unwrap_or_default();
+                let v4 = net["ipAddress"]
+                    .as_str()
+                    .unwrap()
+                    .split(',')
+                    .next()
+                    .unwrap();
+                assert!(args.contains(&format!("ip={v4}:")), "{args}");
+            }
+            Kind::CloudHypervisor => {
+                let i = curl(&socket, "GET", "/api/v1/vm.info");
+                let nic = &i["config"]["net"][0];
+                assert_eq!(nic["tap"], tap.as_str(), "{i}");
+                assert_eq!(nic["mac"], mac.as_str(), "{i}");
+            }
+            Kind::Qemu => {}
+        }
+        d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
+            .await;
+        assert_gone(&d, &b, id, &[pid]);
+        assert!(
+            !Path::new("/run/netns").join(&ns).exists(),
+            "namespace {ns} removed"
+        );
+    });
+    Ok(())
+}
+
 fn restart_adopts(b: Backend) -> Result<(), Failed> {
     block_on(async move {
         let assets = Assets::load();
@@ -581,6 +708,34 @@ fn restart_adopts(b: Backend) -> Result<(), Failed> {
             .await;
         assert_gone(&d, &b, id, &[pid]);
     });
+    Ok(())
+}
+
+/// As root, Firecracker without the jailer must be chosen explicitly.
+fn refuses_root_without_jailer() -> Result<(), Failed> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(harness::bin())
+        .args([
+            "--backend",
+            "firecracker",
+            "--auth-mode",
+            "dev",
+            "--port",
+            "0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("UNKEY_METALD_JAILER_ENABLED")
+        .env("UNKEY_METALD_BILLING_ENABLED", "false")
+        .env("UNKEY_METALD_NETWORK_ENABLED", "false")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "metald started: {stderr}");
+    assert!(
+        stderr.contains("UNKEY_METALD_JAILER_ENABLED"),
+        "the error names the setting: {stderr}"
+    );
     Ok(())
 }
 
