@@ -77,6 +77,21 @@ pub fn existing(config: &CgroupConfig, name: &str) -> Vec<PathBuf> {
     dirs
 }
 
+/// The names of every cgroup under `parent`, in any hierarchy: what the
+/// reconciler compares with the VM rows.
+pub fn names(config: &CgroupConfig) -> Vec<String> {
+    let mut out: Vec<String> = mounts(config.version)
+        .into_iter()
+        .filter_map(|(at, _)| std::fs::read_dir(at.join(&config.parent)).ok())
+        .flat_map(|entries| entries.flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Makes cgroup `name` with the VM's limits; returns the opened
 /// `cgroup.procs` files the VMM writes itself into before exec.
 pub fn create(
@@ -250,8 +265,10 @@ mod tests {
         assert!(quota.starts_with("100000"), "{quota}");
         child.kill().await.unwrap();
         child.wait().await.unwrap();
+        assert!(names(&config).contains(&name), "found by the sweep");
         remove(&config, &name).await.unwrap();
         assert!(existing(&config, &name).is_empty());
+        assert!(!names(&config).contains(&name));
         for (at, _) in mounts(config.version) {
             let _ = std::fs::remove_dir(at.join(&config.parent));
         }

@@ -26,6 +26,13 @@ use serde_json::{Value, json};
 
 const T: &str = "dev_customer_suite";
 
+/// A metald sweeps the cgroups under its parent that none of its VMs
+/// claims, so daemons running side by side (as the trials do) each get a
+/// parent of their own, named after the trial's VM.
+fn cgroup_parent(id: &str) -> String {
+    format!("metald-suite-{id}")
+}
+
 /// A backend as the suite runs it.
 #[derive(Clone)]
 struct Backend {
@@ -156,7 +163,8 @@ type Case = fn(Backend) -> Result<(), Failed>;
 
 fn main() {
     let args = Arguments::from_args();
-    let cases: [(&str, Case); 5] = [
+    let cases: [(&str, Case); 6] = [
+        ("what_no_vm_row_claims_is_swept_at_start", orphans_swept),
         ("a_networked_vm_runs_in_its_namespace_on_its_tap", networked),
         ("a_restarted_metald_adopts_its_running_vmms", restart_adopts),
         ("full_lifecycle_matches_the_vmms_own_view", full_lifecycle),
@@ -207,8 +215,16 @@ fn block_on<F: std::future::Future<Output = ()>>(f: F) {
         .block_on(f);
 }
 
-fn daemon(b: &Backend) -> Daemon {
-    let mut args: Vec<&str> = vec!["--auth-mode", "dev"];
+fn daemon(b: &Backend, id: &str) -> Daemon {
+    let parent = cgroup_parent(id);
+    let mut args: Vec<&str> = vec![
+        "--auth-mode",
+        "dev",
+        "--cgroup-parent",
+        &parent,
+        "--jailer-parent-cgroup",
+        &parent,
+    ];
     args.extend(b.args.iter().map(String::as_str));
     Daemon::start_with(&args)
 }
@@ -227,7 +243,8 @@ impl Drop for Lan {
 }
 
 /// metald with networking on, on a bridge and subnets no other trial uses.
-fn networked_daemon(b: &Backend, n: u8) -> (Daemon, Lan) {
+fn networked_daemon(b: &Backend, n: u8, id: &str) -> (Daemon, Lan) {
+    let parent = cgroup_parent(id);
     let tag = (std::process::id() % 200) as u8;
     let lan = Lan {
         bridge: format!("mtbk{n}{tag}"),
@@ -245,6 +262,10 @@ fn networked_daemon(b: &Backend, n: u8) -> (Daemon, Lan) {
         &v4,
         "--network-ipv6-subnet",
         &v6,
+        "--cgroup-parent",
+        &parent,
+        "--jailer-parent-cgroup",
+        &parent,
     ];
     args.extend(b.args.iter().map(String::as_str));
     (Daemon::start_with(&args), lan)
@@ -436,6 +457,10 @@ fn assert_gone(d: &Daemon, b: &Backend, id: &str, pids: &[i32]) {
     }
     for cg in cgroup_dirs(id) {
         assert!(!cg.exists(), "cgroup {} is left", cg.display());
+        // The trial's own parent goes too (the jailer or metald made it).
+        if let Some(parent) = cg.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
@@ -443,7 +468,12 @@ fn assert_gone(d: &Daemon, b: &Backend, id: &str, pids: &[i32]) {
 fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     ["cpu", "memory", ""]
         .iter()
-        .map(|c| Path::new("/sys/fs/cgroup").join(c).join("metald").join(id))
+        .map(|c| {
+            Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join(cgroup_parent(id))
+                .join(id)
+        })
         .collect()
 }
 
@@ -467,9 +497,9 @@ fn assert_in_cgroups(id: &str, pid: i32) {
 fn full_lifecycle(b: Backend) -> Result<(), Failed> {
     block_on(async move {
         let assets = Assets::load();
-        let d = daemon(&b);
         let id = format!("life-{}", b.name.replace('_', "-"));
         let id = id.as_str();
+        let d = daemon(&b, id);
         d.ok(
             T,
             "CreateVm",
@@ -576,9 +606,9 @@ fn socket_of_or(v: &Value, fallback: &str) -> String {
 fn killed_vmm(b: Backend) -> Result<(), Failed> {
     block_on(async move {
         let assets = Assets::load();
-        let d = daemon(&b);
         let id = format!("kill-{}", b.name.replace('_', "-"));
         let id = id.as_str();
+        let d = daemon(&b, id);
         d.ok(
             T,
             "CreateVm",
@@ -615,9 +645,9 @@ fn networked(b: Backend) -> Result<(), Failed> {
             Kind::Firecracker { jailed: true } => 2,
             Kind::CloudHypervisor => 3,
         };
-        let (d, _lan) = networked_daemon(&b, n);
         let id = format!("net-{}", b.name.replace('_', "-"));
         let id = id.as_str();
+        let (d, _lan) = networked_daemon(&b, n, id);
         let mut c = config(&assets, None);
         c["network"] = json!([{"id": "eth0", "ipv4_config": {}, "ipv6_config": {}}]);
         d.ok(T, "CreateVm", json!({"vm_id": id, "config": c})).await;
@@ -675,12 +705,64 @@ fn networked(b: Backend) -> Result<(), Failed> {
     Ok(())
 }
 
+fn orphans_swept(b: Backend) -> Result<(), Failed> {
+    block_on(async move {
+        let assets = Assets::load();
+        let id = format!("orph-{}", b.name.replace('_', "-"));
+        let id = id.as_str();
+        let mut d = daemon(&b, id);
+        d.ok(
+            T,
+            "CreateVm",
+            json!({"vm_id": id, "config": config(&assets, None)}),
+        )
+        .await;
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        let pid = pid_of(&agree(&d, &b, id, "running").await);
+
+        // A crash loses the row while the VMM, its files and cgroups stay;
+        // another crash left a cgroup of a VM that never got a row.
+        d.stop(Signal::KILL);
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+                 c.execute('delete from vms where vm_id=?',(sys.argv[2],)); c.commit()",
+            ])
+            .arg(d.data_dir.join("metald.db"))
+            .arg(id)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let ghost: Vec<PathBuf> = cgroup_dirs(id)
+            .into_iter()
+            .filter(|c| c.exists())
+            .map(|c| c.with_file_name("ghost-vm"))
+            .collect();
+        for g in &ghost {
+            std::fs::create_dir(g).unwrap();
+        }
+        assert!(alive(pid));
+
+        // The start-up pass removes all of it before the API serves.
+        d.restart();
+        assert!(!alive(pid), "orphan VMM {pid} killed");
+        for g in &ghost {
+            assert!(!g.exists(), "orphan cgroup {} removed", g.display());
+        }
+        assert_gone(&d, &b, id, &[pid]);
+        let e = d.call(T, "GetVmInfo", json!({"vm_id": id})).await;
+        assert_eq!(e.unwrap_err().0, "not_found");
+    });
+    Ok(())
+}
+
 fn restart_adopts(b: Backend) -> Result<(), Failed> {
     block_on(async move {
         let assets = Assets::load();
-        let mut d = daemon(&b);
         let id = format!("adopt-{}", b.name.replace('_', "-"));
         let id = id.as_str();
+        let mut d = daemon(&b, id);
         d.ok(
             T,
             "CreateVm",
@@ -742,9 +824,9 @@ fn refuses_root_without_jailer() -> Result<(), Failed> {
 fn refused_config(b: Backend) -> Result<(), Failed> {
     block_on(async move {
         let assets = Assets::load();
-        let d = daemon(&b);
         let id = format!("refused-{}", b.name.replace('_', "-"));
         let id = id.as_str();
+        let d = daemon(&b, id);
         // A regular file that is no kernel: metald's validation accepts it,
         // the VMM refuses it.
         d.ok(

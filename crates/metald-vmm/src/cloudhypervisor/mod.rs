@@ -371,9 +371,20 @@ impl Vmm for CloudHypervisorBackend {
 
     async fn scan(&self) -> HostResources {
         let state_dir = self.config.state_dir.clone();
+        let mut dirs = launch::vm_dirs(&self.config.state_dir);
+        // A cgroup left by a crash is found by its name, the VM id.
+        if let Some(cg) = &self.config.cgroups {
+            dirs.extend(
+                cgroup::names(cg)
+                    .iter()
+                    .filter_map(|n| VmId::parse(n, "cgroup").ok()),
+            );
+            dirs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            dirs.dedup();
+        }
         HostResources {
             processes: launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
-            dirs: launch::vm_dirs(&self.config.state_dir),
+            dirs,
         }
     }
 

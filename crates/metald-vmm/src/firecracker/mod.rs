@@ -654,6 +654,8 @@ impl Vmm for FirecrackerBackend {
                         }
                     }
                 }
+                // Cgroups the jailer made, named by jail id.
+                dirs.extend(cgroup::names(&jc.cgroups()).iter().filter_map(|n| to_vm(n)));
                 let mut found = Vec::new();
                 for (pid, start_time, args) in launch::live_processes() {
                     // `--id <jail id>`, and rooted in that jail.
