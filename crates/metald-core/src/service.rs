@@ -864,6 +864,27 @@ impl VmService {
                 }
             }
         }
+        // A create that failed and could not undo its wiring leaves its row
+        // marked; with no operation holding the VM, nothing else will
+        // finish it, so roll it back (the create holds the lock from before
+        // its insert to its last write, so it is never raced).
+        for vm in self.inner.store.all().await.map_err(store_err)? {
+            if vm.pending != Some(Pending::Create) {
+                continue;
+            }
+            let Ok(_guard) = self.lock_for(&vm.id).try_lock_owned() else {
+                continue;
+            };
+            match self.inner.store.get(&vm.id).await.map_err(store_err)? {
+                Some(v) if v.pending == Some(Pending::Create) => {
+                    self.unwire(&v.id, v.spec.nics.len()).await?;
+                    self.inner.store.remove(&v.id).await.map_err(store_err)?;
+                    info!(vm_id = %v.id, "rolled back a create that could not undo itself");
+                    report.abandoned_creates += 1;
+                }
+                _ => {}
+            }
+        }
         let host = vmm.scan().await;
         let mut suspects = HashSet::new();
         let previous = std::mem::take(
@@ -1006,6 +1027,8 @@ pub struct ReconcileReport {
     pub orphan_dirs: usize,
     /// Unclaimed network devices / address leases removed (per VM).
     pub orphan_networks: usize,
+    /// Creates whose own rollback failed, rolled back now.
+    pub abandoned_creates: usize,
 }
 
 /// What [`VmService::recover`] found.

@@ -326,6 +326,10 @@ fn check_kernel_args(args: &str) -> Result<()> {
     Ok(())
 }
 
+/// Storage options that set a device's rate limit (bytes and operations
+/// per second; Firecracker and Cloud Hypervisor apply them).
+pub const DISK_RATE_OPTIONS: [&str; 2] = ["rate_limit_bytes_per_sec", "rate_limit_ops_per_sec"];
+
 fn check_disks(disks: &[DiskInput]) -> Result<Vec<DiskSpec>> {
     if disks.len() > MAX_DISKS {
         return Err(Error::invalid(
@@ -363,6 +367,17 @@ fn check_disks(disks: &[DiskInput]) -> Result<Vec<DiskSpec>> {
                 format!("config.storage[{i}].is_root_device"),
                 "only one device may be the root device",
             ));
+        }
+        // Options backends act on must parse (the rest pass through).
+        for key in DISK_RATE_OPTIONS {
+            if let Some(v) = d.options.get(key)
+                && v.parse::<u64>().is_err()
+            {
+                return Err(Error::invalid(
+                    format!("config.storage[{i}].options.{key}"),
+                    format!("must be a whole number, got {v:?}"),
+                ));
+            }
         }
         out.push(DiskSpec {
             id,
@@ -537,6 +552,29 @@ mod tests {
         .unwrap();
         assert_eq!(spec.disks[0].id, "disk1");
         assert!(spec.disks[0].is_root);
+        let mut limited = disk("a", d.s(), false);
+        limited
+            .options
+            .insert("rate_limit_ops_per_sec".into(), "fast".into());
+        let e = VmSpec::new(VmSpecInput {
+            disks: vec![limited.clone()],
+            ..valid(&k)
+        })
+        .unwrap_err();
+        assert_eq!(
+            field_of(e),
+            "config.storage[0].options.rate_limit_ops_per_sec"
+        );
+        limited
+            .options
+            .insert("rate_limit_ops_per_sec".into(), "500".into());
+        assert!(
+            VmSpec::new(VmSpecInput {
+                disks: vec![limited],
+                ..valid(&k)
+            })
+            .is_ok()
+        );
     }
 
     #[test]

@@ -10,9 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use metald_core::net::{NicAttachment, NicInput, NicSpec};
 use metald_core::ports::{
-    BootError, GuestStatus, HostResources, Pending, PortError, StopMode, Store, VmRecord, Vmm,
-    VmmExit, VmmRuntime,
+    BootError, GuestStatus, HostResources, Network, Pending, PortError, StopMode, Store, Subnets,
+    VmRecord, Vmm, VmmExit, VmmRuntime,
 };
 use metald_core::service::ServiceConfig;
 use metald_core::vm::VmSpecInput;
@@ -453,4 +454,83 @@ async fn one_vm_waits_for_its_own_operations_while_others_proceed() {
     w.vmm.gate.notify_one();
     assert_eq!(slow_boot.await.unwrap().unwrap().state, VmState::Running);
     assert_eq!(pause.await.unwrap().unwrap().state, VmState::Paused);
+}
+
+/// A network whose attach always fails and whose detach fails `fail` times
+/// first: a create that cannot undo its own wiring.
+struct FlakyNet {
+    fail: Mutex<u32>,
+    detached: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Network for FlakyNet {
+    fn subnets(&self) -> Subnets {
+        Subnets {
+            v4: ("10.9.0.0".parse().unwrap(), 24, "10.9.0.1".parse().unwrap()),
+            v6: ("fd09::".parse().unwrap(), 64, "fd09::1".parse().unwrap()),
+        }
+    }
+    fn mac_for(&self, _vm: &VmId, _index: usize) -> String {
+        "02:00:00:00:00:01".into()
+    }
+    async fn attach(
+        &self,
+        _vm: &VmId,
+        _index: usize,
+        _nic: &NicSpec,
+        _mac: &str,
+    ) -> Result<NicAttachment, PortError> {
+        Err("bridge is gone".into())
+    }
+    async fn detach(&self, vm: &VmId, _index: usize) -> Result<(), PortError> {
+        let mut fail = self.fail.lock().unwrap();
+        if *fail > 0 {
+            *fail -= 1;
+            return Err("netlink busy".into());
+        }
+        self.detached.lock().unwrap().push(vm.to_string());
+        Ok(())
+    }
+    async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn a_create_that_could_not_undo_itself_is_rolled_back_by_the_periodic_reconciler() {
+    let w = world().await;
+    let net = Arc::new(FlakyNet {
+        fail: Mutex::new(1),
+        detached: Mutex::new(Vec::new()),
+    });
+    let svc = VmService::new(w.store.clone(), w.vmm.clone(), ServiceConfig::default())
+        .with_network(net.clone());
+    let spec = VmSpec::new(VmSpecInput {
+        vcpu_count: 1,
+        memory_bytes: 128 << 20,
+        kernel_path: w.spec.kernel.to_string_lossy().into_owned(),
+        network: vec![NicInput {
+            id: "eth0".into(),
+            mode: 2,
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .unwrap();
+    let e = svc
+        .create(&me(), Some(id("wired")), "", spec)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Backend(_)), "{e:?}");
+    // The rollback's detach failed: the row and its lease stay, marked.
+    let row = w.store.get(&id("wired")).await.unwrap().unwrap();
+    assert_eq!(row.pending, Some(Pending::Create));
+    assert!(!w.store.leases().await.unwrap().is_empty());
+
+    let report = svc.reconcile(false).await.unwrap();
+    assert_eq!(report.abandoned_creates, 1);
+    assert!(w.store.get(&id("wired")).await.unwrap().is_none());
+    assert!(w.store.leases().await.unwrap().is_empty(), "lease released");
+    assert_eq!(*net.detached.lock().unwrap(), vec!["wired".to_string()]);
 }
