@@ -120,7 +120,7 @@ pub enum NotReady {
     TimedOut(String),
 }
 
-/// Calls `probe` with backoff (5 ms doubling to 100 ms) until it succeeds,
+/// Calls `probe` with backoff (1 ms doubling to 20 ms) until it succeeds,
 /// the process in `rt` exits, or `limit` passes: a bounded retry, never a
 /// fixed sleep.
 pub async fn until_ready<T, F, Fut>(
@@ -136,14 +136,14 @@ where
     let exited = children.wait_exit(rt.pid, rt.start_time);
     let mut last = String::from("not tried");
     let attempts = async {
-        let mut delay = Duration::from_millis(5);
+        let mut delay = Duration::from_millis(1);
         loop {
             match probe().await {
                 Ok(v) => return v,
                 Err(e) => last = e,
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(100));
+            delay = (delay * 2).min(Duration::from_millis(20));
         }
     };
     tokio::select! {
