@@ -877,7 +877,12 @@ impl VmService {
             };
             match self.inner.store.get(&vm.id).await.map_err(store_err)? {
                 Some(v) if v.pending == Some(Pending::Create) => {
-                    self.unwire(&v.id, v.spec.nics.len()).await?;
+                    // Still failing: the next pass tries again; the rest of
+                    // this pass goes on.
+                    if let Err(e) = self.unwire(&v.id, v.spec.nics.len()).await {
+                        warn!(vm_id = %v.id, error = %e, "cannot roll back an abandoned create yet");
+                        continue;
+                    }
                     self.inner.store.remove(&v.id).await.map_err(store_err)?;
                     info!(vm_id = %v.id, "rolled back a create that could not undo itself");
                     report.abandoned_creates += 1;

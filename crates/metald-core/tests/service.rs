@@ -501,7 +501,7 @@ impl Network for FlakyNet {
 async fn a_create_that_could_not_undo_itself_is_rolled_back_by_the_periodic_reconciler() {
     let w = world().await;
     let net = Arc::new(FlakyNet {
-        fail: Mutex::new(1),
+        fail: Mutex::new(2),
         detached: Mutex::new(Vec::new()),
     });
     let svc = VmService::new(w.store.clone(), w.vmm.clone(), ServiceConfig::default())
@@ -528,6 +528,10 @@ async fn a_create_that_could_not_undo_itself_is_rolled_back_by_the_periodic_reco
     assert_eq!(row.pending, Some(Pending::Create));
     assert!(!w.store.leases().await.unwrap().is_empty());
 
+    // Detach still fails on the first pass: the row waits for the next.
+    let report = svc.reconcile(false).await.unwrap();
+    assert_eq!(report.abandoned_creates, 0);
+    assert!(w.store.get(&id("wired")).await.unwrap().is_some());
     let report = svc.reconcile(false).await.unwrap();
     assert_eq!(report.abandoned_creates, 1);
     assert!(w.store.get(&id("wired")).await.unwrap().is_none());
