@@ -66,6 +66,27 @@ pub fn join_netns_on_exec(cmd: &mut tokio::process::Command, name: &str) -> std:
     Ok(())
 }
 
+/// Makes the child drop to `uid`/`gid` (no supplementary groups) between
+/// fork and exec. Register it after every other `pre_exec` step: joining a
+/// namespace or a cgroup needs the privileges this gives up.
+/// (`Command::uid` would switch before any `pre_exec` step runs.)
+pub fn become_user_on_exec(cmd: &mut tokio::process::Command, uid: u32, gid: u32) {
+    use rustix::process::{Gid, Uid};
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes the setgroups, setresgid and setresuid system calls, which are
+    // async-signal-safe; it allocates nothing and takes no lock. The child
+    // has one thread, so the per-thread calls change the whole process.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::set_thread_groups(&[])?;
+            rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+            rustix::thread::set_thread_res_uid(uid, uid, uid)?;
+            Ok(())
+        });
+    }
+}
+
 /// What a VM directory's spawn record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpawnRecord {

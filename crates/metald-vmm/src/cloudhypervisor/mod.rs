@@ -208,7 +208,8 @@ impl CloudHypervisorBackend {
         if let Some((uid, gid)) = self.config.user {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))
                 .map_err(|e| format!("handing {} to uid {uid}: {e}", dir.display()))?;
-            cmd.uid(uid).gid(gid);
+            // Last: the namespace and cgroup steps need root.
+            launch::become_user_on_exec(&mut cmd, uid, gid);
         }
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| e.to_string())?;
         cmd.current_dir(dir)
