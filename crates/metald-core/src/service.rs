@@ -528,6 +528,11 @@ impl VmService {
                 .await?;
             return Err(Error::Backend(e));
         }
+        // The VMM is gone: free what the backend kept for it (metrics
+        // reader, cgroups, exit bookkeeping), as after an exit on its own.
+        if let Some(rt) = &vm.runtime {
+            self.inner.vmm.release(&vm.id, rt).await;
+        }
         self.save(vm, VmState::Shutdown, None, None).await
     }
 
@@ -937,7 +942,12 @@ impl VmService {
                 continue;
             };
             warn!(vm_id = %id, "removing files no VM row claims");
-            vmm.destroy(&id, None).await.map_err(Error::Backend)?;
+            // One that can't be removed is retried next pass; the others
+            // are still cleaned now.
+            if let Err(e) = vmm.destroy(&id, None).await {
+                warn!(vm_id = %id, error = %e, "cannot remove unclaimed files yet");
+                continue;
+            }
             report.orphan_dirs += 1;
         }
         if let Some(net) = &self.inner.network {

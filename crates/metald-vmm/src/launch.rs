@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use metald_core::ports::{StopMode, VmmRuntime};
+use metald_core::ports::{BootError, StopMode, VmmExit, VmmRuntime};
 use metald_core::vm::{VmId, VmSpec};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -104,8 +104,18 @@ pub fn spawn_recorded(
 ) -> std::io::Result<SpawnRecord> {
     let (pid, start_time) = children.spawn(cmd)?;
     let rec = SpawnRecord { pid, start_time };
-    let bytes = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
-    std::fs::write(dir.join(SPAWN_RECORD), bytes)?;
+    // Written whole or not at all (temp file, then rename); a process
+    // that can't be recorded is killed rather than left unknown.
+    let write = || -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
+        let tmp = dir.join(format!("{SPAWN_RECORD}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, dir.join(SPAWN_RECORD))
+    };
+    if let Err(e) = write() {
+        let _ = process::signal(pid, start_time, rustix::process::Signal::KILL);
+        return Err(e);
+    }
     Ok(rec)
 }
 
@@ -135,10 +145,77 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 /// How a start-up wait ended badly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotReady {
-    /// The VMM exited first; the text describes how.
-    Exited(String),
+    /// The VMM exited first, like this.
+    Exited(VmmExit),
     /// Nothing answered within the limit; the text is the last probe error.
     TimedOut(String),
+}
+
+/// The last lines of each of `logs`, for an error message.
+fn tails(logs: &[&Path]) -> String {
+    logs.iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            format!("{name}: {}", log_tail(p, 3))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A failed start as a [`BootError`]. A VMM that exited with a status on
+/// its own refused what it was given (its logs say why); one killed by a
+/// signal (the OOM killer, an operator) or silent until the limit failed.
+pub fn not_ready(
+    e: NotReady,
+    vmm: &str,
+    socket: &Path,
+    limit: Duration,
+    logs: &[&Path],
+) -> BootError {
+    match e {
+        NotReady::Exited(exit) => {
+            let msg = format!("{vmm} {} while starting: {}", exit.describe(), tails(logs));
+            if exit.signal.is_some() {
+                BootError::Failed(msg)
+            } else {
+                BootError::Refused(msg)
+            }
+        }
+        NotReady::TimedOut(last) => BootError::Failed(format!(
+            "{vmm} did not answer on {} within {limit:?}: {last}",
+            socket.display()
+        )),
+    }
+}
+
+/// Adds how the VMM ended and the tails of its logs to a start-up error
+/// when the VMM died under the request (the API error alone would only
+/// say the connection broke). The kind of error stays.
+pub async fn explain(
+    children: &Children,
+    rt: &VmmRuntime,
+    e: BootError,
+    vmm: &str,
+    logs: &[&Path],
+) -> BootError {
+    if process::is_alive(rt.pid, rt.start_time) {
+        return e;
+    }
+    let exit = tokio::time::timeout(
+        Duration::from_secs(1),
+        children.wait_exit(rt.pid, rt.start_time),
+    )
+    .await
+    .map(|x| x.describe())
+    .unwrap_or_else(|_| "exited".into());
+    let more = format!(" ({vmm} {exit}; {})", tails(logs));
+    match e {
+        BootError::Refused(m) => BootError::Refused(m + &more),
+        BootError::Failed(m) => BootError::Failed(m + &more),
+    }
 }
 
 /// Calls `probe` with backoff (1 ms doubling to 20 ms) until it succeeds,
@@ -168,7 +245,7 @@ where
         }
     };
     tokio::select! {
-        exit = exited => Err(NotReady::Exited(exit.describe())),
+        exit = exited => Err(NotReady::Exited(exit)),
         r = tokio::time::timeout(limit, attempts) => match r {
             Ok(v) => Ok(v),
             Err(_) => Err(NotReady::TimedOut(last)),
@@ -384,7 +461,29 @@ mod tests {
             Err("no socket".to_string())
         })
         .await;
-        assert_eq!(r, Err(NotReady::Exited("exited with status 3".into())));
+        let e = r.unwrap_err();
+        assert_eq!(
+            e,
+            NotReady::Exited(VmmExit {
+                code: Some(3),
+                signal: None
+            })
+        );
+        // An exit status is the VMM refusing; its log says why.
+        std::fs::write(dir.path().join("vmm.log"), "bad kernel\n").unwrap();
+        let log = dir.path().join("vmm.log");
+        match not_ready(e, "vmm", &rt.socket, Duration::from_secs(1), &[&log]) {
+            BootError::Refused(m) => assert!(m.contains("bad kernel"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let killed = NotReady::Exited(VmmExit {
+            code: None,
+            signal: Some(9),
+        });
+        assert!(matches!(
+            not_ready(killed, "vmm", &rt.socket, Duration::from_secs(1), &[]),
+            BootError::Failed(_)
+        ));
     }
 
     #[tokio::test]

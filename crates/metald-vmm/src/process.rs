@@ -70,10 +70,20 @@ fn open_ours(pid: i32, start_time: u64) -> Option<rustix::fd::OwnedFd> {
 }
 
 /// Sends `sig` to the process if it is still ours. Returns whether it was.
+/// Only a process that is gone (or another one now) is `Ok(false)`; any
+/// other failure to get a handle on it is an error, never "gone".
 pub fn signal(pid: i32, start_time: u64, sig: Signal) -> io::Result<bool> {
-    let Some(fd) = open_ours(pid, start_time) else {
+    let Some(p) = Pid::from_raw(pid) else {
         return Ok(false);
     };
+    let fd = match pidfd_open(p, PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::SRCH) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    if !is_alive(pid, start_time) {
+        return Ok(false);
+    }
     match pidfd_send_signal(&fd, sig) {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::SRCH) => Ok(false),
@@ -134,7 +144,14 @@ impl Children {
             as i32;
         // The start time does not change across exec, so reading it while
         // the child may still be between fork and exec is fine.
-        let start_time = stat(pid)?.start_time;
+        let start_time = match stat(pid) {
+            Ok(st) => st.start_time,
+            Err(e) => {
+                // Unknowable identity: never leave it running untracked.
+                let _ = child.start_kill();
+                return Err(e);
+            }
+        };
         let (tx, rx) = watch::channel(None);
         self.lock().insert((pid, start_time), rx);
         tokio::spawn(async move {

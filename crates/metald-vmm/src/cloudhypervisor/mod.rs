@@ -37,7 +37,7 @@ use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
 
 use crate::cgroup::{self, CgroupConfig};
-use crate::launch::{self, NotReady};
+use crate::launch;
 use crate::process::{self, Children};
 use crate::ratelimit::RateLimiter;
 use api::{ApiError, Client};
@@ -237,16 +237,14 @@ impl CloudHypervisorBackend {
             async move { Client::new(&socket).ping().await.map_err(|e| e.to_string()) }
         })
         .await
-        .map_err(|e| match e {
-            NotReady::Exited(how) => BootError::Refused(format!(
-                "cloud-hypervisor {how} while starting: {}",
-                launch::log_tail(&dir.join("vmm.log"), 5)
-            )),
-            NotReady::TimedOut(last) => BootError::Failed(format!(
-                "cloud-hypervisor did not answer on {} within {:?}: {last}",
-                rt.socket.display(),
-                self.config.boot_timeout
-            )),
+        .map_err(|e| {
+            launch::not_ready(
+                e,
+                "cloud-hypervisor",
+                &rt.socket,
+                self.config.boot_timeout,
+                &[&dir.join("vmm.log")],
+            )
         })?;
         let config = vm_config(spec, &dir.join("console.log")).map_err(BootError::Refused)?;
         let ch = Client::new(&rt.socket);
@@ -284,7 +282,7 @@ impl Vmm for CloudHypervisorBackend {
     async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
         let dir = self.vm_dir(id);
         let socket = dir.join("ch.sock");
-        launch::check_socket_path(&socket)?;
+        launch::check_socket_path(&socket).map_err(BootError::Refused)?;
         launch::fresh_dir(&dir)?;
         let rt = match self.spawn(id, spec, &dir, &socket) {
             Ok(rt) => rt,
@@ -298,6 +296,8 @@ impl Vmm for CloudHypervisorBackend {
         match self.create_and_boot(spec, &dir, &rt).await {
             Ok(()) => Ok(rt),
             Err(e) => {
+                let log = dir.join("vmm.log");
+                let e = launch::explain(&self.children, &rt, e, "cloud-hypervisor", &[&log]).await;
                 warn!(vm_id = %id, error = %e, "cloud-hypervisor failed to start the guest");
                 if let Err(c) = self.remove_all(id, Some(&rt)).await {
                     warn!(vm_id = %id, error = %c, "cleanup after a failed start failed");

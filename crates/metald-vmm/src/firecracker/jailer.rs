@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use metald_core::ports::BootError;
 use metald_core::vm::{VmId, VmSpec};
 
 /// Settings of jailer mode.
@@ -104,31 +105,46 @@ pub struct Placed {
     pub inside: String,
 }
 
-/// Puts `src` into the chroot as `name`: a hard link, or a copy when the
-/// file is on another filesystem. Files the guest may write are owned by
-/// the VM's uid (for a hard link that is the original file: the VM owns
-/// its writable disk).
+/// Puts `src` into the chroot as `name`: a hard link, or, for a read-only
+/// file on another filesystem, a copy. A writable drive on another
+/// filesystem is refused: the guest would write to a copy the next boot
+/// throws away. Files the guest may write are owned by the VM's uid (for
+/// a hard link that is the original file: the VM owns its writable disk).
+/// Blocking (a copy may be large): call it off the async runtime.
 pub fn place(
     root: &Path,
     src: &Path,
     name: &str,
     writable: bool,
     owner: (u32, u32),
-) -> Result<Placed, String> {
+) -> Result<Placed, BootError> {
     let dst = root.join(name);
     match std::fs::hard_link(src, &dst) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
-            std::fs::copy(src, &dst)
-                .map_err(|e| format!("copying {} into the jail: {e}", src.display()))?;
+            if writable {
+                return Err(BootError::Refused(format!(
+                    "writable drive {} is on another filesystem than the jail ({}); \
+                     the guest's writes would go to a copy: move it there or make it read-only",
+                    src.display(),
+                    root.display()
+                )));
+            }
+            std::fs::copy(src, &dst).map_err(|e| {
+                BootError::Failed(format!("copying {} into the jail: {e}", src.display()))
+            })?;
         }
         Err(e) => {
-            return Err(format!("linking {} into the jail: {e}", src.display()));
+            return Err(BootError::Failed(format!(
+                "linking {} into the jail: {e}",
+                src.display()
+            )));
         }
     }
     if writable {
-        std::os::unix::fs::chown(&dst, Some(owner.0), Some(owner.1))
-            .map_err(|e| format!("handing {} to uid {}: {e}", dst.display(), owner.0))?;
+        std::os::unix::fs::chown(&dst, Some(owner.0), Some(owner.1)).map_err(|e| {
+            BootError::Failed(format!("handing {} to uid {}: {e}", dst.display(), owner.0))
+        })?;
     }
     Ok(Placed {
         inside: format!("/{name}"),
@@ -193,6 +209,29 @@ mod tests {
         jail.remove(&mine).unwrap();
         assert!(!jail.dir.exists());
         jail.remove(&mine).unwrap();
+    }
+
+    #[test]
+    fn a_writable_drive_on_another_filesystem_is_refused_and_a_read_only_one_copied() {
+        use std::os::unix::fs::MetadataExt;
+        let jail = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir_in("/dev/shm").unwrap();
+        if std::fs::metadata(jail.path()).unwrap().dev()
+            == std::fs::metadata(other.path()).unwrap().dev()
+        {
+            eprintln!("/dev/shm and the temp dir share a filesystem here; nothing to check");
+            return;
+        }
+        let src = other.path().join("disk.img");
+        std::fs::write(&src, b"data").unwrap();
+        match place(jail.path(), &src, "rw", true, (4242, 4242)) {
+            Err(BootError::Refused(m)) => assert!(m.contains("another filesystem"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!jail.path().join("rw").exists());
+        let p = place(jail.path(), &src, "ro", false, (4242, 4242)).unwrap();
+        assert_eq!(p.inside, "/ro");
+        assert_eq!(std::fs::read(jail.path().join("ro")).unwrap(), b"data");
     }
 
     #[test]

@@ -61,9 +61,10 @@ impl Totals {
         *self.lines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Resolves after the next line is read.
-    pub async fn next_line(&self) {
-        self.changed.notified().await;
+    /// Resolves after the next line is read, counting from this call (not
+    /// from the first poll), so a line read in between is not missed.
+    pub fn next_line(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     /// Adds one metrics line; unreadable lines are skipped.

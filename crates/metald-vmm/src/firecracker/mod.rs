@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::cgroup;
-use crate::launch::{self, NotReady};
+use crate::launch;
 use crate::process::{self, Children};
 use crate::ratelimit::RateLimiter;
 use api::{ActionType, ApiError, Client};
@@ -206,18 +206,24 @@ impl FirecrackerBackend {
 
     /// The lowest uid of the range no other jailed VM on this host holds.
     fn free_uid(&self, config: &JailerConfig, me: &VmId) -> Result<u32, String> {
+        // Held only while the VM's recorded VMM runs: a stopped VM frees
+        // its uid.
         let taken: Vec<u32> = launch::vm_dirs(&self.config.state_dir)
             .into_iter()
             .filter(|id| id != me)
+            .filter(|id| {
+                launch::recorded_spawn(&self.vm_dir(id))
+                    .is_some_and(|r| process::is_alive(r.pid, r.start_time))
+            })
             .filter_map(|id| self.jail_record(&id).map(|r| r.uid))
             .collect();
-        (config.uid_start..config.uid_start.saturating_add(config.uid_count))
+        let end = config.uid_start.saturating_add(config.uid_count);
+        (config.uid_start..end)
             .find(|u| !taken.contains(u))
             .ok_or_else(|| {
                 format!(
-                    "every uid of the jailer range {}..{} is in use",
-                    config.uid_start,
-                    config.uid_start + config.uid_count
+                    "every uid of the jailer range {}..{end} is held by a running VM",
+                    config.uid_start
                 )
             })
     }
@@ -320,12 +326,19 @@ impl FirecrackerBackend {
         owner: Option<(u32, u32)>,
     ) -> Result<(), BootError> {
         let fc = Client::new(&layout.socket);
-        // Files the guest uses: inside the chroot with the jailer.
-        let place = |src: &Path, name: &str, writable: bool| -> Result<String, BootError> {
+        // Files the guest uses: inside the chroot with the jailer (linked,
+        // or copied off the async runtime).
+        let place = async |src: &Path, name: &str, writable: bool| -> Result<String, BootError> {
             match (&layout.chroot, owner) {
-                (Some(root), Some(owner)) => jailer::place(root, src, name, writable, owner)
+                (Some(root), Some(owner)) => {
+                    let (root, src, name) = (root.clone(), src.to_path_buf(), name.to_owned());
+                    tokio::task::spawn_blocking(move || {
+                        jailer::place(&root, &src, &name, writable, owner)
+                    })
+                    .await
+                    .map_err(|e| BootError::Failed(e.to_string()))?
                     .map(|p| p.inside)
-                    .map_err(BootError::Failed),
+                }
                 _ => Ok(src.to_string_lossy().into_owned()),
             }
         };
@@ -339,9 +352,9 @@ impl FirecrackerBackend {
         )
         .await
         .map_err(refused)?;
-        let kernel = place(&spec.kernel, "vmlinux", false)?;
+        let kernel = place(&spec.kernel, "vmlinux", false).await?;
         let initrd = match &spec.initrd {
-            Some(p) => Some(place(p, "initrd", false)?),
+            Some(p) => Some(place(p, "initrd", false).await?),
             None => None,
         };
         fc.put(
@@ -358,7 +371,7 @@ impl FirecrackerBackend {
         let mut disks: Vec<_> = spec.disks.iter().collect();
         disks.sort_by_key(|d| !d.is_root);
         for (i, d) in disks.iter().enumerate() {
-            let path = place(&d.path, &format!("drive{i}"), !d.read_only)?;
+            let path = place(&d.path, &format!("drive{i}"), !d.read_only).await?;
             let drive = api::Drive {
                 drive_id: d.id.clone(),
                 path_on_host: path,
@@ -459,7 +472,7 @@ impl Vmm for FirecrackerBackend {
     async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
         let dir = self.vm_dir(id);
         let layout = self.layout(id);
-        launch::check_socket_path(&layout.socket)?;
+        launch::check_socket_path(&layout.socket).map_err(BootError::Refused)?;
         launch::fresh_dir(&dir)?;
         let prepared = self.command(id, spec, &layout).await;
         let spawned = prepared.and_then(|(mut cmd, owner)| {
@@ -495,17 +508,17 @@ impl Vmm for FirecrackerBackend {
             let socket = rt.socket.clone();
             async move { Client::new(&socket).info().await.map_err(|e| e.to_string()) }
         })
-        .await
-        .map_err(|e| match e {
-            NotReady::Exited(how) => BootError::Refused(format!(
-                "firecracker {how} while starting: {}",
-                launch::log_tail(&dir.join("stderr.log"), 5)
-            )),
-            NotReady::TimedOut(last) => BootError::Failed(format!(
-                "firecracker did not answer on {} within {:?}: {last}",
-                rt.socket.display(),
-                self.config.boot_timeout
-            )),
+        .await;
+        let stderr = dir.join("stderr.log");
+        let logs = [stderr.as_path(), layout.log.as_path()];
+        let ready = ready.map_err(|e| {
+            launch::not_ready(
+                e,
+                "firecracker",
+                &rt.socket,
+                self.config.boot_timeout,
+                &logs,
+            )
         });
         let started = match ready {
             // The reader is there before Firecracker's first line.
@@ -524,6 +537,7 @@ impl Vmm for FirecrackerBackend {
         match started {
             Ok(()) => Ok(rt),
             Err(e) => {
+                let e = launch::explain(&self.children, &rt, e, "firecracker", &logs).await;
                 warn!(vm_id = %id, error = %e, "firecracker failed to start the guest");
                 if let Err(c) = self.remove_all(id, Some(&rt)).await {
                     warn!(vm_id = %id, error = %c, "cleanup after a failed start failed");
@@ -641,10 +655,13 @@ impl Vmm for FirecrackerBackend {
                     .iter()
                     .filter_map(|id| self.jail_record(id).map(|r| (r.jail_id, id.clone())))
                     .collect();
+                // The jail's owner marker names the VM (written before the
+                // spawn); jail.json in the VM directory is the fallback.
                 let to_vm = |jid: &str| {
-                    by_jail
-                        .get(jid)
-                        .cloned()
+                    std::fs::read_to_string(base.join(jid).join(jailer::OWNER_FILE))
+                        .ok()
+                        .and_then(|owner| VmId::parse(owner.trim(), "jail owner").ok())
+                        .or_else(|| by_jail.get(jid).cloned())
                         .or_else(|| VmId::parse(jid, "jail").ok())
                 };
                 if let Ok(entries) = std::fs::read_dir(&base) {

@@ -31,7 +31,7 @@ use metald_core::ports::{
 use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
 
-use crate::launch::{self, NotReady};
+use crate::launch;
 use crate::process::{self, Children};
 
 /// The backend's name in `UNKEY_METALD_BACKEND` and `backend_info`.
@@ -116,16 +116,14 @@ impl QemuBackend {
             async move { qmp::Qmp::connect(&socket).await.map_err(|e| e.to_string()) }
         })
         .await
-        .map_err(|e| match e {
-            // QEMU exits at start only over its configuration.
-            NotReady::Exited(how) => BootError::Refused(format!(
-                "qemu {how} while starting: {}",
-                launch::log_tail(&dir.join("qemu.log"), 5)
-            )),
-            NotReady::TimedOut(last) => BootError::Failed(format!(
-                "qemu did not open its QMP socket within {:?}: {last}",
-                self.config.boot_timeout
-            )),
+        .map_err(|e| {
+            launch::not_ready(
+                e,
+                "qemu",
+                &rt.socket,
+                self.config.boot_timeout,
+                &[&dir.join("qemu.log")],
+            )
         })?;
         let run = async {
             qmp.execute("cont", None).await?;
