@@ -374,6 +374,23 @@ pub fn live_processes() -> Vec<(i32, u64, Vec<String>)> {
     found
 }
 
+/// The VM whose directory holds the socket a command line names after
+/// `flag` (`--api-sock <state_dir>/<id>/<file>`; a `path=` prefix is
+/// allowed): how a VMM process of this metald is recognised.
+pub fn vm_of_socket_arg(args: &[String], flag: &str, state_dir: &Path, file: &str) -> Option<VmId> {
+    let sock = args
+        .iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))?;
+    let sock = sock.strip_prefix("path=").unwrap_or(sock);
+    let rel = Path::new(sock).strip_prefix(state_dir).ok()?;
+    let mut parts = rel.components();
+    let id = parts.next()?.as_os_str().to_str()?;
+    (parts.as_path() == Path::new(file))
+        .then(|| VmId::parse(id, "dir").ok())
+        .flatten()
+}
+
 /// Live processes whose command line `owner` recognises as serving a VM,
 /// with pid and start time.
 pub fn find_processes(owner: impl Fn(&[String]) -> Option<VmId>) -> Vec<(VmId, i32, u64)> {

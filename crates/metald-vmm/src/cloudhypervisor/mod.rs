@@ -83,17 +83,7 @@ fn refused(e: ApiError) -> BootError {
 /// The VM a Cloud Hypervisor's command line serves: its API socket is
 /// `<state_dir>/<id>/ch.sock`.
 fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
-    let sock = args
-        .iter()
-        .position(|a| a == "--api-socket")
-        .and_then(|i| args.get(i + 1))?;
-    let sock = sock.strip_prefix("path=").unwrap_or(sock);
-    let rel = Path::new(sock).strip_prefix(state_dir).ok()?;
-    let mut parts = rel.components();
-    let id = parts.next()?.as_os_str().to_str()?;
-    (parts.as_path() == Path::new("ch.sock"))
-        .then(|| VmId::parse(id, "dir").ok())
-        .flatten()
+    launch::vm_of_socket_arg(args, "--api-socket", state_dir, "ch.sock")
 }
 
 /// The `vm.create` body for a VM.

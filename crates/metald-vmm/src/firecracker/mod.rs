@@ -121,16 +121,7 @@ fn refused(e: ApiError) -> BootError {
 /// The VM a non-jailed Firecracker's command line serves: its API socket
 /// is `<state_dir>/<id>/firecracker.sock`.
 fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
-    let sock = args
-        .iter()
-        .position(|a| a == "--api-sock")
-        .and_then(|i| args.get(i + 1))?;
-    let rel = Path::new(sock).strip_prefix(state_dir).ok()?;
-    let mut parts = rel.components();
-    let id = parts.next()?.as_os_str().to_str()?;
-    (parts.as_path() == Path::new("firecracker.sock"))
-        .then(|| VmId::parse(id, "dir").ok())
-        .flatten()
+    launch::vm_of_socket_arg(args, "--api-sock", state_dir, "firecracker.sock")
 }
 
 impl FirecrackerBackend {
