@@ -859,21 +859,19 @@ impl VmService {
     pub async fn reconcile(&self, immediate: bool) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let vmm = &self.inner.vmm;
-        for vm in self.inner.store.all().await.map_err(store_err)? {
+        for mut vm in self.inner.store.all().await.map_err(store_err)? {
             if vm.state.has_process() && !vm.runtime.as_ref().is_some_and(|rt| vmm.is_alive(rt)) {
-                let mut vm = vm;
                 let before = vm.state;
                 self.refresh_if_idle(&mut vm).await;
                 if vm.state != before {
                     report.dead += 1;
                 }
             }
-        }
-        // A create that failed and could not undo its wiring leaves its row
-        // marked; with no operation holding the VM, nothing else will
-        // finish it, so roll it back (the create holds the lock from before
-        // its insert to its last write, so it is never raced).
-        for vm in self.inner.store.all().await.map_err(store_err)? {
+            // A create that failed and could not undo its wiring leaves its
+            // row marked; with no operation holding the VM, nothing else
+            // will finish it, so roll it back (the create holds the lock
+            // from before its insert to its last write, so it is never
+            // raced).
             if vm.pending != Some(Pending::Create) {
                 continue;
             }

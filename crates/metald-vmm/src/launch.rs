@@ -5,6 +5,7 @@
 //! directory records and removing it, and finding a backend's processes and
 //! directories for the reconciler.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Read;
 use std::path::Path;
@@ -322,8 +323,7 @@ pub async fn kill_and_remove(
         known.push((rec.pid, rec.start_time));
     }
     for (pid, start_time) in known {
-        children.kill(pid, start_time).await?;
-        children.forget(pid, start_time);
+        children.kill_and_forget(pid, start_time).await?;
     }
     remove_dir(dir)
 }
@@ -419,6 +419,31 @@ pub fn version_of(binary: &Path, var: &str) -> Result<String, String> {
         .unwrap_or("")
         .trim()
         .to_owned())
+}
+
+/// What every backend's `backend_info` holds: the VMM's name and version,
+/// the console log when there is one, and the process (pid, socket,
+/// whether it is alive) while one is recorded.
+pub fn describe_base(
+    name: &str,
+    version: &str,
+    vm_dir: &Path,
+    rt: Option<&VmmRuntime>,
+) -> BTreeMap<String, String> {
+    let mut info = BTreeMap::new();
+    info.insert("vmm".into(), name.into());
+    info.insert("vmm_version".into(), version.into());
+    let console = vm_dir.join("console.log");
+    if console.exists() {
+        info.insert("console_log".into(), console.to_string_lossy().into_owned());
+    }
+    if let Some(rt) = rt {
+        info.insert("pid".into(), rt.pid.to_string());
+        info.insert("socket".into(), rt.socket.to_string_lossy().into_owned());
+        let alive = process::is_alive(rt.pid, rt.start_time);
+        info.insert("process_alive".into(), alive.to_string());
+    }
+    info
 }
 
 /// Refuses a runtime another backend recorded (metald restarted with a

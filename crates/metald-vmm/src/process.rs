@@ -203,6 +203,14 @@ impl Children {
         self.lock().remove(&(pid, start_time));
     }
 
+    /// [`Self::kill`], then [`Self::forget`]: for a process that will not
+    /// be asked about again.
+    pub async fn kill_and_forget(&self, pid: i32, start_time: u64) -> Result<(), String> {
+        self.kill(pid, start_time).await?;
+        self.forget(pid, start_time);
+        Ok(())
+    }
+
     /// SIGKILLs the process if it is still ours and waits (bounded) until
     /// it is gone.
     pub async fn kill(&self, pid: i32, start_time: u64) -> Result<(), String> {

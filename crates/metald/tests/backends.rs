@@ -271,6 +271,24 @@ fn networked_daemon(b: &Backend, n: u8, id: &str) -> (Daemon, Lan) {
     (Daemon::start_with(&args), lan)
 }
 
+/// metald for trial `prefix` on backend `b`, with one VM created and
+/// booted (metald and the VMM agreeing it runs): the daemon, the VM id and
+/// the VMM's pid.
+async fn booted(b: &Backend, prefix: &str) -> (Daemon, String, i32) {
+    let assets = Assets::load();
+    let id = format!("{prefix}-{}", b.name.replace('_', "-"));
+    let d = daemon(b, &id);
+    d.ok(
+        T,
+        "CreateVm",
+        json!({"vm_id": id, "config": config(&assets, None)}),
+    )
+    .await;
+    d.ok(T, "BootVm", json!({"vm_id": id})).await;
+    let pid = pid_of(&agree(&d, b, &id, "running").await);
+    (d, id, pid)
+}
+
 /// A file's (device, inode), to compare namespaces and directories.
 fn file_id(path: &str) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
@@ -414,15 +432,23 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Waits (bounded) for a killed process to be gone.
+/// Waits (bounded) for a killed process to be gone: its pidfd turns
+/// readable when it exits.
 fn wait_dead(pid: i32) {
-    for _ in 0..500 {
-        if !alive(pid) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("process {pid} still alive 5 s after SIGKILL");
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let Ok(fd) = rustix::process::pidfd_open(
+        Pid::from_raw(pid).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    ) else {
+        return; // already gone
+    };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let limit = Timespec {
+        tv_sec: 5,
+        tv_nsec: 0,
+    };
+    let ready = poll(&mut fds, Some(&limit)).unwrap();
+    assert_eq!(ready, 1, "process {pid} still alive 5 s after SIGKILL");
 }
 
 /// Asserts metald and the VMM agree the guest is in `want`.
@@ -605,19 +631,8 @@ fn socket_of_or(v: &Value, fallback: &str) -> String {
 
 fn killed_vmm(b: Backend) -> Result<(), Failed> {
     block_on(async move {
-        let assets = Assets::load();
-        let id = format!("kill-{}", b.name.replace('_', "-"));
+        let (d, id, pid) = booted(&b, "kill").await;
         let id = id.as_str();
-        let d = daemon(&b, id);
-        d.ok(
-            T,
-            "CreateVm",
-            json!({"vm_id": id, "config": config(&assets, None)}),
-        )
-        .await;
-        d.ok(T, "BootVm", json!({"vm_id": id})).await;
-        let v = agree(&d, &b, id, "running").await;
-        let pid = pid_of(&v);
         kill_process(Pid::from_raw(pid).unwrap(), Signal::KILL).unwrap();
         wait_dead(pid);
         // The first read after the process is gone tells the truth.
@@ -707,18 +722,8 @@ fn networked(b: Backend) -> Result<(), Failed> {
 
 fn orphans_swept(b: Backend) -> Result<(), Failed> {
     block_on(async move {
-        let assets = Assets::load();
-        let id = format!("orph-{}", b.name.replace('_', "-"));
+        let (mut d, id, pid) = booted(&b, "orph").await;
         let id = id.as_str();
-        let mut d = daemon(&b, id);
-        d.ok(
-            T,
-            "CreateVm",
-            json!({"vm_id": id, "config": config(&assets, None)}),
-        )
-        .await;
-        d.ok(T, "BootVm", json!({"vm_id": id})).await;
-        let pid = pid_of(&agree(&d, &b, id, "running").await);
 
         // A crash loses the row while the VMM, its files and cgroups stay;
         // another crash left a cgroup of a VM that never got a row.
@@ -759,18 +764,8 @@ fn orphans_swept(b: Backend) -> Result<(), Failed> {
 
 fn restart_adopts(b: Backend) -> Result<(), Failed> {
     block_on(async move {
-        let assets = Assets::load();
-        let id = format!("adopt-{}", b.name.replace('_', "-"));
+        let (mut d, id, pid) = booted(&b, "adopt").await;
         let id = id.as_str();
-        let mut d = daemon(&b, id);
-        d.ok(
-            T,
-            "CreateVm",
-            json!({"vm_id": id, "config": config(&assets, None)}),
-        )
-        .await;
-        d.ok(T, "BootVm", json!({"vm_id": id})).await;
-        let pid = pid_of(&agree(&d, &b, id, "running").await);
 
         // metald dies without a chance to clean up; its VMM lives on.
         d.stop(Signal::KILL);

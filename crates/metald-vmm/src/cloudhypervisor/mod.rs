@@ -380,34 +380,20 @@ impl Vmm for CloudHypervisorBackend {
     }
 
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {
-        self.children.kill(pid, start_time).await?;
-        self.children.forget(pid, start_time);
-        Ok(())
+        self.children.kill_and_forget(pid, start_time).await
     }
 
     async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String> {
-        let mut info = BTreeMap::new();
-        info.insert("vmm".into(), NAME.into());
-        info.insert("vmm_version".into(), self.version.clone());
-        let console = self.vm_dir(id).join("console.log");
-        if console.exists() {
-            info.insert("console_log".into(), console.to_string_lossy().into_owned());
-        }
-        if let Some(rt) = rt {
-            info.insert("pid".into(), rt.pid.to_string());
-            info.insert("socket".into(), rt.socket.to_string_lossy().into_owned());
-            let alive = process::is_alive(rt.pid, rt.start_time);
-            info.insert("process_alive".into(), alive.to_string());
-            if alive {
-                let ch = Client::new(&rt.socket);
-                if let Ok(i) = ch.info().await {
-                    info.insert("vmm_state".into(), i.state);
-                }
-                if let Ok(p) = ch.ping().await {
-                    info.insert("vmm_version".into(), p.version);
-                    if !p.build_version.is_empty() {
-                        info.insert("vmm_build".into(), p.build_version);
-                    }
+        let mut info = launch::describe_base(NAME, &self.version, &self.vm_dir(id), rt);
+        if let Some(rt) = rt.filter(|rt| process::is_alive(rt.pid, rt.start_time)) {
+            let ch = Client::new(&rt.socket);
+            if let Ok(i) = ch.info().await {
+                info.insert("vmm_state".into(), i.state);
+            }
+            if let Ok(p) = ch.ping().await {
+                info.insert("vmm_version".into(), p.version);
+                if !p.build_version.is_empty() {
+                    info.insert("vmm_build".into(), p.build_version);
                 }
             }
         }

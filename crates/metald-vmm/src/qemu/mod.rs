@@ -264,15 +264,11 @@ impl Vmm for QemuBackend {
     }
 
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {
-        self.children.kill(pid, start_time).await?;
-        self.children.forget(pid, start_time);
-        Ok(())
+        self.children.kill_and_forget(pid, start_time).await
     }
 
     async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String> {
-        let mut info = BTreeMap::new();
-        info.insert("vmm".into(), NAME.into());
-        info.insert("vmm_version".into(), self.version.clone());
+        let mut info = launch::describe_base(NAME, &self.version, &self.vm_dir(id), rt);
         info.insert(
             "accel".into(),
             match self.config.accel {
@@ -280,18 +276,6 @@ impl Vmm for QemuBackend {
                 Accel::Tcg => "tcg".into(),
             },
         );
-        let console = self.vm_dir(id).join("console.log");
-        if console.exists() {
-            info.insert("console_log".into(), console.to_string_lossy().into_owned());
-        }
-        if let Some(rt) = rt {
-            info.insert("pid".into(), rt.pid.to_string());
-            info.insert("socket".into(), rt.socket.to_string_lossy().into_owned());
-            info.insert(
-                "process_alive".into(),
-                process::is_alive(rt.pid, rt.start_time).to_string(),
-            );
-        }
         info
     }
 }
