@@ -40,6 +40,9 @@ fi
 echo "== starting metald on $url (data in $state)"
 export UNKEY_METALD_BACKEND=qemu UNKEY_METALD_AUTH_MODE=dev UNKEY_METALD_ADDRESS=127.0.0.1
 export UNKEY_METALD_PORT=$port UNKEY_METALD_DATA_DIR=$state
+# VMs may use only files under the asset roots: the test guest's directory
+# (shared, read-only) and one private directory per customer.
+export UNKEY_METALD_ASSET_DIRS=${UNKEY_METALD_ASSET_DIRS:-$PWD/.metald/assets:$state/assets/customers/\{customer\}}
 # No billing service runs in the demo; VMs are still metered for GetVmInfo.
 export UNKEY_METALD_BILLING_ENABLED=${UNKEY_METALD_BILLING_ENABLED:-false}
 # The demo VM has no network interface; leave the host's bridges alone.
@@ -76,7 +79,8 @@ rpc CreateVm "{\"vm_id\":\"demo\",\"config\":{
 echo
 echo "== BootVm"
 rpc BootVm '{"vm_id":"demo"}'; echo
-console=$state/vms/demo/console.log
+# GetVmInfo names the console log (the VM's files are under its host key).
+console=$(rpc GetVmInfo '{"vm_id":"demo"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["backendInfo"]["console_log"])')
 echo "== waiting for the guest's console marker ($console)"
 for _ in $(seq 1200); do
   grep -q METALD-GUEST-READY "$console" 2>/dev/null && break

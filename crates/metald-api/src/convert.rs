@@ -276,7 +276,7 @@ pub fn network_info(s: &VmSpec) -> Option<pb::VmNetworkInfo> {
 
 pub fn vm_info(vm: &VmRecord) -> pb::VmInfo {
     pb::VmInfo {
-        vm_id: vm.id.to_string(),
+        vm_id: vm.name.to_string(),
         state: state_to_pb(vm.state).into(),
         vcpu_count: vm.spec.vcpus as i32,
         memory_size_bytes: vm.spec.memory_bytes as i64,

@@ -65,7 +65,7 @@ impl pb::VmService for VmApi {
             .await
             .or_else(fail)?;
         Response::ok(pb::CreateVmResponse {
-            vm_id: vm.id.to_string(),
+            vm_id: vm.name.to_string(),
             state: state(&vm),
             ..Default::default()
         })
@@ -187,7 +187,7 @@ impl pb::VmService for VmApi {
         let id = convert::vm_id(&req.to_owned_message().vm_id).or_else(fail)?;
         let d = self.svc.get(&who, &id).await.or_else(fail)?;
         Response::ok(pb::GetVmInfoResponse {
-            vm_id: d.record.id.to_string(),
+            vm_id: d.record.name.to_string(),
             config: buffa::MessageField::some(convert::spec_to_pb(&d.record.spec)),
             state: state(&d.record),
             backend_info: d.backend_info.into_iter().collect(),

@@ -1,5 +1,7 @@
 //! Maps core errors to Connect codes. The message is the core's, which
-//! names the field or state at fault.
+//! names the field or state at fault; `internal` and `unavailable` answers
+//! carry only a short message and an error id, and the details (VMM
+//! output, host paths, OS errors) go to metald's log under that id.
 
 use connectrpc::{ConnectError, ErrorCode};
 use metald_core::Error;
@@ -10,6 +12,7 @@ pub fn to_connect(err: Error) -> ConnectError {
         Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
         Error::NotFound(_) => ErrorCode::NotFound,
         Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
         Error::IllegalTransition { .. } | Error::FailedPrecondition(_) => {
             ErrorCode::FailedPrecondition
         }
@@ -18,10 +21,22 @@ pub fn to_connect(err: Error) -> ConnectError {
         Error::Unavailable(_) => ErrorCode::Unavailable,
         Error::Backend(_) | Error::Store(_) => ErrorCode::Internal,
     };
-    if code == ErrorCode::Internal {
-        tracing::error!(error = %err, "internal error");
+    match code {
+        ErrorCode::Internal => {
+            let id = metald_core::redact::error_id();
+            tracing::error!(error_id = %id, error = %err, "internal error");
+            ConnectError::new(
+                code,
+                format!("internal error (error id {id}); the details are in metald's log"),
+            )
+        }
+        ErrorCode::Unavailable => {
+            let id = metald_core::redact::error_id();
+            tracing::warn!(error_id = %id, error = %err, "unavailable");
+            ConnectError::new(code, format!("{err} (error id {id})"))
+        }
+        _ => ConnectError::new(code, err.to_string()),
     }
-    ConnectError::new(code, err.to_string())
 }
 
 #[cfg(test)]
@@ -54,10 +69,27 @@ mod tests {
             (Error::Backend("qemu".into()), ErrorCode::Internal),
             (Error::Store("db".into()), ErrorCode::Internal),
             (Error::Unavailable("later".into()), ErrorCode::Unavailable),
+            (
+                Error::denied("config.boot.kernel_path", "no"),
+                ErrorCode::PermissionDenied,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(to_connect(err).code, code);
         }
+    }
+
+    #[test]
+    fn internal_errors_show_only_an_error_id() {
+        let e = to_connect(Error::Backend(
+            "qemu: /var/lib/metald/vms/x/qmp.sock: No such file or directory".into(),
+        ));
+        let m = e.message.unwrap_or_default();
+        assert!(m.contains("error id "), "{m}");
+        assert!(!m.contains('/') && !m.contains("No such file"), "{m}");
+        let e = to_connect(Error::Store("database is locked at /data/metald.db".into()));
+        let m = e.message.unwrap_or_default();
+        assert!(!m.contains("/data") && m.contains("error id "), "{m}");
     }
 
     #[test]

@@ -62,7 +62,10 @@ fn now_ns() -> i64 {
 /// A VM's VMM as billing sees it.
 #[derive(Debug, Clone)]
 struct VmEvent {
+    /// metald's host-wide key of the VM; billing's own records use it.
     id: String,
+    /// The customer's name for the VM: what the billing service is told.
+    name: String,
     customer: String,
     /// pid and start time when a VMM runs.
     process: Option<(i32, u64)>,
@@ -189,6 +192,7 @@ impl Observer for Billing {
         };
         let _ = self.tx.send(Msg::Changed(VmEvent {
             id: vm.id.to_string(),
+            name: vm.name.to_string(),
             customer: vm.customer.to_string(),
             process,
             veth: vm
@@ -206,6 +210,7 @@ impl Observer for Billing {
 }
 
 struct Meter {
+    name: String,
     customer: String,
     cpu: usage::CpuTracker,
     /// CPU time and time of the previous sample, for the CPU percentage.
@@ -231,7 +236,7 @@ struct MeterTask {
     buffer: Vec<SampleRow>,
     dirty: HashMap<String, MeterRow>,
     latest: Arc<Mutex<HashMap<String, VmUsage>>>,
-    active: Arc<Mutex<Vec<String>>>,
+    active: Active,
 }
 
 /// Work for the spool writer, applied in order.
@@ -243,6 +248,7 @@ enum Write {
     Event {
         kind: &'static str,
         vm: String,
+        name: String,
         customer: String,
         t1: i64,
         t2: i64,
@@ -261,11 +267,12 @@ async fn writer(
             Write::Event {
                 kind,
                 vm,
+                name,
                 customer,
                 t1,
                 t2,
             } => {
-                if let Err(e) = spool.push_event(kind, &vm, &customer, t1, t2).await {
+                if let Err(e) = spool.push_event(kind, &vm, &name, &customer, t1, t2).await {
                     error!(vm_id = %vm, kind, error = %e, "cannot spool a billing notification");
                 }
             }
@@ -290,12 +297,13 @@ async fn writer(
                          dropping samples, reported as gaps"
                     );
                     for (vm, (from, to)) in ranges {
-                        let customer = meters
+                        let (name, customer) = meters
                             .iter()
                             .find(|m| m.vm_id == vm)
-                            .map(|m| m.customer_id.clone());
+                            .map(|m| (m.vm_name.clone(), m.customer_id.clone()))
+                            .unwrap_or_default();
                         if let Err(e) = spool
-                            .push_event("gap", &vm, &customer.unwrap_or_default(), from, to)
+                            .push_event("gap", &vm, &name, &customer, from, to)
                             .await
                         {
                             error!(vm_id = %vm, error = %e, "cannot spool a billing gap");
@@ -333,7 +341,7 @@ impl MeterTask {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(Msg::Changed(ev)) => self.changed(ev).await,
-                    Some(Msg::Removed(id)) => self.changed(VmEvent { id, customer: String::new(), process: None, veth: None }).await,
+                    Some(Msg::Removed(id)) => self.changed(VmEvent { id, name: String::new(), customer: String::new(), process: None, veth: None }).await,
                     None => break,
                 },
                 _ = sample.tick() => self.sample().await,
@@ -343,11 +351,19 @@ impl MeterTask {
         self.flush().await;
     }
 
-    async fn event(&self, kind: &'static str, vm: &str, customer: &str, t1: i64, t2: i64) {
+    async fn event(
+        &self,
+        kind: &'static str,
+        vm: &str,
+        (name, customer): (&str, &str),
+        t1: i64,
+        t2: i64,
+    ) {
         if let Some(w) = &self.writer {
             let _ = w.send(Write::Event {
                 kind,
                 vm: vm.to_owned(),
+                name: name.to_owned(),
                 customer: customer.to_owned(),
                 t1,
                 t2,
@@ -358,6 +374,7 @@ impl MeterTask {
     fn row(id: &str, m: &Meter, running: bool) -> MeterRow {
         MeterRow {
             vm_id: id.to_owned(),
+            vm_name: m.name.clone(),
             customer_id: m.customer.clone(),
             pid: m.pid as i64,
             start_time: m.start_time as i64,
@@ -388,17 +405,19 @@ impl MeterTask {
                         let gap = self.config.sample_interval.as_nanos() as i64 * 3;
                         if now - row.last_ts > gap {
                             warn!(vm_id = %ev.id, "billing samples missing while metald was down; reporting a gap");
-                            self.event("gap", &ev.id, &ev.customer, row.last_ts, now)
+                            self.event("gap", &ev.id, (&ev.name, &ev.customer), row.last_ts, now)
                                 .await;
                         }
                         (row.last_seq + 1, row.last_ts)
                     }
                     other => {
-                        self.event("started", &ev.id, &ev.customer, now, 0).await;
+                        self.event("started", &ev.id, (&ev.name, &ev.customer), now, 0)
+                            .await;
                         (other.map(|r| r.last_seq + 1).unwrap_or(0), now)
                     }
                 };
                 let m = Meter {
+                    name: ev.name,
                     customer: ev.customer,
                     cpu: usage::CpuTracker::default(),
                     last_cpu: None,
@@ -420,7 +439,8 @@ impl MeterTask {
                     self.dirty
                         .insert(ev.id.clone(), Self::row(&ev.id, &m, false));
                     self.flush().await;
-                    self.event("stopped", &ev.id, &m.customer, now, 0).await;
+                    self.event("stopped", &ev.id, (&m.name, &m.customer), now, 0)
+                        .await;
                     self.latest
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -431,10 +451,9 @@ impl MeterTask {
                 {
                     // Running when metald went down, stopped now: when it
                     // stopped in between is unknown.
-                    self.event("gap", &ev.id, &row.customer_id, row.last_ts, now)
-                        .await;
-                    self.event("stopped", &ev.id, &row.customer_id, now, 0)
-                        .await;
+                    let owner = (row.vm_name.as_str(), row.customer_id.as_str());
+                    self.event("gap", &ev.id, owner, row.last_ts, now).await;
+                    self.event("stopped", &ev.id, owner, now, 0).await;
                     self.dirty.insert(ev.id, MeterRow { running: 0, ..row });
                 }
             }
@@ -442,9 +461,13 @@ impl MeterTask {
     }
 
     fn publish_active(&self) {
-        let mut ids: Vec<String> = self.meters.keys().cloned().collect();
-        ids.sort();
-        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = ids;
+        let mut vms: Vec<(String, String)> = self
+            .meters
+            .values()
+            .map(|m| (m.name.clone(), m.customer.clone()))
+            .collect();
+        vms.sort();
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = vms;
     }
 
     async fn sample(&mut self) {
@@ -482,7 +505,13 @@ impl MeterTask {
             m.cpu = cpu;
             if m.next_seq > 0 && ts - m.last_ts > stall {
                 // The sampler stalled (host overload): say so.
-                gaps.push((id.clone(), m.customer.clone(), m.last_ts, ts));
+                gaps.push((
+                    id.clone(),
+                    m.name.clone(),
+                    m.customer.clone(),
+                    m.last_ts,
+                    ts,
+                ));
             }
             let cpu_percent = match m.last_cpu {
                 Some((c, t)) if ts > t => (u.cpu_ns - c) as f64 * 100.0 / (ts - t) as f64,
@@ -513,9 +542,9 @@ impl MeterTask {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(fresh);
-        for (id, customer, from, to) in gaps {
+        for (id, name, customer, from, to) in gaps {
             warn!(vm_id = %id, stalled_ms = (to - from) / 1_000_000, "billing sampler stalled; reporting a gap");
-            self.event("gap", &id, &customer, from, to).await;
+            self.event("gap", &id, (&name, &customer), from, to).await;
         }
     }
 
@@ -589,14 +618,21 @@ impl Sender {
             }
             for ev in events {
                 if ev.kind == "stopped" {
-                    self.send_samples(&ev.vm_id, &ev.customer_id, ev.t1).await?;
+                    self.send_samples(
+                        &ev.vm_id,
+                        wire_name(&ev.vm_id, &ev.vm_name),
+                        &ev.customer_id,
+                        ev.t1,
+                    )
+                    .await?;
                 }
                 self.send_event(&ev).await?;
                 self.spool.delete_event(ev.id).await?;
             }
         }
-        for (vm, customer) in self.spool.vms_with_samples().await? {
-            self.send_samples(&vm, &customer, i64::MAX).await?;
+        for (vm, name, customer) in self.spool.vms_with_samples().await? {
+            self.send_samples(&vm, wire_name(&vm, &name), &customer, i64::MAX)
+                .await?;
         }
         Ok(())
     }
@@ -605,7 +641,7 @@ impl Sender {
         let ok = match ev.kind.as_str() {
             "started" => {
                 let req = pb::NotifyVmStartedRequest {
-                    vm_id: ev.vm_id.clone(),
+                    vm_id: wire_name(&ev.vm_id, &ev.vm_name).to_owned(),
                     customer_id: ev.customer_id.clone(),
                     start_time: ev.t1,
                     ..Default::default()
@@ -617,8 +653,9 @@ impl Sender {
             }
             "stopped" => {
                 let req = pb::NotifyVmStoppedRequest {
-                    vm_id: ev.vm_id.clone(),
+                    vm_id: wire_name(&ev.vm_id, &ev.vm_name).to_owned(),
                     stop_time: ev.t1,
+                    customer_id: ev.customer_id.clone(),
                     ..Default::default()
                 };
                 call("NotifyVmStopped", self.client.notify_vm_stopped(req))
@@ -628,9 +665,10 @@ impl Sender {
             }
             "gap" => {
                 let req = pb::NotifyPossibleGapRequest {
-                    vm_id: ev.vm_id.clone(),
+                    vm_id: wire_name(&ev.vm_id, &ev.vm_name).to_owned(),
                     last_sent: ev.t1,
                     resume_time: ev.t2,
+                    customer_id: ev.customer_id.clone(),
                     ..Default::default()
                 };
                 call("NotifyPossibleGap", self.client.notify_possible_gap(req))
@@ -656,7 +694,14 @@ impl Sender {
         }
     }
 
-    async fn send_samples(&self, vm: &str, customer: &str, until: i64) -> Result<(), String> {
+    /// Sends a VM's samples (spooled under its key `vm`) as `name`.
+    async fn send_samples(
+        &self,
+        vm: &str,
+        name: &str,
+        customer: &str,
+        until: i64,
+    ) -> Result<(), String> {
         loop {
             let pending = self
                 .inflight
@@ -683,9 +728,11 @@ impl Sender {
                 .insert(vm.to_owned(), (first, last));
             let n = rows.len() as i64;
             let req = pb::SendMetricsBatchRequest {
-                vm_id: vm.to_owned(),
+                vm_id: name.to_owned(),
                 customer_id: customer.to_owned(),
                 metrics: rows.into_iter().map(to_pb).collect(),
+                // The key, not the name: unique on this host, so a batch id
+                // is never reused by a later VM of the same name.
                 batch_id: format!("{}/{vm}/{first}-{last}", self.config.instance_id),
                 first_sequence: first,
                 last_sequence: last,
@@ -715,6 +762,13 @@ impl Sender {
     }
 }
 
+/// The VM id the billing service is told: the customer's name for it
+/// (rows spooled before names were per customer have none: their key was
+/// the name).
+fn wire_name<'a>(key: &'a str, name: &'a str) -> &'a str {
+    if name.is_empty() { key } else { name }
+}
+
 fn to_pb(r: SampleRow) -> pb::VMMetrics {
     pb::VMMetrics {
         timestamp: buffa::MessageField::some(buffa_types::google::protobuf::Timestamp {
@@ -733,15 +787,26 @@ fn to_pb(r: SampleRow) -> pb::VMMetrics {
     }
 }
 
-async fn heartbeats(config: BillingConfig, client: Client, active: Arc<Mutex<Vec<String>>>) {
+/// Each metered VM as (name, customer).
+type Active = Arc<Mutex<Vec<(String, String)>>>;
+
+async fn heartbeats(config: BillingConfig, client: Client, active: Active) {
     let mut tick = tokio::time::interval(config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let ids = active.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let vms = active.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let req = pb::SendHeartbeatRequest {
             instance_id: config.instance_id.clone(),
-            active_vms: ids,
+            active_vms: vms.iter().map(|(name, _)| name.clone()).collect(),
+            active: vms
+                .into_iter()
+                .map(|(vm_id, customer_id)| pb::ActiveVm {
+                    vm_id,
+                    customer_id,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         if let Err(e) = call("SendHeartbeat", client.send_heartbeat(req)).await {

@@ -48,7 +48,11 @@ impl SampleRow {
 /// Where a VM's sample stream stands.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct MeterRow {
+    /// metald's host-wide key of the VM.
     pub vm_id: String,
+    /// The customer's name for the VM ('' in rows from before names were
+    /// per customer: then `vm_id` is the name).
+    pub vm_name: String,
     pub customer_id: String,
     pub pid: i64,
     pub start_time: i64,
@@ -65,6 +69,7 @@ pub struct EventRow {
     /// sample before the gap, t2 = first after).
     pub kind: String,
     pub vm_id: String,
+    pub vm_name: String,
     pub customer_id: String,
     pub t1: i64,
     pub t2: i64,
@@ -126,9 +131,9 @@ impl Spool {
         }
         for m in meters {
             sqlx::query(
-                "INSERT INTO meters (vm_id, customer_id, pid, start_time, running, last_seq, last_ts) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (vm_id) DO UPDATE SET \
-                 customer_id = excluded.customer_id, pid = excluded.pid, start_time = excluded.start_time, \
+                "INSERT INTO meters (vm_id, customer_id, pid, start_time, running, last_seq, last_ts, vm_name) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (vm_id) DO UPDATE SET \
+                 customer_id = excluded.customer_id, vm_name = excluded.vm_name, pid = excluded.pid, start_time = excluded.start_time, \
                  running = excluded.running, last_seq = excluded.last_seq, last_ts = excluded.last_ts",
             )
             .bind(&m.vm_id)
@@ -138,6 +143,7 @@ impl Spool {
             .bind(m.running)
             .bind(m.last_seq)
             .bind(m.last_ts)
+            .bind(&m.vm_name)
             .execute(&mut *tx)
             .await
             .map_err(e("writing meters"))?;
@@ -148,7 +154,7 @@ impl Spool {
     /// Every meter, as the last run left them.
     pub async fn meters(&self) -> R<Vec<MeterRow>> {
         sqlx::query_as(
-            "SELECT vm_id, customer_id, pid, start_time, running, last_seq, last_ts FROM meters",
+            "SELECT vm_id, vm_name, customer_id, pid, start_time, running, last_seq, last_ts FROM meters",
         )
         .fetch_all(&self.pool)
         .await
@@ -160,15 +166,17 @@ impl Spool {
         &self,
         kind: &str,
         vm_id: &str,
+        vm_name: &str,
         customer_id: &str,
         t1: i64,
         t2: i64,
     ) -> R<()> {
         sqlx::query(
-            "INSERT INTO outbox (kind, vm_id, customer_id, t1, t2) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO outbox (kind, vm_id, vm_name, customer_id, t1, t2) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(kind)
         .bind(vm_id)
+        .bind(vm_name)
         .bind(customer_id)
         .bind(t1)
         .bind(t2)
@@ -180,10 +188,12 @@ impl Spool {
 
     /// Notifications waiting, oldest first.
     pub async fn events(&self) -> R<Vec<EventRow>> {
-        sqlx::query_as("SELECT id, kind, vm_id, customer_id, t1, t2 FROM outbox ORDER BY id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(e("reading notifications"))
+        sqlx::query_as(
+            "SELECT id, kind, vm_id, vm_name, customer_id, t1, t2 FROM outbox ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e("reading notifications"))
     }
 
     pub async fn delete_event(&self, id: i64) -> R<()> {
@@ -195,17 +205,23 @@ impl Spool {
             .map(drop)
     }
 
-    /// VMs with unsent samples, with their customer.
-    pub async fn vms_with_samples(&self) -> R<Vec<(String, String)>> {
+    /// VMs with unsent samples: key, name and customer.
+    pub async fn vms_with_samples(&self) -> R<Vec<(String, String, String)>> {
         let rows = sqlx::query(
-            "SELECT DISTINCT s.vm_id, m.customer_id FROM samples s JOIN meters m ON m.vm_id = s.vm_id ORDER BY s.vm_id",
+            "SELECT DISTINCT s.vm_id, m.vm_name, m.customer_id FROM samples s JOIN meters m ON m.vm_id = s.vm_id ORDER BY s.vm_id",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(e("listing VMs with samples"))?;
         Ok(rows
             .iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .map(|r| {
+                (
+                    r.get::<String, _>(0),
+                    r.get::<String, _>(1),
+                    r.get::<String, _>(2),
+                )
+            })
             .collect())
     }
 

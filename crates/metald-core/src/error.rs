@@ -14,9 +14,13 @@ pub enum Error {
     /// indistinguishable on purpose).
     #[error("vm {0:?} not found")]
     NotFound(String),
-    /// A client-chosen VM id is already taken.
+    /// A client-chosen VM id is already taken (among the caller's VMs).
     #[error("vm {0:?} already exists")]
     AlreadyExists(String),
+    /// A field names something the caller may not use (a file outside its
+    /// asset roots, or one that does not exist: the two answer alike).
+    #[error("{field}: {reason}")]
+    PermissionDenied { field: String, reason: String },
     /// The VM's current state does not allow the operation.
     #[error("cannot {op} vm {vm_id:?} in state {state}")]
     IllegalTransition {
@@ -48,6 +52,16 @@ impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Error {
+    /// Shorthand for [`Error::PermissionDenied`].
+    pub fn denied(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::PermissionDenied {
             field: field.into(),
             reason: reason.into(),
         }

@@ -6,9 +6,11 @@
 //! wire messages into these types, and the binary hands adapters to the
 //! service as trait objects.
 
+pub mod assets;
 pub mod error;
 pub mod net;
 pub mod ports;
+pub mod redact;
 pub mod service;
 pub mod state;
 pub mod vm;

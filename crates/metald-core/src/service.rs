@@ -16,12 +16,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
+use crate::assets::{AssetPolicy, Resolved};
 use crate::error::{Error, Result};
 use crate::net;
 use crate::ports::{
     BootError, GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, UsageSource,
     VmPage, VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
 };
+use crate::redact::{error_id, scrub};
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
 
@@ -40,12 +42,15 @@ pub struct ServiceConfig {
     /// How long a graceful shutdown waits for the guest before killing it,
     /// when the request gives no `timeout_seconds`.
     pub default_shutdown_timeout: Duration,
+    /// Which host files a customer's VM may use. The default allows none.
+    pub assets: AssetPolicy,
 }
 
 impl Default for ServiceConfig {
     fn default() -> Self {
         ServiceConfig {
             default_shutdown_timeout: Duration::from_secs(30),
+            assets: AssetPolicy::default(),
         }
     }
 }
@@ -70,6 +75,10 @@ struct Inner {
     vmm: Arc<dyn Vmm>,
     config: ServiceConfig,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held from a create's check of its disks against the customer's other
+    /// VMs until its row is stored, so two creates can never both attach
+    /// one file where either writes it.
+    disk_claims: tokio::sync::Mutex<()>,
     /// What the previous reconcile pass found unclaimed (its age guard).
     suspects: Mutex<HashSet<String>>,
     /// Host networking, when enabled.
@@ -92,12 +101,21 @@ fn store_err(e: StoreError) -> Error {
 }
 
 /// A configuration the VMM refused is the request's problem
-/// (`failed_precondition`, with the VMM's reason); anything else is
-/// metald's (`internal`).
-fn boot_err(e: BootError) -> Error {
+/// (`failed_precondition`, with the VMM's reason, cleaned of metald's own
+/// paths); anything else is metald's (`internal`). Either way the whole
+/// story goes to the log under an error id, and the returned error also
+/// serves as the VM's `last_error`.
+fn boot_err(id: &VmId, e: BootError, resolved: &Resolved, client: &VmSpec) -> Error {
+    let eid = error_id();
+    warn!(vm_id = %id, error_id = %eid, error = %e, "the VMM did not start the guest");
     match e {
-        BootError::Refused(reason) => Error::FailedPrecondition(reason),
-        BootError::Failed(reason) => Error::Backend(reason),
+        BootError::Refused(reason) => Error::FailedPrecondition(format!(
+            "the VMM refused the configuration: {} (error id {eid})",
+            scrub(&reason, resolved, client)
+        )),
+        BootError::Failed(_) => {
+            Error::Backend(format!("the VMM could not be started (error id {eid})"))
+        }
     }
 }
 
@@ -110,6 +128,7 @@ impl VmService {
                 vmm,
                 config,
                 locks: Mutex::new(HashMap::new()),
+                disk_claims: tokio::sync::Mutex::new(()),
                 suspects: Mutex::new(HashSet::new()),
                 network: None,
                 usage: None,
@@ -180,20 +199,119 @@ impl VmService {
         locks.remove(id);
     }
 
-    /// Loads a VM the caller owns, or answers not-found.
-    async fn owned(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
-        match self.inner.store.get(id).await.map_err(store_err)? {
-            Some(vm) if &vm.customer == caller => Ok(vm),
-            _ => Err(Error::NotFound(id.to_string())),
+    /// The caller's VM called `name`, or not-found (also when another
+    /// customer has a VM of that name: the answers are identical).
+    async fn owned(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
+        match self
+            .inner
+            .store
+            .find(caller, name)
+            .await
+            .map_err(store_err)?
+        {
+            Some(vm) => Ok(vm),
+            None => Err(Error::NotFound(name.to_string())),
         }
+    }
+
+    /// Finds the caller's VM `name`, takes its lock, and loads it again
+    /// under the lock (brought up to date with its VMM process), so the row
+    /// is the one the lock guards: a VM deleted and re-created under the
+    /// same name meanwhile has a new key and answers as the new VM or not
+    /// at all.
+    async fn lock_owned(
+        &self,
+        caller: &CustomerId,
+        name: &VmId,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord)> {
+        let key = self.owned(caller, name).await?.id;
+        let guard = self.lock_for(&key).lock_owned().await;
+        let mut vm = match self.inner.store.get(&key).await.map_err(store_err)? {
+            Some(vm) if &vm.customer == caller && &vm.name == name => vm,
+            _ => return Err(Error::NotFound(name.to_string())),
+        };
+        self.refresh(&mut vm).await?;
+        Ok((guard, vm))
     }
 
     fn check(vm: &VmRecord, op: Op) -> Result<Outcome> {
         state::next(vm.state, op).ok_or(Error::IllegalTransition {
-            vm_id: vm.id.to_string(),
+            vm_id: vm.name.to_string(),
             op: op.verb(),
             state: vm.state,
         })
+    }
+
+    /// Checks every path of a VM against the asset roots for its customer
+    /// and returns the spec the VMM must be given; run right before every
+    /// spawn, so a file swapped for a link after CreateVm is still refused.
+    async fn resolve(&self, customer: &CustomerId, spec: &VmSpec) -> Result<Resolved> {
+        let policy = self.inner.config.assets.clone();
+        let (customer, spec) = (customer.clone(), spec.clone());
+        tokio::task::spawn_blocking(move || policy.resolve(&customer, &spec))
+            .await
+            .map_err(|e| Error::Backend(format!("asset check did not finish: {e}")))?
+    }
+
+    /// The one-writer rule: a file attached writable to one VM is attached
+    /// to no other, and a file another VM uses is not attached writable.
+    /// Writable disks come only from the customer's own roots, so only the
+    /// customer's own VMs can collide, and the answer tells nothing of
+    /// anyone else. The caller holds `disk_claims`.
+    async fn check_disk_claims(&self, customer: &CustomerId, new: &Resolved) -> Result<()> {
+        for (i, a) in new.disks.iter().enumerate() {
+            if let Some(b) = new.disks[..i]
+                .iter()
+                .find(|b| b.identity == a.identity && (a.writable || b.writable))
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "{}: the same file as {} and one of them is writable; a writable disk belongs to one device of one VM",
+                    a.field, b.field
+                )));
+            }
+        }
+        let mut others: Vec<VmSpec> = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self
+                .inner
+                .store
+                .list(customer, &[], cursor, MAX_PAGE_SIZE)
+                .await
+                .map_err(store_err)?;
+            others.extend(page.vms.into_iter().map(|vm| vm.spec));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let mine = new.disks.clone();
+        let clash = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::MetadataExt;
+            for spec in others {
+                for d in spec.disks {
+                    let Ok(meta) = std::fs::metadata(&d.path) else {
+                        continue;
+                    };
+                    let identity = (meta.dev(), meta.ino());
+                    if let Some(a) = mine
+                        .iter()
+                        .find(|a| a.identity == identity && (a.writable || !d.read_only))
+                    {
+                        return Some(a.field.clone());
+                    }
+                }
+            }
+            None
+        })
+        .await
+        .map_err(|e| Error::Backend(format!("disk check did not finish: {e}")))?;
+        match clash {
+            Some(field) => Err(Error::FailedPrecondition(format!(
+                "{field}: the file is attached to another of this customer's VMs and one of them writes it; a writable disk belongs to one VM"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The last write of an operation: the outcome, with nothing pending.
@@ -241,11 +359,14 @@ impl VmService {
                 "config.network: networking is disabled on this host (UNKEY_METALD_NETWORK_ENABLED=false)".into(),
             ));
         }
-        let id = requested_id.unwrap_or_else(VmId::generate);
+        let resolved = self.resolve(caller, &spec).await?;
+        let name = requested_id.unwrap_or_else(VmId::generate);
+        let id = VmId::host_key(&name);
         let t = now();
         let has_network = !spec.nics.is_empty();
         let mut vm = VmRecord {
             id: id.clone(),
+            name: name.clone(),
             customer: caller.clone(),
             spec,
             state: VmState::Created,
@@ -258,10 +379,16 @@ impl VmService {
         // The lock keeps the reconciler off the VM while it is wired.
         let lock = self.lock_for(&id);
         let _guard = lock.lock().await;
-        match self.inner.store.insert(&vm).await {
-            Ok(()) => {}
-            Err(StoreError::AlreadyExists) => return Err(Error::AlreadyExists(id.to_string())),
-            Err(e) => return Err(store_err(e)),
+        {
+            let _claims = self.inner.disk_claims.lock().await;
+            self.check_disk_claims(caller, &resolved).await?;
+            match self.inner.store.insert(&vm).await {
+                Ok(()) => {}
+                Err(StoreError::AlreadyExists) => {
+                    return Err(Error::AlreadyExists(name.to_string()));
+                }
+                Err(e) => return Err(store_err(e)),
+            }
         }
         if has_network {
             if let Err(e) = self.wire(&mut vm).await {
@@ -276,7 +403,7 @@ impl VmService {
             let state = vm.state;
             self.save(&mut vm, state, None, None).await?;
         }
-        info!(vm_id = %id, customer = %caller, "vm created");
+        info!(vm_id = %id, name = %name, customer = %caller, "vm created");
         Ok(vm)
     }
 
@@ -382,9 +509,9 @@ impl VmService {
                 return Ok(addr);
             }
         }
+        warn!(vm_id = %vm, subnet = %format!("{}/{}", subnet.0, subnet.1), "address pool exhausted");
         Err(Error::Unavailable(format!(
-            "no free address left in {}/{}",
-            subnet.0, subnet.1
+            "{field}: no free address left on this host"
         )))
     }
 
@@ -400,17 +527,17 @@ impl VmService {
 
     /// Starts a VMM for the VM and lets the guest run. The row is marked
     /// `pending boot` first, so a crash mid-way is rolled back on restart.
-    pub async fn boot(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
-        let lock = self.lock_for(id);
-        let _guard = lock.lock().await;
-        let mut vm = self.owned_fresh(caller, id).await?;
+    pub async fn boot(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
+        let (_guard, mut vm) = self.lock_owned(caller, name).await?;
+        let id = &vm.id.clone();
         Self::check(&vm, Op::Boot)?;
+        let resolved = self.resolve(caller, &vm.spec).await?;
         self.mark_pending(&mut vm, Pending::Boot).await?;
         let vmm = &self.inner.vmm;
         // No process may exist in Created/Shutdown/Failed; clear anything a
         // crash could have left before starting a fresh one.
         let started = match vmm.destroy(id, vm.runtime.as_ref()).await {
-            Ok(()) => vmm.boot(id, &vm.spec).await,
+            Ok(()) => vmm.boot(id, &resolved.spec).await,
             Err(e) => Err(BootError::Failed(e)),
         };
         match started {
@@ -422,11 +549,11 @@ impl VmService {
                 Ok(vm)
             }
             Err(e) => {
-                warn!(vm_id = %id, error = %e, "boot failed");
+                let e = boot_err(id, e, &resolved, &vm.spec);
                 let state = vm.state;
                 self.save(&mut vm, state, None, Some(format!("boot failed: {e}")))
                     .await?;
-                Err(boot_err(e))
+                Err(e)
             }
         }
     }
@@ -449,10 +576,9 @@ impl VmService {
     /// Pause, resume and reboot: one VMM call on a live process. Nothing is
     /// marked pending: after a crash, adoption reads the guest's state from
     /// the VMM itself.
-    async fn simple(&self, caller: &CustomerId, id: &VmId, op: Op) -> Result<VmRecord> {
-        let lock = self.lock_for(id);
-        let _guard = lock.lock().await;
-        let mut vm = self.owned_fresh(caller, id).await?;
+    async fn simple(&self, caller: &CustomerId, name: &VmId, op: Op) -> Result<VmRecord> {
+        let (_guard, mut vm) = self.lock_owned(caller, name).await?;
+        let id = &vm.id.clone();
         let Outcome::To(to) = Self::check(&vm, op)? else {
             unreachable!("pause, resume and reboot never delete");
         };
@@ -472,7 +598,14 @@ impl VmService {
                 .await
                 .map(|()| rt.clone())
                 .map_err(Error::Backend),
-            Op::Reboot => vmm.reboot(id, &vm.spec, &rt).await.map_err(boot_err),
+            Op::Reboot => {
+                // Some backends respawn the VMM to reboot: the files are
+                // checked again like at every spawn.
+                let resolved = self.resolve(caller, &vm.spec).await?;
+                vmm.reboot(id, &resolved.spec, &rt)
+                    .await
+                    .map_err(|e| boot_err(id, e, &resolved, &vm.spec))
+            }
             _ => unreachable!("only pause, resume and reboot come here"),
         };
         let new_rt = match new_rt {
@@ -502,9 +635,7 @@ impl VmService {
         force: bool,
         timeout: Option<Duration>,
     ) -> Result<VmRecord> {
-        let lock = self.lock_for(id);
-        let _guard = lock.lock().await;
-        let mut vm = self.owned_fresh(caller, id).await?;
+        let (_guard, mut vm) = self.lock_owned(caller, id).await?;
         Self::check(&vm, Op::Shutdown)?;
         let mode = if force {
             StopMode::Force
@@ -512,7 +643,7 @@ impl VmService {
             StopMode::Graceful(timeout.unwrap_or(self.inner.config.default_shutdown_timeout))
         };
         self.stop_locked(&mut vm, mode).await?;
-        info!(vm_id = %id, ?mode, "vm shut down");
+        info!(vm_id = %vm.id, ?mode, "vm shut down");
         Ok(vm)
     }
 
@@ -522,10 +653,12 @@ impl VmService {
         if let Some(rt) = vm.runtime.clone()
             && let Err(e) = self.inner.vmm.shutdown(&rt, mode).await
         {
+            let eid = error_id();
+            warn!(vm_id = %vm.id, error_id = %eid, error = %e, "shutdown failed");
             let state = vm.state;
             let runtime = vm.runtime.clone();
-            self.save(vm, state, runtime, Some(format!("shutdown failed: {e}")))
-                .await?;
+            let why = format!("shutdown failed (error id {eid})");
+            self.save(vm, state, runtime, Some(why)).await?;
             return Err(Error::Backend(e));
         }
         // The VMM is gone: free what the backend kept for it (metrics
@@ -540,10 +673,9 @@ impl VmService {
     /// every file, then the row. The row is marked `pending delete` first,
     /// so a crash mid-way is finished on restart; a failure answers an
     /// error and leaves the VM as it was, for a retry.
-    pub async fn delete(&self, caller: &CustomerId, id: &VmId, force: bool) -> Result<()> {
-        let lock = self.lock_for(id);
-        let guard = lock.lock().await;
-        let mut vm = self.owned_fresh(caller, id).await?;
+    pub async fn delete(&self, caller: &CustomerId, name: &VmId, force: bool) -> Result<()> {
+        let (guard, mut vm) = self.lock_owned(caller, name).await?;
+        let id = &vm.id.clone();
         Self::check(&vm, Op::Delete)?;
         self.mark_pending(&mut vm, Pending::Delete).await?;
         if let (Some(rt), false) = (&vm.runtime, force) {
@@ -557,9 +689,11 @@ impl VmService {
             Err(e) => Err(Error::Backend(e)),
         };
         if let Err(e) = destroyed {
+            let eid = error_id();
+            warn!(vm_id = %id, error_id = %eid, error = %e, "delete failed");
             let (state, runtime) = (vm.state, vm.runtime.clone());
-            self.save(&mut vm, state, runtime, Some(format!("delete failed: {e}")))
-                .await?;
+            let why = format!("delete failed (error id {eid})");
+            self.save(&mut vm, state, runtime, Some(why)).await?;
             return Err(e);
         }
         self.inner.store.remove(id).await.map_err(store_err)?;
@@ -572,10 +706,14 @@ impl VmService {
 
     /// One VM with what the backend says about it. A VMM found dead is
     /// recorded before answering, so the state is never stale.
-    pub async fn get(&self, caller: &CustomerId, id: &VmId) -> Result<VmDetails> {
-        let mut record = self.owned(caller, id).await?;
+    pub async fn get(&self, caller: &CustomerId, name: &VmId) -> Result<VmDetails> {
+        let mut record = self.owned(caller, name).await?;
         self.refresh_if_idle(&mut record).await;
+        let id = &record.id.clone();
         let mut backend_info = self.inner.vmm.describe(id, record.runtime.as_ref()).await;
+        // The host-wide key the VM's files, processes and metald's logs are
+        // named by, for correlating a customer's report with the host.
+        backend_info.insert("vm_key".into(), id.to_string());
         if let Some(err) = &record.last_error {
             backend_info.insert("last_error".into(), err.clone());
         }
@@ -636,14 +774,6 @@ impl VmService {
             self.refresh_if_idle(vm).await;
         }
         Ok(page)
-    }
-
-    /// Loads a VM the caller owns and brings its state up to date with the
-    /// VMM process; the caller holds the VM's lock.
-    async fn owned_fresh(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
-        let mut vm = self.owned(caller, id).await?;
-        self.refresh(&mut vm).await?;
-        Ok(vm)
     }
 
     /// Records the exit of a VM's VMM if the process is gone (the caller
@@ -822,8 +952,9 @@ impl VmService {
                     report.adopted += 1;
                 }
                 Err(e) => {
-                    let reason = format!("VMM lost while metald was down: {e}");
-                    warn!(vm_id = %id, %reason, "not adopting");
+                    let eid = error_id();
+                    warn!(vm_id = %id, error_id = %eid, error = %e, "VMM lost while metald was down; not adopting");
+                    let reason = format!("VMM lost while metald was down (error id {eid})");
                     // Kills only processes whose identity still matches,
                     // so an unrelated process on a reused pid survives.
                     vmm.destroy(&id, vm.runtime.as_ref())

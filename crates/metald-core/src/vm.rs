@@ -66,6 +66,16 @@ impl VmId {
         VmId(format!("vm-{}", &hex[..20]))
     }
 
+    /// A fresh host-wide key for a VM the customer calls `name`: the
+    /// name's first 24 characters (so operators recognise it in `ps` and
+    /// file names), `-`, and 16 random hex digits (so two customers' VMs of
+    /// one name never share a file, socket or namespace).
+    pub fn host_key(name: &VmId) -> Self {
+        let hex = uuid::Uuid::new_v4().simple().to_string();
+        let head: String = name.0.chars().take(24).collect();
+        VmId(format!("{head}-{}", &hex[..16]))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -177,15 +187,11 @@ impl VmSpec {
         let vcpus = check_vcpus(&input)?;
         let topology = check_topology(&input, vcpus)?;
         let memory_bytes = check_memory(&input)?;
-        let kernel = check_file(&input.kernel_path, "config.boot.kernel_path", true)?;
+        let kernel = check_file(&input.kernel_path, "config.boot.kernel_path")?;
         let initrd = if input.initrd_path.is_empty() {
             None
         } else {
-            Some(check_file(
-                &input.initrd_path,
-                "config.boot.initrd_path",
-                true,
-            )?)
+            Some(check_file(&input.initrd_path, "config.boot.initrd_path")?)
         };
         check_kernel_args(&input.kernel_args)?;
         let disks = check_disks(&input.disks)?;
@@ -283,34 +289,36 @@ fn check_memory(input: &VmSpecInput) -> Result<u64> {
     Ok(m as u64)
 }
 
-/// A path must be absolute and name an existing regular file (or, for
-/// disks, a block device).
-fn check_file(raw: &str, field: &str, regular_only: bool) -> Result<PathBuf> {
+/// Longest path metald accepts in a request (the kernel's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// The form of a client-supplied path: absolute, bounded, no NUL. Whether
+/// the caller may use the file is the asset policy's question
+/// ([`crate::assets::AssetPolicy`]), asked by the service, so this
+/// validation never touches the filesystem.
+fn check_file(raw: &str, field: &str) -> Result<PathBuf> {
     if raw.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
-    let path = Path::new(raw);
-    if !path.is_absolute() {
+    if raw.len() > MAX_PATH_LEN {
         return Err(Error::invalid(
             field,
-            format!("must be an absolute path, got {raw:?}"),
+            format!("must be at most {MAX_PATH_LEN} bytes"),
         ));
     }
-    let meta =
-        std::fs::metadata(path).map_err(|e| Error::invalid(field, format!("{raw:?}: {e}")))?;
-    let ft = meta.file_type();
-    let ok =
-        ft.is_file() || (!regular_only && std::os::unix::fs::FileTypeExt::is_block_device(&ft));
-    if !ok {
-        let what = if regular_only {
-            "a regular file"
-        } else {
-            "a regular file or block device"
-        };
-        return Err(Error::invalid(field, format!("{raw:?} is not {what}")));
+    if raw.contains('\0') {
+        return Err(Error::invalid(field, "must not contain NUL"));
+    }
+    let path = Path::new(raw);
+    if !path.is_absolute() {
+        return Err(Error::invalid(field, "must be an absolute path"));
     }
     Ok(path.to_path_buf())
 }
+
+/// Kernel parameters metald sets itself for a VM's network; a client may
+/// not pass them, so it cannot override the addresses metald leased.
+pub const RESERVED_KERNEL_ARGS: [&str; 3] = ["ip", "metald.ip6", "metald.gw6"];
 
 fn check_kernel_args(args: &str) -> Result<()> {
     let field = "config.boot.kernel_args";
@@ -322,6 +330,15 @@ fn check_kernel_args(args: &str) -> Result<()> {
     }
     if args.chars().any(|c| c.is_control()) {
         return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    for word in args.split_whitespace() {
+        let key = word.split_once('=').map_or(word, |(k, _)| k);
+        if RESERVED_KERNEL_ARGS.contains(&key) {
+            return Err(Error::invalid(
+                field,
+                format!("{key}= is set by metald for the VM's network and may not be passed"),
+            ));
+        }
     }
     Ok(())
 }
@@ -361,7 +378,7 @@ fn check_disks(disks: &[DiskInput]) -> Result<Vec<DiskSpec>> {
                 format!("duplicate device id {id:?}"),
             ));
         }
-        let path = check_file(&d.path, &format!("config.storage[{i}].path"), false)?;
+        let path = check_file(&d.path, &format!("config.storage[{i}].path"))?;
         if d.is_root_device && out.iter().any(|o| o.is_root) {
             return Err(Error::invalid(
                 format!("config.storage[{i}].is_root_device"),
@@ -511,9 +528,10 @@ mod tests {
     }
 
     #[test]
-    fn kernel_must_be_an_existing_regular_file() {
+    fn paths_must_be_absolute_and_bounded() {
         let k = kernel();
-        for bad in ["", "relative/vmlinux", "/nonexistent/vmlinux", "/tmp"] {
+        let long = format!("/{}", "x".repeat(MAX_PATH_LEN));
+        for bad in ["", "relative/vmlinux", "a\0b", &long] {
             let e = VmSpec::new(VmSpecInput {
                 kernel_path: bad.into(),
                 ..valid(&k)
@@ -540,7 +558,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(field_of(e), "config.storage[1].id");
         let e = VmSpec::new(VmSpecInput {
-            disks: vec![disk("a", "/nonexistent".into(), false)],
+            disks: vec![disk("a", "disk.img".into(), false)],
             ..valid(&k)
         })
         .unwrap_err();
@@ -575,6 +593,37 @@ mod tests {
             })
             .is_ok()
         );
+    }
+
+    #[test]
+    fn network_kernel_args_are_reserved() {
+        let k = kernel();
+        for bad in [
+            "ip=10.0.0.9::10.0.0.1:255.255.255.0::eth0:off",
+            "console=ttyS0 metald.ip6=fd00::9/64",
+            "metald.gw6=fd00::1 quiet",
+            "ip",
+        ] {
+            let e = VmSpec::new(VmSpecInput {
+                kernel_args: bad.into(),
+                ..valid(&k)
+            })
+            .unwrap_err();
+            assert_eq!(field_of(e), "config.boot.kernel_args", "{bad}");
+        }
+        for ok in [
+            "console=ttyS0 metald.ping=10.0.0.1 metald.sink=9000 metald.burn=3",
+            "ipv6.disable=1",
+        ] {
+            assert!(
+                VmSpec::new(VmSpecInput {
+                    kernel_args: ok.into(),
+                    ..valid(&k)
+                })
+                .is_ok(),
+                "{ok}"
+            );
+        }
     }
 
     #[test]

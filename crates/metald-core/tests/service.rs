@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use metald_core::assets::AssetPolicy;
 use metald_core::net::{NicAttachment, NicInput, NicSpec};
 use metald_core::ports::{
     BootError, GuestStatus, HostResources, Network, Pending, PortError, StopMode, Store, Subnets,
@@ -74,10 +75,10 @@ impl Vmm for FakeVmm {
         "fake"
     }
     async fn boot(&self, id: &VmId, _spec: &VmSpec) -> Result<VmmRuntime, BootError> {
-        if id.as_str() == "slow" {
+        if id.as_str().starts_with("slow-") {
             self.gate.notified().await;
         }
-        if id.as_str() == "refused" {
+        if id.as_str().starts_with("refused-") {
             return Err(BootError::Refused("the VMM refused the config".into()));
         }
         Ok(Self::rt(self.spawn()))
@@ -178,7 +179,7 @@ async fn world() -> World {
             .unwrap(),
     );
     let vmm = Arc::new(FakeVmm::default());
-    let svc = VmService::new(store.clone(), vmm.clone(), ServiceConfig::default());
+    let svc = VmService::new(store.clone(), vmm.clone(), config(dir.path()));
     let spec = VmSpec::new(VmSpecInput {
         vcpu_count: 1,
         memory_bytes: 128 << 20,
@@ -192,6 +193,14 @@ async fn world() -> World {
         vmm,
         svc,
         spec,
+    }
+}
+
+/// The service's configuration with `root` as the one (shared) asset root.
+fn config(root: &std::path::Path) -> ServiceConfig {
+    ServiceConfig {
+        assets: AssetPolicy::new(&[root.display().to_string()], &[]).unwrap(),
+        ..ServiceConfig::default()
     }
 }
 
@@ -212,6 +221,7 @@ fn row(
 ) -> VmRecord {
     VmRecord {
         id: id(name),
+        name: id(name),
         customer: me(),
         spec: w.spec.clone(),
         state,
@@ -402,7 +412,7 @@ async fn a_refused_boot_keeps_the_vm_and_clears_the_pending_mark() {
         .unwrap();
     let err = w.svc.boot(&me(), &id("refused")).await.unwrap_err();
     assert!(err.to_string().contains("refused the config"), "{err}");
-    let r = w.store.get(&id("refused")).await.unwrap().unwrap();
+    let r = w.store.find(&me(), &id("refused")).await.unwrap().unwrap();
     assert_eq!(
         (r.state, r.pending, r.runtime),
         (VmState::Created, None, None)
@@ -445,8 +455,9 @@ async fn one_vm_waits_for_its_own_operations_while_others_proceed() {
         "pause waits for the boot"
     );
     // The reconciler leaves a VM alone while an operation holds it.
+    let slow_key = w.store.find(&me(), &id("slow")).await.unwrap().unwrap().id;
     w.vmm.st().scan = HostResources {
-        processes: vec![(id("slow"), 999, 1)],
+        processes: vec![(slow_key, 999, 1)],
         dirs: vec![],
     };
     let r = w.svc.reconcile(true).await.unwrap();
@@ -504,8 +515,12 @@ async fn a_create_that_could_not_undo_itself_is_rolled_back_by_the_periodic_reco
         fail: Mutex::new(2),
         detached: Mutex::new(Vec::new()),
     });
-    let svc = VmService::new(w.store.clone(), w.vmm.clone(), ServiceConfig::default())
-        .with_network(net.clone());
+    let svc = VmService::new(
+        w.store.clone(),
+        w.vmm.clone(),
+        config(w.spec.kernel.parent().unwrap()),
+    )
+    .with_network(net.clone());
     let spec = VmSpec::new(VmSpecInput {
         vcpu_count: 1,
         memory_bytes: 128 << 20,
@@ -524,17 +539,21 @@ async fn a_create_that_could_not_undo_itself_is_rolled_back_by_the_periodic_reco
         .unwrap_err();
     assert!(matches!(e, Error::Backend(_)), "{e:?}");
     // The rollback's detach failed: the row and its lease stay, marked.
-    let row = w.store.get(&id("wired")).await.unwrap().unwrap();
+    let row = w.store.find(&me(), &id("wired")).await.unwrap().unwrap();
     assert_eq!(row.pending, Some(Pending::Create));
     assert!(!w.store.leases().await.unwrap().is_empty());
 
     // Detach still fails on the first pass: the row waits for the next.
     let report = svc.reconcile(false).await.unwrap();
     assert_eq!(report.abandoned_creates, 0);
-    assert!(w.store.get(&id("wired")).await.unwrap().is_some());
+    assert!(w.store.find(&me(), &id("wired")).await.unwrap().is_some());
     let report = svc.reconcile(false).await.unwrap();
     assert_eq!(report.abandoned_creates, 1);
-    assert!(w.store.get(&id("wired")).await.unwrap().is_none());
+    assert!(w.store.find(&me(), &id("wired")).await.unwrap().is_none());
     assert!(w.store.leases().await.unwrap().is_empty(), "lease released");
-    assert_eq!(*net.detached.lock().unwrap(), vec!["wired".to_string()]);
+    let detached = net.detached.lock().unwrap().clone();
+    assert!(
+        matches!(&detached[..], [one] if one.starts_with("wired-")),
+        "{detached:?}"
+    );
 }

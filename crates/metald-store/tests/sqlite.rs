@@ -33,6 +33,7 @@ fn spec() -> VmSpec {
 fn record(id: &str, customer: &str) -> VmRecord {
     VmRecord {
         id: VmId::parse(id, "vm_id").unwrap(),
+        name: VmId::parse(id, "vm_id").unwrap(),
         customer: CustomerId::parse(customer).unwrap(),
         spec: spec(),
         state: VmState::Created,
@@ -97,6 +98,60 @@ async fn records_round_trip_and_ids_are_unique() {
         store.update(&vm).await.is_err(),
         "updating a missing row must not pass silently"
     );
+}
+
+#[tokio::test]
+async fn names_are_unique_per_customer_only() {
+    let (_dir, _path, store) = open().await;
+    let name = VmId::parse("web-1", "t").unwrap();
+    let mut a = record("web-1-aaaa", "a");
+    a.name = name.clone();
+    let mut b = record("web-1-bbbb", "b");
+    b.name = name.clone();
+    store.insert(&a).await.unwrap();
+    store.insert(&b).await.unwrap();
+    let (ca, cb) = (a.customer.clone(), b.customer.clone());
+    assert_eq!(store.find(&ca, &name).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.find(&cb, &name).await.unwrap(), Some(b.clone()));
+    let nobody = CustomerId::parse("c").unwrap();
+    assert_eq!(store.find(&nobody, &name).await.unwrap(), None);
+    // The same customer cannot have the name twice.
+    let mut again = record("web-1-cccc", "a");
+    again.name = name.clone();
+    assert_eq!(store.insert(&again).await, Err(StoreError::AlreadyExists));
+}
+
+#[tokio::test]
+async fn rows_from_before_per_customer_names_keep_their_id_as_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metald.db");
+    {
+        // The schema as the first three migrations left it, with one row.
+        let mut old = sqlx::migrate!("./migrations");
+        old.migrations = std::borrow::Cow::Owned(old.migrations[..3].to_vec());
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+        old.run(&pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO vms (vm_id, customer_id, state, spec_json, created_at, modified_at) \
+             VALUES ('old-vm', 'acme', 'created', $1, 1, 1)",
+        )
+        .bind(serde_json::to_string(&spec()).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let store = SqliteStore::open(&path).await.unwrap();
+    let id = VmId::parse("old-vm", "t").unwrap();
+    let acme = CustomerId::parse("acme").unwrap();
+    let vm = store
+        .find(&acme, &id)
+        .await
+        .unwrap()
+        .expect("found by name");
+    assert_eq!((vm.id.as_str(), vm.name.as_str()), ("old-vm", "old-vm"));
 }
 
 #[tokio::test]

@@ -91,6 +91,24 @@ pub struct Config {
     #[arg(long, env = "UNKEY_METALD_DATA_DIR", default_value = "/var/lib/metald")]
     pub data_dir: PathBuf,
 
+    /// Where the files a VM may use live, `:`-separated. An entry holding
+    /// `{customer}` (as a whole path component) is private to that
+    /// customer: writable disks come only from such a root. Default:
+    /// `<data dir>/assets` (shared, read-only) and
+    /// `<data dir>/assets/customers/{customer}`.
+    #[arg(long, env = "UNKEY_METALD_ASSET_DIRS", value_delimiter = ':')]
+    pub asset_dirs: Vec<String>,
+
+    /// Host block devices a VM may use as disks, `:`-separated: `/dev/x`
+    /// (every customer, read-only) or `/dev/x=<customer>` (that customer,
+    /// also writable). Default: none.
+    #[arg(
+        long,
+        env = "UNKEY_METALD_ALLOWED_BLOCK_DEVICES",
+        value_delimiter = ':'
+    )]
+    pub allowed_block_devices: Vec<String>,
+
     /// How callers authenticate.
     #[arg(
         long,
@@ -337,6 +355,21 @@ pub struct Config {
 impl Config {
     /// Parses flags and environment; on a bad value, the error names the
     /// environment variable as well as the flag.
+    /// The asset roots in effect (the default when none are configured).
+    pub fn asset_roots(&self) -> Vec<String> {
+        if self.asset_dirs.iter().any(|d| !d.is_empty()) {
+            return self.asset_dirs.clone();
+        }
+        let base = self.data_dir.join("assets");
+        vec![
+            base.display().to_string(),
+            base.join("customers")
+                .join(metald_core::assets::CUSTOMER_PLACEHOLDER)
+                .display()
+                .to_string(),
+        ]
+    }
+
     pub fn load() -> Result<Self, clap::Error> {
         Self::try_parse_from(std::env::args_os())
     }

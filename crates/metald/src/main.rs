@@ -298,6 +298,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let _lock = lock_data_dir(&config.data_dir)?;
     let auth = Arc::new(authenticator(&config)?);
+    let assets =
+        metald_core::assets::AssetPolicy::new(&config.asset_roots(), &config.allowed_block_devices)
+            .map_err(|e| {
+                anyhow::anyhow!("UNKEY_METALD_ASSET_DIRS / UNKEY_METALD_ALLOWED_BLOCK_DEVICES: {e}")
+            })?;
+    info!(roots = ?config.asset_roots(), "asset roots");
     let vmm = backend(&config)?;
     let db = config.data_dir.join("metald.db");
     let store = metald_store::SqliteStore::open(&db)
@@ -312,6 +318,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         vmm,
         ServiceConfig {
             default_shutdown_timeout: config.vm_shutdown_timeout,
+            assets,
         },
         vec![billing.clone()],
     )

@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::{Assets, Daemon, state_of};
+use harness::{Assets, Daemon, keyed, state_of};
 use libtest_mimic::{Arguments, Failed, Trial};
 use rustix::process::{Pid, Signal, kill_process};
 use serde_json::{Value, json};
@@ -473,15 +473,17 @@ fn assert_gone(d: &Daemon, b: &Backend, id: &str, pids: &[i32]) {
     for &p in pids {
         assert!(!alive(p), "VMM process {p} of {id} still runs");
     }
-    assert!(
-        !d.data_dir.join("vms").join(id).exists(),
-        "{id}'s directory is left"
-    );
+    let left = keyed(&d.data_dir.join("vms"), id);
+    assert!(left.is_empty(), "{id}'s directory is left: {left:?}");
     if b.kind == (Kind::Firecracker { jailed: true }) {
-        let jail = d.data_dir.join("jailer/firecracker").join(id);
-        assert!(!jail.exists(), "jail {} is left", jail.display());
+        let jails = keyed(&d.data_dir.join("jailer/firecracker"), id);
+        assert!(jails.is_empty(), "jail is left: {jails:?}");
     }
-    for cg in cgroup_dirs(id) {
+    let parents: Vec<PathBuf> = cgroup_dirs(id)
+        .iter()
+        .filter_map(|c| c.parent().map(Path::to_path_buf))
+        .collect();
+    for cg in parents.iter().flat_map(|p| keyed(p, id)) {
         assert!(!cg.exists(), "cgroup {} is left", cg.display());
         // The trial's own parent goes too (the jailer or metald made it).
         if let Some(parent) = cg.parent() {
@@ -548,7 +550,7 @@ fn full_lifecycle(b: Backend) -> Result<(), Failed> {
             b.kind,
             Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
         ) {
-            assert_in_cgroups(id, pid_of(&v));
+            assert_in_cgroups(v["backendInfo"]["vm_key"].as_str().unwrap(), pid_of(&v));
         }
         if let Kind::Firecracker { jailed: true } = b.kind {
             let pid = pid_of(&v);
@@ -565,9 +567,13 @@ fn full_lifecycle(b: Backend) -> Result<(), Failed> {
             // compare the directories as files.
             use std::os::unix::fs::MetadataExt;
             let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
-            let jail =
-                std::fs::metadata(d.data_dir.join("jailer/firecracker").join(id).join("root"))
-                    .unwrap();
+            let jail = std::fs::metadata(
+                d.data_dir
+                    .join("jailer/firecracker")
+                    .join(v["backendInfo"]["vm_key"].as_str().unwrap())
+                    .join("root"),
+            )
+            .unwrap();
             assert_eq!(
                 (root.dev(), root.ino()),
                 (jail.dev(), jail.ino()),
@@ -732,7 +738,7 @@ fn orphans_swept(b: Backend) -> Result<(), Failed> {
             .args([
                 "-c",
                 "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
-                 c.execute('delete from vms where vm_id=?',(sys.argv[2],)); c.commit()",
+                 c.execute('delete from vms where name=?',(sys.argv[2],)); c.commit()",
             ])
             .arg(d.data_dir.join("metald.db"))
             .arg(id)

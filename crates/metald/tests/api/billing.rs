@@ -469,7 +469,7 @@ async fn cpu_time_matches_the_kernels_accounting_and_a_paused_vm_accrues_none() 
         .to_owned();
     wait_for_console(&console, "METALD-BURN-DONE", 1, Duration::from_secs(120)).await;
     d.ok(T, "PauseVm", json!({"vm_id": id})).await;
-    let pid = processes_mentioning(&format!("-name metald-{id} "))[0];
+    let pid = processes_mentioning(&format!("-name metald-{id}-"))[0];
     let paused_at = now_ns();
     let kernel_cpu = proc_cpu_ns(pid);
     until(

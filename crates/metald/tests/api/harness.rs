@@ -65,6 +65,62 @@ impl Assets {
     }
 }
 
+/// Where the test guest's files are (the directory of `assets.env`).
+pub fn assets_dir() -> PathBuf {
+    std::env::var("METALD_ASSETS_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.metald/assets/assets.env")
+        })
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The asset roots a test metald uses: the test guest's directory
+/// (shared), `<data dir>/assets` (shared) and
+/// `<data dir>/assets/customers/{customer}` (private).
+pub fn asset_dirs(data_dir: &Path) -> String {
+    format!(
+        "{}:{}:{}",
+        assets_dir().display(),
+        data_dir.join("assets").display(),
+        data_dir.join("assets/customers/{customer}").display()
+    )
+}
+
+/// The host-wide key of the caller's VM `name` (its files, processes and
+/// cgroups are named by it).
+pub async fn vm_key(d: &Daemon, token: &str, name: &str) -> String {
+    let info = d.ok(token, "GetVmInfo", json!({"vm_id": name})).await;
+    info["backendInfo"]["vm_key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no vm_key in {info}"))
+        .to_owned()
+}
+
+/// Per-VM directories left for any VM called `name`.
+pub fn vm_dirs(d: &Daemon, name: &str) -> Vec<PathBuf> {
+    keyed(&d.data_dir.join("vms"), name)
+}
+
+/// Entries of `dir` named by the key of a VM called `name` (keys are the
+/// name, a dash and random hex).
+pub fn keyed(dir: &Path, name: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{name}-")))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A running metald.
 pub struct Daemon {
     child: Option<Child>,
@@ -116,6 +172,8 @@ impl Daemon {
             ])
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .arg("--asset-dirs")
+            .arg(asset_dirs(&self.data_dir))
             .args(&self.extra_args)
             .env_remove("UNKEY_METALD_AUTH_MODE")
             // QEMU unless a test passes --backend (flags win over the
@@ -128,9 +186,27 @@ impl Daemon {
             .env("UNKEY_METALD_NETWORK_ENABLED", "false")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start metald");
+        // metald's log goes to the test's output and to a file the test can
+        // search (`Daemon::log`).
+        let stderr = child.stderr.take().unwrap();
+        let log_path = self.log_path();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_path)
+                .ok();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if let Some(f) = &mut file {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+        });
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -150,6 +226,17 @@ impl Daemon {
         };
         self.url = url;
         self.child = Some(child);
+    }
+
+    fn log_path(&self) -> PathBuf {
+        let mut name = self.data_dir.as_os_str().to_owned();
+        name.push(".log");
+        PathBuf::from(name)
+    }
+
+    /// Everything metald logged so far (all its runs on this data dir).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// Sends `signal` and waits for metald to exit.
@@ -208,6 +295,7 @@ impl Drop for Daemon {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
             }
         }
+        let _ = std::fs::remove_file(self.log_path());
     }
 }
 

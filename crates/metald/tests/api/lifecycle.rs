@@ -19,8 +19,8 @@ fn assert_gone(d: &Daemon, vm_id: &str) {
         procs.is_empty(),
         "VMM processes of {vm_id} remain: {procs:?}"
     );
-    let dir = d.data_dir.join("vms").join(vm_id);
-    assert!(!dir.exists(), "{} remains", dir.display());
+    let dirs = crate::harness::vm_dirs(d, vm_id);
+    assert!(dirs.is_empty(), "{dirs:?} remain");
 }
 
 fn vmm_count(vm_id: &str) -> usize {

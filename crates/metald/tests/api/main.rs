@@ -6,6 +6,7 @@
 mod billing;
 mod chaos;
 mod harness;
+mod host_safety;
 mod lifecycle;
 mod listing;
 mod network;

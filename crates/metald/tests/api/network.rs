@@ -79,7 +79,7 @@ fn links() -> HashSet<String> {
         .collect()
 }
 
-/// None of these VMs' namespaces or veths exist, and the bridge has no
+/// None of these VMs' (by key) namespaces or veths exist, and the bridge has no
 /// port left (other tests run in parallel on other bridges, so only this
 /// test's names are checked).
 fn assert_no_devices(lan: &Lan, vm_ids: &[String]) {
@@ -210,9 +210,10 @@ async fn a_dual_stack_guest_answers_ping_on_both_addresses_and_delete_leaves_not
     }
     assert!(ping(&ips[1]), "guest answers ping on {}", ips[1]);
 
+    let key = crate::harness::vm_key(&d, T, "pingable").await;
     d.ok(T, "DeleteVm", json!({"vm_id": "pingable", "force": true}))
         .await;
-    assert_no_devices(&lan, &["pingable".to_owned()]);
+    assert_no_devices(&lan, &[key]);
     assert!(!netns_list().contains(&netns));
     assert_eq!(leases(&d), 0, "addresses released");
 }
@@ -289,10 +290,12 @@ async fn a_hundred_parallel_creates_get_distinct_addresses_and_names_and_leave_n
     let mut ips = HashSet::new();
     let mut namespaces = HashSet::new();
     let mut macs = HashSet::new();
+    let mut keys = Vec::new();
     for i in 0..100 {
         let info = d
             .ok(T, "GetVmInfo", json!({"vm_id": format!("many-{i:03}")}))
             .await;
+        keys.push(info["backendInfo"]["vm_key"].as_str().unwrap().to_owned());
         let net = &info["networkInfo"];
         for ip in net["ipAddress"].as_str().unwrap().split(',') {
             assert!(ips.insert(ip.to_owned()), "address {ip} handed out twice");
@@ -312,8 +315,7 @@ async fn a_hundred_parallel_creates_get_distinct_addresses_and_names_and_leave_n
         d.ok(T, "DeleteVm", json!({"vm_id": format!("many-{i:03}")}))
             .await;
     }
-    let ids: Vec<String> = (0..100).map(|i| format!("many-{i:03}")).collect();
-    assert_no_devices(&lan, &ids);
+    assert_no_devices(&lan, &keys);
     assert_eq!(leases(&d), 0, "every address released");
 }
 
@@ -330,11 +332,11 @@ async fn a_create_that_fails_after_the_namespace_was_made_leaves_nothing() {
     let assets = Assets::load();
     let lan = Lan::new(5);
     let d = lan.daemon(&[]);
-    // A foreign device where the VM's host-side veth would go: the create
-    // fails after its namespace exists and must roll everything back.
-    let names = metald_network::Host::names("blocked", 0);
+    // The host bridge vanishes under metald (an operator removed it): the
+    // create fails after its addresses were leased and must roll
+    // everything back.
     let status = Command::new("ip")
-        .args(["link", "add", &names.host_veth, "type", "bridge"])
+        .args(["link", "del", &lan.bridge])
         .status()
         .unwrap();
     assert!(status.success());
@@ -347,10 +349,13 @@ async fn a_create_that_fails_after_the_namespace_was_made_leaves_nothing() {
         .await
         .unwrap_err();
     eprintln!("create failed as expected: {err:?}");
-    let _ = Command::new("ip")
-        .args(["link", "del", &names.host_veth])
-        .status();
-    assert_no_devices(&lan, &["blocked".to_owned()]);
+    assert_eq!(err.0, "internal", "{err:?}");
+    assert!(
+        !err.1.contains(&lan.bridge) && err.1.contains("error id"),
+        "no host detail in the answer: {err:?}"
+    );
+    let ports_left = std::fs::read_dir(format!("/sys/class/net/{}/brif", lan.bridge)).is_ok();
+    assert!(!ports_left, "the bridge is gone and stays gone");
     assert_eq!(leases(&d), 0, "addresses released");
     let gone = d
         .call(T, "GetVmInfo", json!({"vm_id": "blocked"}))

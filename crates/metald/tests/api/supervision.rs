@@ -12,7 +12,7 @@ use crate::harness::{Assets, Daemon, processes_mentioning, state_of};
 const T: &str = "dev_customer_super";
 
 fn vmm_pid(id: &str) -> Option<i32> {
-    let pids = processes_mentioning(&format!("-name metald-{id} "));
+    let pids = processes_mentioning(&format!("-name metald-{id}-"));
     assert!(pids.len() <= 1, "at most one VMM for {id}: {pids:?}");
     pids.first().copied()
 }
@@ -183,9 +183,9 @@ async fn a_reused_pid_is_neither_adopted_nor_killed() {
             "-c",
             "import json,sqlite3,sys\n\
              c=sqlite3.connect(sys.argv[1])\n\
-             r=json.loads(c.execute(\"select runtime_json from vms where vm_id=?\",(sys.argv[2],)).fetchone()[0])\n\
+             r=json.loads(c.execute(\"select runtime_json from vms where name=?\",(sys.argv[2],)).fetchone()[0])\n\
              r['pid']=int(sys.argv[3])\n\
-             c.execute(\"update vms set runtime_json=? where vm_id=?\",(json.dumps(r),sys.argv[2]))\n\
+             c.execute(\"update vms set runtime_json=? where name=?\",(json.dumps(r),sys.argv[2]))\n\
              c.commit()",
         ])
         .arg(&db)

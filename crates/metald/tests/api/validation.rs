@@ -135,9 +135,22 @@ async fn invalid_create_requests_name_the_field_and_leave_nothing() {
             "vm_id",
         ),
     ];
+    // Files the caller may not use (here: missing, or not a regular file)
+    // are refused as permission_denied; malformed input as invalid_argument.
+    let denied = [
+        "missing kernel",
+        "kernel is a dir",
+        "missing initrd",
+        "missing disk",
+    ];
     for (name, body, field) in cases {
         let e = d.call(t, "CreateVm", body).await.unwrap_err();
-        assert_eq!(e.0, "invalid_argument", "{name}: {e:?}");
+        let code = if denied.contains(&name) {
+            "permission_denied"
+        } else {
+            "invalid_argument"
+        };
+        assert_eq!(e.0, code, "{name}: {e:?}");
         assert!(
             e.1.contains(field),
             "{name}: message {:?} should name {field}",
@@ -186,7 +199,8 @@ async fn a_boot_the_vmm_refuses_leaves_no_process_or_file() {
     let d = Daemon::start();
     let t = "dev_customer_badboot";
     // A regular file that is not a kernel passes validation; QEMU refuses it.
-    let bogus = d.data_dir.join("not-a-kernel");
+    std::fs::create_dir_all(d.data_dir.join("assets")).unwrap();
+    let bogus = d.data_dir.join("assets/not-a-kernel");
     std::fs::write(&bogus, b"this is not a kernel").unwrap();
     let mut body = json!({"vm_id": "bogus", "config": assets.config()});
     body["config"]["boot"]["kernel_path"] = json!(bogus.to_str().unwrap());
@@ -206,7 +220,7 @@ async fn a_boot_the_vmm_refuses_leaves_no_process_or_file() {
     );
     assert!(processes_mentioning("metald-bogus").is_empty());
     assert!(
-        !d.data_dir.join("vms/bogus").exists(),
+        crate::harness::vm_dirs(&d, "bogus").is_empty(),
         "per-VM files remain after a failed boot"
     );
     d.ok(t, "DeleteVm", json!({"vm_id": "bogus"})).await;
