@@ -7,8 +7,12 @@
 //! backend does around its process (per-VM directory, spawn record, socket
 //! wait, kill and clean-up, scanning); [`http`] the HTTP/1.1 client for
 //! VMM APIs on Unix sockets. [`qemu`] drives `qemu-system-x86_64 -M
-//! microvm` over QMP.
+//! microvm` over QMP. What a VMM answers is bounded: [`bounded`] reads
+//! lines with a limit, and [`beneath`] opens what a VMM can write without
+//! following links it could have planted.
 
+pub mod beneath;
+pub mod bounded;
 pub mod cgroup;
 pub mod cloudhypervisor;
 pub mod firecracker;
