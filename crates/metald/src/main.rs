@@ -116,6 +116,7 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
                 accel,
                 state_dir: config.data_dir.join("vms"),
                 boot_timeout: config.boot_timeout,
+                log_max: config.console_log_max,
             })
             .map_err(anyhow::Error::msg)?;
             Ok(Arc::new(qemu))
