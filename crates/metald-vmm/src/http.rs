@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tracing::debug;
+use tracing::{debug, warn};
 
 pub use crate::beneath::Endpoint;
 
@@ -60,7 +60,16 @@ pub async fn call(
     };
     let work = async {
         let stream = socket.connect().await.map_err(|e| {
-            debug!(socket = %socket.display(), error = %e, "cannot connect to a VMM's API");
+            use std::io::ErrorKind::{ConnectionRefused, NotFound};
+            if matches!(e.kind(), NotFound | ConnectionRefused) {
+                // Not listening (yet, or any more): the start-up wait sees
+                // this many times.
+                debug!(socket = %socket.display(), error = %e, "cannot connect to a VMM's API");
+            } else {
+                // A link, a foreign owner, not a socket: what a compromised
+                // VMM might have planted.
+                warn!(socket = %socket.display(), error = %e, "refusing a VMM's API socket");
+            }
             CallError::Connect
         })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

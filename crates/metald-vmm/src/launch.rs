@@ -28,6 +28,14 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// Name of the spawn record in a VM directory.
 pub const SPAWN_RECORD: &str = "vmm.json";
 
+/// A failure on the host's side, for an API caller: `detail` (paths, OS
+/// errors) goes to metald's log, the caller reads `cannot <what> on the
+/// host`.
+pub fn host_failure(what: &str, detail: impl std::fmt::Display) -> String {
+    warn!(error = %detail, "cannot {what}");
+    format!("cannot {what} on the host")
+}
+
 /// Removes whatever a previous run left in `dir` and creates it empty.
 pub fn fresh_dir(dir: &Path) -> Result<(), String> {
     let made = match std::fs::remove_dir_all(dir) {
@@ -37,8 +45,10 @@ pub fn fresh_dir(dir: &Path) -> Result<(), String> {
     }
     .and_then(|()| std::fs::create_dir_all(dir));
     made.map_err(|e| {
-        warn!(dir = %dir.display(), error = %e, "cannot prepare a VM directory");
-        "cannot prepare the VM's directory on the host".to_owned()
+        host_failure(
+            "prepare the VM's directory",
+            format_args!("{}: {e}", dir.display()),
+        )
     })
 }
 
@@ -390,10 +400,10 @@ pub fn remove_dir(dir: &Path) -> Result<(), String> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => {
-            warn!(dir = %dir.display(), error = %e, "cannot remove a VM's files");
-            Err("cannot remove the VM's files on the host".into())
-        }
+        Err(e) => Err(host_failure(
+            "remove the VM's files",
+            format_args!("{}: {e}", dir.display()),
+        )),
     }
 }
 

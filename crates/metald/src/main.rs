@@ -200,6 +200,7 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
                 boot_timeout: config.boot_timeout,
                 cgroups,
                 user: config.cloud_hypervisor_user,
+                log_max: config.console_log_max,
             })
             .map_err(anyhow::Error::msg)?;
             Ok(Arc::new(ch))
