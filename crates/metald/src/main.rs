@@ -170,6 +170,7 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
                 state_dir: config.data_dir.join("vms"),
                 boot_timeout: config.boot_timeout,
                 jailer,
+                log_max: config.console_log_max,
             })
             .map_err(anyhow::Error::msg)?;
             Ok(Arc::new(fc))
