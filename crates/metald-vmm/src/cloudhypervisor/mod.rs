@@ -486,6 +486,28 @@ mod tests {
     }
 
     #[test]
+    fn the_serial_port_goes_to_the_stdout_metald_opened() {
+        let spec = VmSpec {
+            vcpus: 1,
+            topology: None,
+            memory_bytes: 128 << 20,
+            kernel: "/k/vmlinux".into(),
+            initrd: None,
+            kernel_args: String::new(),
+            boot_options: Default::default(),
+            disks: Vec::new(),
+            nics: Vec::new(),
+            console_enabled: true,
+            metadata: Default::default(),
+        };
+        let c = vm_config(&spec).unwrap();
+        // Tty: Cloud Hypervisor writes to its (O_APPEND) stdout, so the log
+        // can be trimmed under it; File mode would write at its own offset.
+        assert_eq!((c.serial.mode.as_str(), c.serial.file), ("Tty", None));
+        assert_eq!(c.console.mode, "Off");
+    }
+
+    #[test]
     fn counters_are_summed_over_devices() {
         let text = r#"{"root":{"read_bytes":10,"write_bytes":2,"read_ops":1},
             "data":{"read_bytes":5,"write_bytes":0},
