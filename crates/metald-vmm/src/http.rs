@@ -1,19 +1,26 @@
 //! HTTP/1.1 over a VMM's Unix control socket, as Firecracker and Cloud
 //! Hypervisor serve their APIs. hyper does the protocol; this module only
-//! connects, sets `Host`, bounds each call in time and turns answers into
-//! text errors that name the call.
+//! connects, sets `Host`, bounds each call in time and the answer in size
+//! ([`MAX_BODY`]), and turns answers into text errors that name the call.
+//! Error texts never hold the socket's host path or the OS's words about
+//! it: those go to metald's log.
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
+use tracing::{debug, warn};
+
+pub use crate::beneath::Endpoint;
 
 /// Longest a VMM may take to answer one API call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest answer body metald reads from a VMM: 1 MiB. Firecracker's and
+/// Cloud Hypervisor's answers are a few KiB; a longer one is an error.
+pub const MAX_BODY: usize = 1 << 20;
 
 /// A VMM's answer.
 #[derive(Debug)]
@@ -25,22 +32,23 @@ pub struct Response {
 /// Why a call failed before the VMM answered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
-    /// Nothing listens on the socket (yet, or any more).
-    #[error("cannot connect to {socket}: {reason}")]
-    Connect { socket: String, reason: String },
-    /// Connected, but the exchange failed or timed out.
-    #[error("{method} {path} on {socket}: {reason}")]
+    /// Nothing listens on the socket (yet, or any more), or the socket is
+    /// not one metald may use.
+    #[error("cannot connect to the VMM's API socket")]
+    Connect,
+    /// Connected, but the exchange failed, timed out or the answer was too
+    /// large.
+    #[error("{method} {path}: {reason}")]
     Exchange {
         method: String,
         path: String,
-        socket: String,
         reason: String,
     },
 }
 
 /// Sends one request with an optional JSON body on a fresh connection.
 pub async fn call(
-    socket: &Path,
+    socket: &Endpoint,
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
@@ -48,16 +56,22 @@ pub async fn call(
     let exchange_err = |reason: String| CallError::Exchange {
         method: method.to_string(),
         path: path.to_owned(),
-        socket: socket.display().to_string(),
         reason,
     };
     let work = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| CallError::Connect {
-                socket: socket.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let stream = socket.connect().await.map_err(|e| {
+            use std::io::ErrorKind::{ConnectionRefused, NotFound};
+            if matches!(e.kind(), NotFound | ConnectionRefused) {
+                // Not listening (yet, or any more): the start-up wait sees
+                // this many times.
+                debug!(socket = %socket.display(), error = %e, "cannot connect to a VMM's API");
+            } else {
+                // A link, a foreign owner, not a socket: what a compromised
+                // VMM might have planted.
+                warn!(socket = %socket.display(), error = %e, "refusing a VMM's API socket");
+            }
+            CallError::Connect
+        })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| exchange_err(e.to_string()))?;
@@ -78,11 +92,16 @@ pub async fn call(
             .await
             .map_err(|e| exchange_err(e.to_string()))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| exchange_err(e.to_string()))?
+            .map_err(|e| {
+                if e.downcast_ref::<LengthLimitError>().is_some() {
+                    exchange_err(format!("answer longer than {MAX_BODY} bytes"))
+                } else {
+                    exchange_err(e.to_string())
+                }
+            })?
             .to_bytes();
         driver.abort();
         Ok(Response { status, body })
@@ -118,7 +137,7 @@ mod tests {
             String::from_utf8(got).unwrap()
         });
         let r = call(
-            &sock,
+            &Endpoint::Path(sock.clone()),
             Method::PUT,
             "/drives/root",
             Some(b"{\"a\":1}".to_vec()),
@@ -134,11 +153,90 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_missing_socket_is_a_connect_error_naming_it() {
-        let e = call(Path::new("/nonexistent/x.sock"), Method::GET, "/", None)
+    async fn a_missing_socket_is_a_connect_error_without_its_path() {
+        let e = call(
+            &Endpoint::Path("/nonexistent/x.sock".into()),
+            Method::GET,
+            "/",
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e, CallError::Connect);
+        assert!(!e.to_string().contains('/'), "{e}");
+    }
+
+    /// Serves one connection: reads the request head, then answers with
+    /// `body_len` bytes of body in 64 KiB pieces, chunked or with a
+    /// Content-Length of `declared` (until the client hangs up).
+    async fn serve_big(
+        listener: tokio::net::UnixListener,
+        chunked: bool,
+        declared: usize,
+        body_len: usize,
+    ) {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read(&mut buf).await.unwrap();
+        let head = if chunked {
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_string()
+        } else {
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n")
+        };
+        if s.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let piece = vec![b'x'; 64 << 10];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(piece.len());
+            let mut out = Vec::new();
+            if chunked {
+                out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            }
+            out.extend_from_slice(&piece[..n]);
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            if s.write_all(&out).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        if chunked {
+            let _ = s.write_all(b"0\r\n\r\n").await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_limit_is_an_error_not_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        // With a Content-Length far over the limit, and chunked with more
+        // than the limit: neither is read beyond the limit.
+        for chunked in [false, true] {
+            let _ = std::fs::remove_file(&sock);
+            let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+            let server = tokio::spawn(serve_big(listener, chunked, 1 << 40, 4 * MAX_BODY));
+            let e = call(&Endpoint::Path(sock.clone()), Method::GET, "/", None)
+                .await
+                .unwrap_err();
+            match &e {
+                CallError::Exchange { reason, .. } => {
+                    assert!(reason.contains("longer than"), "{e}")
+                }
+                other => panic!("{other:?}"),
+            }
+            server.abort();
+        }
+        // An answer of exactly the limit is fine.
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(serve_big(listener, false, MAX_BODY, MAX_BODY));
+        let r = call(&Endpoint::Path(sock.clone()), Method::GET, "/", None)
             .await
-            .unwrap_err();
-        assert!(matches!(e, CallError::Connect { .. }));
-        assert!(e.to_string().contains("/nonexistent/x.sock"));
+            .unwrap();
+        assert_eq!(r.body.len(), MAX_BODY);
+        server.await.unwrap();
     }
 }

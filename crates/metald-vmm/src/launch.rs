@@ -4,10 +4,14 @@
 //! control socket while watching for an early exit, killing what a
 //! directory records and removing it, and finding a backend's processes and
 //! directories for the reconciler.
+//!
+//! Errors returned from here reach API callers (as a boot's reason or a
+//! VM's `last_error`): they never hold host paths, the OS's words about
+//! them, or what a VMM logged. Those details go to metald's own log.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
@@ -24,25 +28,71 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// Name of the spawn record in a VM directory.
 pub const SPAWN_RECORD: &str = "vmm.json";
 
+/// A failure on the host's side, for an API caller: `detail` (paths, OS
+/// errors) goes to metald's log, the caller reads `cannot <what> on the
+/// host`.
+pub fn host_failure(what: &str, detail: impl std::fmt::Display) -> String {
+    warn!(error = %detail, "cannot {what}");
+    format!("cannot {what} on the host")
+}
+
 /// Removes whatever a previous run left in `dir` and creates it empty.
 pub fn fresh_dir(dir: &Path) -> Result<(), String> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("clearing {}: {e}", dir.display())),
+    let made = match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))
+    .and_then(|()| std::fs::create_dir_all(dir));
+    made.map_err(|e| {
+        host_failure(
+            "prepare the VM's directory",
+            format_args!("{}: {e}", dir.display()),
+        )
+    })
 }
 
 /// Refuses socket paths the kernel cannot bind.
 pub fn check_socket_path(socket: &Path) -> Result<(), String> {
     if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        warn!(socket = %socket.display(), "control socket path too long");
         return Err(format!(
-            "control socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR",
-            socket.display()
+            "the VMM's control socket path is longer than {MAX_SOCKET_PATH} bytes; \
+             the operator must use a shorter UNKEY_METALD_DATA_DIR"
         ));
     }
     Ok(())
+}
+
+/// `text` (a VMM's own words) with every absolute path replaced by
+/// `<path>` and cut to 300 characters, fit for an API caller.
+pub fn redact(text: &str) -> String {
+    const MAX: usize = 300;
+    let mut out = String::with_capacity(text.len().min(MAX));
+    let mut chars = text.chars().peekable();
+    let mut prev: Option<char> = None;
+    while let Some(c) = chars.next() {
+        let starts_path =
+            c == '/' && prev.is_none_or(|p| p.is_whitespace() || "'\"`([{=:,<".contains(p));
+        if starts_path {
+            while chars
+                .peek()
+                .is_some_and(|n| !n.is_whitespace() && !"'\"`)]},;>".contains(*n))
+            {
+                chars.next();
+            }
+            out.push_str("<path>");
+            prev = Some('>');
+        } else {
+            out.push(c);
+            prev = Some(c);
+        }
+        if out.chars().count() >= MAX {
+            out.push('…');
+            break;
+        }
+    }
+    out
 }
 
 /// Makes the child join network namespace `name` (`/run/netns/<name>`)
@@ -127,13 +177,23 @@ pub fn recorded_spawn(dir: &Path) -> Option<SpawnRecord> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-/// The last `lines` non-empty lines of a log file joined by `; `, to
-/// explain a failed start; `no output` when there are none.
+/// How much of a log's end [`log_tail`] reads.
+const TAIL_BYTES: u64 = 4096;
+
+/// The last `lines` non-empty lines within the last 4 KiB of a log file,
+/// joined by `; `, to explain a failed start in metald's log; `no output`
+/// when there are none. Never reads more than those 4 KiB.
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
+    let mut raw = Vec::new();
     if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut text);
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
+            .is_ok()
+        {
+            let _ = f.take(TAIL_BYTES).read_to_end(&mut raw);
+        }
     }
+    let text = String::from_utf8_lossy(&raw);
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = all[all.len().saturating_sub(lines)..].join("; ");
     if tail.is_empty() {
@@ -167,8 +227,9 @@ fn tails(logs: &[&Path]) -> String {
 }
 
 /// A failed start as a [`BootError`]. A VMM that exited with a status on
-/// its own refused what it was given (its logs say why); one killed by a
-/// signal (the OOM killer, an operator) or silent until the limit failed.
+/// its own refused what it was given (its logs, copied to metald's log,
+/// say why); one killed by a signal (the OOM killer, an operator) or
+/// silent until the limit failed.
 pub fn not_ready(
     e: NotReady,
     vmm: &str,
@@ -178,23 +239,28 @@ pub fn not_ready(
 ) -> BootError {
     match e {
         NotReady::Exited(exit) => {
-            let msg = format!("{vmm} {} while starting: {}", exit.describe(), tails(logs));
+            warn!(vmm, socket = %socket.display(), exit = %exit.describe(), logs = %tails(logs),
+                "VMM exited while starting");
+            let msg = format!("{vmm} {} while starting", exit.describe());
             if exit.signal.is_some() {
                 BootError::Failed(msg)
             } else {
-                BootError::Refused(msg)
+                BootError::Refused(format!(
+                    "{msg}: it refused the VM's configuration (its output is in metald's log)"
+                ))
             }
         }
-        NotReady::TimedOut(last) => BootError::Failed(format!(
-            "{vmm} did not answer on {} within {limit:?}: {last}",
-            socket.display()
-        )),
+        NotReady::TimedOut(last) => {
+            warn!(vmm, socket = %socket.display(), last_error = %last, logs = %tails(logs),
+                "VMM did not answer while starting");
+            BootError::Failed(format!("{vmm} did not answer within {limit:?}"))
+        }
     }
 }
 
-/// Adds how the VMM ended and the tails of its logs to a start-up error
-/// when the VMM died under the request (the API error alone would only
-/// say the connection broke). The kind of error stays.
+/// Adds how the VMM ended to a start-up error when the VMM died under the
+/// request (the API error alone would only say the connection broke); the
+/// tails of its logs go to metald's log. The kind of error stays.
 pub async fn explain(
     children: &Children,
     rt: &VmmRuntime,
@@ -212,7 +278,8 @@ pub async fn explain(
     .await
     .map(|x| x.describe())
     .unwrap_or_else(|_| "exited".into());
-    let more = format!(" ({vmm} {exit}; {})", tails(logs));
+    warn!(vmm, pid = rt.pid, exit = %exit, logs = %tails(logs), "VMM died while starting");
+    let more = format!(" ({vmm} {exit})");
     match e {
         BootError::Refused(m) => BootError::Refused(m + &more),
         BootError::Failed(m) => BootError::Failed(m + &more),
@@ -333,7 +400,10 @@ pub fn remove_dir(dir: &Path) -> Result<(), String> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("removing {}: {e}", dir.display())),
+        Err(e) => Err(host_failure(
+            "remove the VM's files",
+            format_args!("{}: {e}", dir.display()),
+        )),
     }
 }
 
@@ -474,10 +544,7 @@ pub fn is_our_process(rt: &VmmRuntime, needle: &str) -> Result<(), String> {
     if ours {
         Ok(())
     } else {
-        Err(format!(
-            "process {} is not the VMM serving {needle}",
-            rt.pid
-        ))
+        Err(format!("process {} is not this VM's VMM", rt.pid))
     }
 }
 
@@ -511,11 +578,29 @@ mod tests {
                 signal: None
             })
         );
-        // An exit status is the VMM refusing; its log says why.
-        std::fs::write(dir.path().join("vmm.log"), "bad kernel\n").unwrap();
+        // An exit status is the VMM refusing; its log says why, to
+        // metald's log only.
+        std::fs::write(dir.path().join("vmm.log"), "bad kernel /k/vmlinux\n").unwrap();
         let log = dir.path().join("vmm.log");
         match not_ready(e, "vmm", &rt.socket, Duration::from_secs(1), &[&log]) {
-            BootError::Refused(m) => assert!(m.contains("bad kernel"), "{m}"),
+            BootError::Refused(m) => {
+                assert!(
+                    m.starts_with("vmm exited with status 3 while starting"),
+                    "{m}"
+                );
+                assert!(!m.contains("bad kernel") && !m.contains('/'), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let timed_out = NotReady::TimedOut(format!("cannot connect to {}", rt.socket.display()));
+        match not_ready(
+            timed_out,
+            "vmm",
+            &rt.socket,
+            Duration::from_secs(1),
+            &[&log],
+        ) {
+            BootError::Failed(m) => assert_eq!(m, "vmm did not answer within 1s"),
             other => panic!("{other:?}"),
         }
         let killed = NotReady::Exited(VmmExit {
@@ -549,11 +634,31 @@ mod tests {
     }
 
     #[test]
-    fn log_tail_keeps_the_last_lines() {
+    fn log_tail_keeps_the_last_lines_and_reads_only_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("log");
         assert_eq!(log_tail(&p, 2), "no output");
         std::fs::write(&p, "a\n\nb\nc\n").unwrap();
         assert_eq!(log_tail(&p, 2), "b; c");
+        // A line longer than the window is cut to the window.
+        let mut big = "x".repeat(100_000);
+        big.push_str("\nlast\n");
+        std::fs::write(&p, big).unwrap();
+        let t = log_tail(&p, 2);
+        assert!(t.ends_with("; last") && t.len() < 4200, "{}", t.len());
+    }
+
+    #[test]
+    fn redact_hides_paths_but_keeps_the_reason() {
+        assert_eq!(
+            redact("Could not open '/var/lib/metald/vms/a/k': No such file or directory"),
+            "Could not open '<path>': No such file or directory"
+        );
+        assert_eq!(
+            redact("BackingFile(Os { code: 2 }, \"/srv/d.img\") at /x/y; HTTP 400"),
+            "BackingFile(Os { code: 2 }, \"<path>\") at <path>; HTTP 400"
+        );
+        assert_eq!(redact("ratio 1/2 and a/b stay"), "ratio 1/2 and a/b stay");
+        assert!(redact(&"y".repeat(1000)).chars().count() <= 301);
     }
 }

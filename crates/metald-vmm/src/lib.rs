@@ -7,13 +7,19 @@
 //! backend does around its process (per-VM directory, spawn record, socket
 //! wait, kill and clean-up, scanning); [`http`] the HTTP/1.1 client for
 //! VMM APIs on Unix sockets. [`qemu`] drives `qemu-system-x86_64 -M
-//! microvm` over QMP.
+//! microvm` over QMP. What a VMM writes or answers is bounded:
+//! [`logcap`] keeps console and VMM logs under a size cap, [`bounded`]
+//! reads lines with a limit, and [`beneath`] opens what a VMM can write
+//! without following links it could have planted.
 
+pub mod beneath;
+pub mod bounded;
 pub mod cgroup;
 pub mod cloudhypervisor;
 pub mod firecracker;
 pub mod http;
 pub mod launch;
+pub mod logcap;
 pub mod process;
 pub mod qemu;
 pub mod ratelimit;

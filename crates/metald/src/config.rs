@@ -61,6 +61,35 @@ fn uid_gid(s: &str) -> Result<(u32, u32), String> {
     Ok((n(u)?, n(g)?))
 }
 
+/// A size in bytes: a number, optionally with `KiB`, `MiB` or `GiB` (or
+/// `K`, `M`, `G`, the same binary units).
+fn bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (write sizes like 1048576, 512KiB, 1MiB)"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        other => return Err(format!("unknown unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A console log cap: at least 64 KiB.
+fn log_cap(s: &str) -> Result<u64, String> {
+    let n = bytes(s)?;
+    if n < metald_vmm::logcap::MIN_MAX {
+        return Err(format!("{s:?} is below the minimum of 64KiB"));
+    }
+    Ok(n)
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 100ms, 30s, 1m)"))
 }
@@ -212,6 +241,11 @@ pub struct Config {
     /// Parent cgroup of the VMs' cgroups.
     #[arg(long, env = "UNKEY_METALD_CGROUP_PARENT", default_value = "metald")]
     pub cgroup_parent: String,
+
+    /// Most bytes each VM's console log, and each log of its VMM, holds;
+    /// the newest output is kept (see docs/backends.md). At least 64KiB.
+    #[arg(long, env = "UNKEY_METALD_CONSOLE_LOG_MAX", default_value = "1MiB", value_parser = log_cap)]
+    pub console_log_max: u64,
 
     /// How long a VMM may take to start and report the guest running.
     #[arg(long, env = "UNKEY_METALD_BOOT_TIMEOUT", default_value = "30s", value_parser = duration)]
@@ -462,6 +496,22 @@ mod tests {
                 .contains("UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn console_log_max_takes_sizes_and_names_the_variable() {
+        let c = Config::try_parse_from(["metald"]).unwrap();
+        assert_eq!(c.console_log_max, 1 << 20);
+        for (v, n) in [("512KiB", 512 << 10), ("2M", 2 << 20), ("65536", 65536)] {
+            let c = Config::try_parse_from(["metald", "--console-log-max", v]).unwrap();
+            assert_eq!(c.console_log_max, n, "{v}");
+        }
+        for bad in ["1k", "lots", "1KiB"] {
+            let err = Config::try_parse_from(["metald", "--console-log-max", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("UNKEY_METALD_CONSOLE_LOG_MAX"), "{bad}: {err}");
+        }
     }
 
     #[test]

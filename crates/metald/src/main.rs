@@ -116,6 +116,7 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
                 accel,
                 state_dir: config.data_dir.join("vms"),
                 boot_timeout: config.boot_timeout,
+                log_max: config.console_log_max,
             })
             .map_err(anyhow::Error::msg)?;
             Ok(Arc::new(qemu))
@@ -169,6 +170,7 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
                 state_dir: config.data_dir.join("vms"),
                 boot_timeout: config.boot_timeout,
                 jailer,
+                log_max: config.console_log_max,
             })
             .map_err(anyhow::Error::msg)?;
             Ok(Arc::new(fc))
@@ -199,6 +201,7 @@ fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
                 boot_timeout: config.boot_timeout,
                 cgroups,
                 user: config.cloud_hypervisor_user,
+                log_max: config.console_log_max,
             })
             .map_err(anyhow::Error::msg)?;
             Ok(Arc::new(ch))

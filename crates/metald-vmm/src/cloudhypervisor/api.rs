@@ -136,7 +136,8 @@ impl<'a> Client<'a> {
         body: Option<Vec<u8>>,
     ) -> Result<bytes::Bytes, ApiError> {
         let path = format!("/api/v1/{call}");
-        let resp = http::call(self.socket, method, &path, body)
+        let socket = http::Endpoint::Path(self.socket.to_path_buf());
+        let resp = http::call(&socket, method, &path, body)
             .await
             .map_err(|e| ApiError::Call(e.to_string()))?;
         if resp.status.is_success() {
@@ -144,7 +145,11 @@ impl<'a> Client<'a> {
         } else {
             Err(ApiError::Refused {
                 path: call.to_owned(),
-                reason: format!("HTTP {}: {}", resp.status.as_u16(), reason(&resp.body)),
+                reason: format!(
+                    "HTTP {}: {}",
+                    resp.status.as_u16(),
+                    crate::launch::redact(&reason(&resp.body))
+                ),
             })
         }
     }

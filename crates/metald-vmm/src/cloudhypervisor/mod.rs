@@ -2,8 +2,12 @@
 //! configured over its REST API socket with typed requests ([`api`]).
 //!
 //! A VM's files live in `<state_dir>/<vm_id>/`: `ch.sock` (the API),
-//! `console.log` (the guest's serial port), `vmm.log` (Cloud Hypervisor's
-//! own output) and `vmm.json` (spawn record). There is no jailer, so
+//! `console.log` (the guest's serial port: Cloud Hypervisor's stdout, with
+//! `serial` in `Tty` mode), `vmm.log` (its stderr) and `vmm.json` (spawn
+//! record). metald opens both logs `O_APPEND` before spawning (Cloud
+//! Hypervisor's own `File` mode truncates and writes at its own offset,
+//! which could not be trimmed) and keeps them under the cap
+//! ([`crate::logcap`]). There is no jailer, so
 //! metald puts each VMM into its own cgroups ([`crate::cgroup`]) between
 //! fork and exec, and runs it as a configured user where the host allows.
 //!
@@ -38,6 +42,7 @@ use tracing::warn;
 
 use crate::cgroup::{self, CgroupConfig};
 use crate::launch;
+use crate::logcap::{self, LogCap};
 use crate::process::{self, Children};
 use crate::ratelimit::RateLimiter;
 use api::{ApiError, Client};
@@ -64,6 +69,8 @@ pub struct CloudHypervisorConfig {
     pub cgroups: Option<CgroupConfig>,
     /// Run VMMs as this uid and gid instead of metald's.
     pub user: Option<(u32, u32)>,
+    /// Cap of each console and VMM log, in bytes.
+    pub log_max: u64,
 }
 
 /// The Cloud Hypervisor backend.
@@ -71,6 +78,7 @@ pub struct CloudHypervisorBackend {
     config: CloudHypervisorConfig,
     version: String,
     children: Children,
+    logs: LogCap,
 }
 
 fn refused(e: ApiError) -> BootError {
@@ -86,8 +94,9 @@ fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
     launch::vm_of_socket_arg(args, "--api-socket", state_dir, "ch.sock")
 }
 
-/// The `vm.create` body for a VM.
-fn vm_config(spec: &VmSpec, console: &Path) -> Result<api::VmConfig, String> {
+/// The `vm.create` body for a VM. The serial port goes to Cloud
+/// Hypervisor's stdout (`Tty` mode), which metald opened on `console.log`.
+fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let mut disks = Vec::new();
     for d in &spec.disks {
@@ -129,8 +138,8 @@ fn vm_config(spec: &VmSpec, console: &Path) -> Result<api::VmConfig, String> {
         disks,
         net,
         serial: api::Console {
-            mode: "File".into(),
-            file: Some(path(console)),
+            mode: "Tty".into(),
+            file: None,
         },
         console: api::Console {
             mode: "Off".into(),
@@ -167,6 +176,7 @@ impl CloudHypervisorBackend {
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
         Ok(CloudHypervisorBackend {
+            logs: LogCap::new(config.log_max),
             config,
             version,
             children: Children::default(),
@@ -175,6 +185,12 @@ impl CloudHypervisorBackend {
 
     fn vm_dir(&self, id: &VmId) -> PathBuf {
         self.config.state_dir.join(id.as_str())
+    }
+
+    /// The logs a VM's Cloud Hypervisor writes, kept under the cap.
+    fn log_files(&self, id: &VmId) -> Vec<PathBuf> {
+        let dir = self.vm_dir(id);
+        vec![dir.join("console.log"), dir.join("vmm.log")]
     }
 
     /// Spawns the VMM (in its namespace and cgroups, as its user).
@@ -189,25 +205,39 @@ impl CloudHypervisorBackend {
         cmd.arg("--api-socket")
             .arg(format!("path={}", socket.display()));
         if let Some(att) = spec.nics.iter().find_map(|n| n.attachment.as_ref()) {
-            launch::join_netns_on_exec(&mut cmd, &att.netns).map_err(|e| e.to_string())?;
+            launch::join_netns_on_exec(&mut cmd, &att.netns)
+                .map_err(|e| launch::host_failure("join the VM's network namespace", e))?;
         }
         if let Some(cg) = &self.config.cgroups {
-            let procs = cgroup::create(cg, id.as_str(), spec.vcpus, spec.memory_bytes)?;
+            let procs = cgroup::create(cg, id.as_str(), spec.vcpus, spec.memory_bytes)
+                .map_err(|e| launch::host_failure("set up the VM's cgroups", e))?;
             cgroup::join_on_exec(&mut cmd, procs);
         }
+        // Made (append-only) before the directory goes to the VMM's user.
+        let logs = logcap::create_append(&dir.join("console.log"))
+            .and_then(|c| Ok((c, logcap::create_append(&dir.join("vmm.log"))?)));
+        let (console, log) = logs.map_err(|e| launch::host_failure("create the VM's logs", e))?;
         if let Some((uid, gid)) = self.config.user {
-            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-                .map_err(|e| format!("handing {} to uid {uid}: {e}", dir.display()))?;
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| {
+                launch::host_failure(
+                    "hand the VM's directory to its user",
+                    format_args!("{} to uid {uid}: {e}", dir.display()),
+                )
+            })?;
             // Last: the namespace and cgroup steps need root.
             launch::become_user_on_exec(&mut cmd, uid, gid);
         }
-        let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| e.to_string())?;
         cmd.current_dir(dir)
             .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stdout(console)
             .stderr(log);
-        let rec = launch::spawn_recorded(&self.children, cmd, dir)
-            .map_err(|e| format!("starting {}: {e}", self.config.binary.display()))?;
+        let rec = launch::spawn_recorded(&self.children, cmd, dir).map_err(|e| {
+            launch::host_failure(
+                "start cloud-hypervisor",
+                format_args!("{}: {e}", self.config.binary.display()),
+            )
+        })?;
+        self.logs.watch(id, self.log_files(id));
         Ok(VmmRuntime {
             backend: NAME.into(),
             pid: rec.pid,
@@ -216,17 +246,14 @@ impl CloudHypervisorBackend {
         })
     }
 
-    async fn create_and_boot(
-        &self,
-        spec: &VmSpec,
-        dir: &Path,
-        rt: &VmmRuntime,
-    ) -> Result<(), BootError> {
+    /// Waits for the API socket; an error says how the VMM ended.
+    async fn wait_ready(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), BootError> {
         launch::until_ready(&self.children, rt, self.config.boot_timeout, || {
             let socket = rt.socket.clone();
             async move { Client::new(&socket).ping().await.map_err(|e| e.to_string()) }
         })
         .await
+        .map(drop)
         .map_err(|e| {
             launch::not_ready(
                 e,
@@ -235,8 +262,11 @@ impl CloudHypervisorBackend {
                 self.config.boot_timeout,
                 &[&dir.join("vmm.log")],
             )
-        })?;
-        let config = vm_config(spec, &dir.join("console.log")).map_err(BootError::Refused)?;
+        })
+    }
+
+    async fn create_and_boot(&self, spec: &VmSpec, rt: &VmmRuntime) -> Result<(), BootError> {
+        let config = vm_config(spec).map_err(BootError::Refused)?;
         let ch = Client::new(&rt.socket);
         ch.put("vm.create", Some(&config)).await.map_err(refused)?;
         ch.action("vm.boot").await.map_err(refused)?;
@@ -255,9 +285,12 @@ impl CloudHypervisorBackend {
     }
 
     async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), String> {
+        self.logs.unwatch(id);
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
         if let Some(cg) = &self.config.cgroups {
-            cgroup::remove(cg, id.as_str()).await?;
+            cgroup::remove(cg, id.as_str())
+                .await
+                .map_err(|e| launch::host_failure("remove the VM's cgroups", e))?;
         }
         Ok(())
     }
@@ -283,11 +316,19 @@ impl Vmm for CloudHypervisorBackend {
                 return Err(BootError::Failed(e));
             }
         };
-        match self.create_and_boot(spec, &dir, &rt).await {
+        let started = match self.wait_ready(&dir, &rt).await {
+            Ok(()) => match self.create_and_boot(spec, &rt).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let log = dir.join("vmm.log");
+                    Err(launch::explain(&self.children, &rt, e, "cloud-hypervisor", &[&log]).await)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(()) => Ok(rt),
             Err(e) => {
-                let log = dir.join("vmm.log");
-                let e = launch::explain(&self.children, &rt, e, "cloud-hypervisor", &[&log]).await;
                 warn!(vm_id = %id, error = %e, "cloud-hypervisor failed to start the guest");
                 if let Err(c) = self.remove_all(id, Some(&rt)).await {
                     warn!(vm_id = %id, error = %c, "cleanup after a failed start failed");
@@ -330,18 +371,21 @@ impl Vmm for CloudHypervisorBackend {
         self.remove_all(id, rt).await
     }
 
-    async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
         launch::check_backend(rt, NAME)?;
         launch::is_our_process(rt, &rt.socket.to_string_lossy())?;
         let info = Client::new(&rt.socket)
             .info()
             .await
             .map_err(|e| e.to_string())?;
-        match info.state.as_str() {
-            "Running" => Ok(GuestStatus::Running),
-            "Paused" => Ok(GuestStatus::Paused),
-            other => Err(format!("guest is in Cloud Hypervisor state {other:?}")),
-        }
+        let status = match info.state.as_str() {
+            "Running" => GuestStatus::Running,
+            "Paused" => GuestStatus::Paused,
+            other => return Err(format!("guest is in Cloud Hypervisor state {other:?}")),
+        };
+        // What the guest wrote while no metald ran is cut back at once.
+        self.logs.watch(id, self.log_files(id));
+        Ok(status)
     }
 
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
@@ -353,6 +397,7 @@ impl Vmm for CloudHypervisorBackend {
     }
 
     async fn release(&self, id: &VmId, rt: &VmmRuntime) {
+        self.logs.unwatch(id);
         let _ = std::fs::remove_file(&rt.socket);
         self.children.forget(rt.pid, rt.start_time);
         if let Some(cg) = &self.config.cgroups {
@@ -438,6 +483,28 @@ mod tests {
             vm_of_cmdline(&args("path=/elsewhere/vm-1/ch.sock"), state),
             None
         );
+    }
+
+    #[test]
+    fn the_serial_port_goes_to_the_stdout_metald_opened() {
+        let spec = VmSpec {
+            vcpus: 1,
+            topology: None,
+            memory_bytes: 128 << 20,
+            kernel: "/k/vmlinux".into(),
+            initrd: None,
+            kernel_args: String::new(),
+            boot_options: Default::default(),
+            disks: Vec::new(),
+            nics: Vec::new(),
+            console_enabled: true,
+            metadata: Default::default(),
+        };
+        let c = vm_config(&spec).unwrap();
+        // Tty: Cloud Hypervisor writes to its (O_APPEND) stdout, so the log
+        // can be trimmed under it; File mode would write at its own offset.
+        assert_eq!((c.serial.mode.as_str(), c.serial.file), ("Tty", None));
+        assert_eq!(c.console.mode, "Off");
     }
 
     #[test]

@@ -145,12 +145,20 @@ pub enum ApiError {
 
 /// A Firecracker API socket.
 #[derive(Debug, Clone)]
-pub struct Client<'a> {
-    socket: &'a Path,
+pub struct Client {
+    socket: http::Endpoint,
 }
 
-impl<'a> Client<'a> {
-    pub fn new(socket: &'a Path) -> Self {
+impl Client {
+    /// A socket in a directory only metald writes.
+    pub fn new(socket: &Path) -> Self {
+        Client {
+            socket: http::Endpoint::Path(socket.to_path_buf()),
+        }
+    }
+
+    /// A socket reached as `socket` says (see [`http::Endpoint`]).
+    pub fn at(socket: http::Endpoint) -> Self {
         Client { socket }
     }
 
@@ -160,19 +168,19 @@ impl<'a> Client<'a> {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<bytes::Bytes, ApiError> {
-        let resp = http::call(self.socket, method.clone(), path, body)
+        let resp = http::call(&self.socket, method.clone(), path, body)
             .await
             .map_err(|e| ApiError::Call(e.to_string()))?;
         if resp.status.is_success() {
             return Ok(resp.body);
         }
         let fault = serde_json::from_slice::<Fault>(&resp.body)
-            .map(|f| f.fault_message)
+            .map(|f| crate::launch::redact(&f.fault_message))
             .unwrap_or_else(|_| {
                 format!(
                     "HTTP {}: {}",
                     resp.status,
-                    String::from_utf8_lossy(&resp.body).trim()
+                    crate::launch::redact(String::from_utf8_lossy(&resp.body).trim())
                 )
             });
         Err(ApiError::Refused {

@@ -2,15 +2,15 @@
 //! its own uid/gid, chrooted in `<chroot_base>/<exec name>/<jail id>/root`,
 //! inside the VM's network namespace and in per-VM cgroups.
 //!
-//! The jailer makes the chroot, its device nodes and the cgroups; metald
-//! puts the guest's files in first (hard links, or copies across
-//! filesystems), owned by the VM's uid where the guest may write, and
-//! removes the whole jail and the cgroups when the VM is deleted. A marker
-//! file in the jail names the VM, so a jail is never removed for another.
+//! The jailer makes the chroot, its device nodes and the cgroups, and
+//! hands the chroot to the VM's uid; metald puts the guest's files in
+//! first ([`super::jailfiles`]: never changing a file it did not create)
+//! and removes the whole jail and the cgroups when the VM is deleted. A
+//! marker file in the jail names the VM, so a jail is never removed for
+//! another.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use metald_core::ports::BootError;
 use metald_core::vm::{VmId, VmSpec};
 
 /// Settings of jailer mode.
@@ -89,66 +89,14 @@ impl Jail {
     /// Removes the jail if it is `vm`'s. Refuses another VM's jail.
     pub fn remove(&self, vm: &VmId) -> Result<(), String> {
         if !self.owned_by(vm) {
+            tracing::warn!(vm_id = %vm, jail = %self.dir.display(), "jail belongs to another VM");
             return Err(format!(
-                "jail {} belongs to another VM; not removing it",
-                self.dir.display()
+                "the jail {} belongs to another VM; not removing it",
+                self.id
             ));
         }
         crate::launch::remove_dir(&self.dir)
     }
-}
-
-/// A file the guest uses, placed in the chroot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placed {
-    /// The path Firecracker sees (inside the chroot).
-    pub inside: String,
-}
-
-/// Puts `src` into the chroot as `name`: a hard link, or, for a read-only
-/// file on another filesystem, a copy. A writable drive on another
-/// filesystem is refused: the guest would write to a copy the next boot
-/// throws away. Files the guest may write are owned by the VM's uid (for
-/// a hard link that is the original file: the VM owns its writable disk).
-/// Blocking (a copy may be large): call it off the async runtime.
-pub fn place(
-    root: &Path,
-    src: &Path,
-    name: &str,
-    writable: bool,
-    owner: (u32, u32),
-) -> Result<Placed, BootError> {
-    let dst = root.join(name);
-    match std::fs::hard_link(src, &dst) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
-            if writable {
-                return Err(BootError::Refused(format!(
-                    "writable drive {} is on another filesystem than the jail ({}); \
-                     the guest's writes would go to a copy: move it there or make it read-only",
-                    src.display(),
-                    root.display()
-                )));
-            }
-            std::fs::copy(src, &dst).map_err(|e| {
-                BootError::Failed(format!("copying {} into the jail: {e}", src.display()))
-            })?;
-        }
-        Err(e) => {
-            return Err(BootError::Failed(format!(
-                "linking {} into the jail: {e}",
-                src.display()
-            )));
-        }
-    }
-    if writable {
-        std::os::unix::fs::chown(&dst, Some(owner.0), Some(owner.1)).map_err(|e| {
-            BootError::Failed(format!("handing {} to uid {}: {e}", dst.display(), owner.0))
-        })?;
-    }
-    Ok(Placed {
-        inside: format!("/{name}"),
-    })
 }
 
 /// The jailer's `--cgroup` arguments: the VM's limits (see
@@ -209,43 +157,5 @@ mod tests {
         jail.remove(&mine).unwrap();
         assert!(!jail.dir.exists());
         jail.remove(&mine).unwrap();
-    }
-
-    #[test]
-    fn a_writable_drive_on_another_filesystem_is_refused_and_a_read_only_one_copied() {
-        use std::os::unix::fs::MetadataExt;
-        let jail = tempfile::tempdir().unwrap();
-        let other = tempfile::tempdir_in("/dev/shm").unwrap();
-        if std::fs::metadata(jail.path()).unwrap().dev()
-            == std::fs::metadata(other.path()).unwrap().dev()
-        {
-            eprintln!("/dev/shm and the temp dir share a filesystem here; nothing to check");
-            return;
-        }
-        let src = other.path().join("disk.img");
-        std::fs::write(&src, b"data").unwrap();
-        match place(jail.path(), &src, "rw", true, (4242, 4242)) {
-            Err(BootError::Refused(m)) => assert!(m.contains("another filesystem"), "{m}"),
-            other => panic!("{other:?}"),
-        }
-        assert!(!jail.path().join("rw").exists());
-        let p = place(jail.path(), &src, "ro", false, (4242, 4242)).unwrap();
-        assert_eq!(p.inside, "/ro");
-        assert_eq!(std::fs::read(jail.path().join("ro")).unwrap(), b"data");
-    }
-
-    #[test]
-    fn places_files_by_link_and_hands_writable_ones_to_the_vm() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        let src = dir.path().join("disk.img");
-        std::fs::write(&src, b"data").unwrap();
-        let p = place(&root, &src, "disk", true, (4242, 4343)).unwrap();
-        assert_eq!(p.inside, "/disk");
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(root.join("disk")).unwrap();
-        assert_eq!((m.uid(), m.gid()), (4242, 4343));
-        assert_eq!(m.ino(), std::fs::metadata(&src).unwrap().ino(), "hard link");
     }
 }

@@ -5,21 +5,27 @@
 //! metald opens the FIFO read-write: a FIFO with no writer would read as
 //! end-of-file, and one with no reader would make Firecracker's writes
 //! fail. A metald restart re-opens it on adoption; what Firecracker wrote
-//! meanwhile waits in the pipe (up to its 64 KiB).
+//! meanwhile waits in the pipe (up to its 64 KiB). Lines are read with a
+//! limit ([`MAX_LINE`]); a longer one is skipped, never kept.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use metald_core::ports::DeviceCounters;
 use serde::Deserialize;
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
+
+use crate::bounded::{self, Line};
+
+/// Longest metrics line metald reads: 256 KiB (Firecracker's are a few
+/// KiB).
+pub const MAX_LINE: usize = 256 << 10;
 
 /// The parts of one metrics line metald uses.
 #[derive(Debug, Default, Deserialize)]
-struct Line {
+struct Metrics {
     #[serde(default)]
     block: Block,
     #[serde(default)]
@@ -68,8 +74,8 @@ impl Totals {
     }
 
     /// Adds one metrics line; unreadable lines are skipped.
-    pub fn add(&self, text: &str) {
-        let Ok(line) = serde_json::from_str::<Line>(text) else {
+    pub fn add(&self, text: &[u8]) {
+        let Ok(line) = serde_json::from_slice::<Metrics>(text) else {
             debug!(len = text.len(), "skipping an unreadable metrics line");
             return;
         };
@@ -111,17 +117,26 @@ pub fn make_fifo(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Starts reading the FIFO at `path`.
-pub fn start(path: &Path) -> std::io::Result<Reader> {
-    let rx = tokio::net::unix::pipe::OpenOptions::new()
-        .read_write(true)
-        .open_receiver(path)?;
+/// Starts reading the FIFO `rel` below `dir` (reached without following
+/// symlinks: the jailed VMM can write `dir`).
+pub fn start(dir: &Path, rel: &Path) -> std::io::Result<Reader> {
+    let rx = tokio::net::unix::pipe::Receiver::from_file(crate::beneath::fifo_beneath(dir, rel)?)?;
     let totals = Arc::new(Totals::default());
     let t = totals.clone();
     let task = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(rx).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            t.add(&line);
+        let mut r = tokio::io::BufReader::new(rx);
+        let mut line = Vec::new();
+        loop {
+            match bounded::read_line(&mut r, &mut line, MAX_LINE).await {
+                Ok(Line::Complete) => t.add(&line),
+                Ok(Line::TooLong) => {
+                    warn!("skipping a Firecracker metrics line longer than {MAX_LINE} bytes");
+                    if bounded::skip_line(&mut r).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Line::Eof) | Err(_) => return,
+            }
         }
     });
     Ok(Reader { totals, task })
@@ -137,7 +152,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.fifo");
         make_fifo(&path, None).unwrap();
-        let reader = start(&path).unwrap();
+        let reader = start(dir.path(), Path::new("metrics.fifo")).unwrap();
         let mut w = tokio::net::unix::pipe::OpenOptions::new()
             .open_sender(&path)
             .unwrap();
@@ -154,11 +169,22 @@ mod tests {
             .unwrap();
         second.await;
         assert_eq!(reader.totals.lines(), 2, "the unreadable line is skipped");
+        // A line over the limit is skipped without being kept, and the
+        // next one is read.
+        let third = reader.totals.next_line();
+        let mut long = vec![b' '; MAX_LINE * 3];
+        long.push(b'\n');
+        w.write_all(&long).await.unwrap();
+        w.write_all(b"{\"block\":{\"write_bytes\":3}}\n")
+            .await
+            .unwrap();
+        third.await;
+        assert_eq!(reader.totals.lines(), 3);
         assert_eq!(
             reader.totals.get(),
             DeviceCounters {
                 disk_read_bytes: 101,
-                disk_write_bytes: 7,
+                disk_write_bytes: 10,
                 net_rx_bytes: 5,
                 net_tx_bytes: 10,
             }

@@ -4,11 +4,13 @@
 //!
 //! A VM's files live in `<state_dir>/<vm_id>/`: `vmm.json` (spawn record),
 //! `console.log` (the guest's serial console: Firecracker's stdout),
-//! `stderr.log`, and, without the jailer, `firecracker.sock`,
-//! `firecracker.log` and `metrics.fifo`. With the jailer those three live
-//! in the chroot, `<chroot_base>/firecracker/<jail id>/root/`, with links
-//! to the kernel, initrd and drives; `jail.json` in the VM directory
-//! records the jail id and uid.
+//! `stderr.log`, `firecracker.log` (Firecracker's own log, copied there
+//! from `log.fifo` by metald: [`logfifo`]), and, without the jailer,
+//! `firecracker.sock`, `log.fifo` and `metrics.fifo`. With the jailer
+//! those three live in the chroot, `<chroot_base>/firecracker/<jail
+//! id>/root/`, with the kernel, initrd and drives ([`jailfiles`]);
+//! `jail.json` in the VM directory records the jail id and uid. The three
+//! logs are kept under the cap ([`crate::logcap`]).
 //!
 //! | metald      | Firecracker                                              |
 //! |-------------|----------------------------------------------------------|
@@ -21,8 +23,12 @@
 //! | delete      | SIGKILL, remove the VM directory, jail and cgroups       |
 
 pub mod api;
+mod find;
 pub mod jailer;
+pub mod jailfiles;
+pub mod logfifo;
 pub mod metrics;
+mod prepare;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -40,11 +46,14 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::cgroup;
+use crate::http::Endpoint;
 use crate::launch;
+use crate::logcap::LogCap;
 use crate::process::{self, Children};
 use crate::ratelimit::RateLimiter;
 use api::{ActionType, ApiError, Client};
 use jailer::{Jail, JailerConfig};
+use prepare::{GuestFiles, LOG_FIFO, METRICS_FIFO};
 
 /// The backend's name in `UNKEY_METALD_BACKEND` and `backend_info`.
 pub const NAME: &str = "firecracker";
@@ -67,6 +76,8 @@ pub struct FirecrackerConfig {
     pub boot_timeout: Duration,
     /// Run every VM through the jailer.
     pub jailer: Option<JailerConfig>,
+    /// Cap of each console and Firecracker log, in bytes.
+    pub log_max: u64,
 }
 
 /// What `jail.json` records.
@@ -83,18 +94,30 @@ pub struct FirecrackerBackend {
     /// File name of the binary: the jailer names the chroot after it.
     exec_name: String,
     children: Children,
-    /// One metrics reader per VM with a live VMM.
-    readers: Mutex<HashMap<VmId, metrics::Reader>>,
+    /// The metrics reader and log copier of each VM with a live VMM.
+    readers: Mutex<HashMap<VmId, Pipes>>,
     /// Serialises uid choice between concurrent boots.
     uid_lock: tokio::sync::Mutex<()>,
+    logs: LogCap,
+}
+
+/// What metald reads from a live Firecracker's FIFOs.
+struct Pipes {
+    metrics: Option<metrics::Reader>,
+    _log: Option<logfifo::Copier>,
 }
 
 /// Where a VM's Firecracker reads and writes, as the host sees them and as
 /// Firecracker sees them (the same without the jailer).
 struct Layout {
     socket: PathBuf,
-    log: PathBuf,
+    /// Firecracker's `--log-path`, a FIFO.
+    log_fifo: PathBuf,
+    /// The metrics FIFO.
     fifo: PathBuf,
+    /// The directory holding the FIFOs and the socket: the jail root, or
+    /// the VM directory.
+    dir: PathBuf,
     /// Prefix turning a host path in the chroot into Firecracker's view.
     chroot: Option<PathBuf>,
 }
@@ -116,12 +139,6 @@ fn refused(e: ApiError) -> BootError {
         ApiError::Refused { .. } => BootError::Refused(e.to_string()),
         ApiError::Call(m) => BootError::Failed(m),
     }
-}
-
-/// The VM a non-jailed Firecracker's command line serves: its API socket
-/// is `<state_dir>/<id>/firecracker.sock`.
-fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
-    launch::vm_of_socket_arg(args, "--api-sock", state_dir, "firecracker.sock")
 }
 
 impl FirecrackerBackend {
@@ -149,6 +166,7 @@ impl FirecrackerBackend {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| NAME.into());
         Ok(FirecrackerBackend {
+            logs: LogCap::new(config.log_max),
             config,
             version,
             exec_name,
@@ -156,6 +174,44 @@ impl FirecrackerBackend {
             readers: Mutex::new(HashMap::new()),
             uid_lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The logs of a VM's Firecracker, kept under the cap.
+    fn log_files(&self, id: &VmId) -> Vec<PathBuf> {
+        let dir = self.vm_dir(id);
+        ["console.log", "stderr.log", "firecracker.log"]
+            .iter()
+            .map(|f| dir.join(f))
+            .collect()
+    }
+
+    /// How to reach the API socket `socket` (a runtime's). A jailed VMM
+    /// owns its jail, so its socket is reached without following links and
+    /// only if it belongs to the VM's uid.
+    fn endpoint(&self, socket: &Path) -> Endpoint {
+        if self.config.jailer.is_none() {
+            return Endpoint::Path(socket.to_path_buf());
+        }
+        // <jail dir>/root/run/firecracker.socket
+        let root = socket
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/nonexistent"));
+        let uid = root
+            .parent()
+            .and_then(|jail_dir| std::fs::read_to_string(jail_dir.join(jailer::OWNER_FILE)).ok())
+            .and_then(|owner| VmId::parse(owner.trim(), "jail owner").ok())
+            .and_then(|vm| self.jail_record(&vm))
+            .map(|r| r.uid);
+        Endpoint::Beneath {
+            dir: root.to_path_buf(),
+            rel: PathBuf::from("run/firecracker.socket"),
+            uid,
+        }
+    }
+
+    fn client(&self, socket: &Path) -> Client {
+        Client::at(self.endpoint(socket))
     }
 
     fn vm_dir(&self, id: &VmId) -> PathBuf {
@@ -179,133 +235,22 @@ impl FirecrackerBackend {
         match self.jail(id) {
             Some(jail) => Layout {
                 socket: jail.socket(),
-                log: jail.root.join("firecracker.log"),
-                fifo: jail.root.join("metrics.fifo"),
+                log_fifo: jail.root.join(LOG_FIFO),
+                fifo: jail.root.join(METRICS_FIFO),
+                dir: jail.root.clone(),
                 chroot: Some(jail.root),
             },
             None => {
                 let dir = self.vm_dir(id);
                 Layout {
                     socket: dir.join("firecracker.sock"),
-                    log: dir.join("firecracker.log"),
-                    fifo: dir.join("metrics.fifo"),
+                    log_fifo: dir.join(LOG_FIFO),
+                    fifo: dir.join(METRICS_FIFO),
+                    dir,
                     chroot: None,
                 }
             }
         }
-    }
-
-    /// The lowest uid of the range no other jailed VM on this host holds.
-    fn free_uid(&self, config: &JailerConfig, me: &VmId) -> Result<u32, String> {
-        // Held only while the VM's recorded VMM runs: a stopped VM frees
-        // its uid.
-        let taken: Vec<u32> = launch::vm_dirs(&self.config.state_dir)
-            .into_iter()
-            .filter(|id| id != me)
-            .filter(|id| {
-                launch::recorded_spawn(&self.vm_dir(id))
-                    .is_some_and(|r| process::is_alive(r.pid, r.start_time))
-            })
-            .filter_map(|id| self.jail_record(&id).map(|r| r.uid))
-            .collect();
-        let end = config.uid_start.saturating_add(config.uid_count);
-        (config.uid_start..end)
-            .find(|u| !taken.contains(u))
-            .ok_or_else(|| {
-                format!(
-                    "every uid of the jailer range {}..{end} is held by a running VM",
-                    config.uid_start
-                )
-            })
-    }
-
-    /// The process command: firecracker itself, or the jailer around it.
-    /// Also prepares the jail and the files Firecracker opens.
-    async fn command(
-        &self,
-        id: &VmId,
-        spec: &VmSpec,
-        layout: &Layout,
-    ) -> Result<(tokio::process::Command, Option<(u32, u32)>), String> {
-        let netns = spec
-            .nics
-            .iter()
-            .find_map(|n| n.attachment.as_ref())
-            .map(|a| a.netns.clone());
-        let (Some(jc), Some(jail)) = (&self.config.jailer, self.jail(id)) else {
-            let mut cmd = tokio::process::Command::new(&self.config.binary);
-            cmd.arg("--api-sock")
-                .arg(&layout.socket)
-                .arg("--id")
-                .arg(jailer::jail_id(id))
-                .arg("--log-path")
-                .arg(&layout.log)
-                .args(["--level", LOG_LEVEL]);
-            if let Some(ns) = &netns {
-                launch::join_netns_on_exec(&mut cmd, ns).map_err(|e| e.to_string())?;
-            }
-            std::fs::File::create(&layout.log)
-                .map_err(|e| format!("creating {}: {e}", layout.log.display()))?;
-            return Ok((cmd, None));
-        };
-        let _uids = self.uid_lock.lock().await;
-        if !jail.owned_by(id) {
-            return Err(format!(
-                "jail id {} is already used by another VM ({})",
-                jail.id,
-                jail.dir.display()
-            ));
-        }
-        // The cgroups stay: the jailer reuses and rewrites them.
-        jail.remove(id)?;
-        let uid = self.free_uid(jc, id)?;
-        std::fs::create_dir_all(jail.root.join("run"))
-            .map_err(|e| format!("creating {}: {e}", jail.root.display()))?;
-        std::fs::write(jail.dir.join(jailer::OWNER_FILE), id.as_str())
-            .map_err(|e| format!("marking {}: {e}", jail.dir.display()))?;
-        let rec = JailRecord {
-            jail_id: jail.id.clone(),
-            uid,
-        };
-        std::fs::write(
-            self.vm_dir(id).join("jail.json"),
-            serde_json::to_vec(&rec).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| format!("writing jail.json: {e}"))?;
-        let owner = (uid, uid);
-        for p in [&jail.root, &jail.root.join("run")] {
-            std::os::unix::fs::chown(p, Some(uid), Some(uid))
-                .map_err(|e| format!("handing {} to uid {uid}: {e}", p.display()))?;
-        }
-        std::fs::File::create(&layout.log)
-            .and_then(|_| std::os::unix::fs::chown(&layout.log, Some(uid), Some(uid)))
-            .map_err(|e| format!("creating {}: {e}", layout.log.display()))?;
-        let mut cmd = tokio::process::Command::new(&jc.binary);
-        cmd.arg("--id")
-            .arg(&jail.id)
-            .arg("--exec-file")
-            .arg(&self.config.binary)
-            .arg("--uid")
-            .arg(uid.to_string())
-            .arg("--gid")
-            .arg(uid.to_string())
-            .arg("--chroot-base-dir")
-            .arg(&jc.chroot_base)
-            .arg("--cgroup-version")
-            .arg(jc.cgroup_version.to_string())
-            .arg("--parent-cgroup")
-            .arg(&jc.parent_cgroup)
-            .args(jailer::cgroup_args(jc.cgroup_version, spec));
-        if let Some(ns) = &netns {
-            cmd.arg("--netns").arg(Path::new("/run/netns").join(ns));
-        }
-        cmd.arg("--")
-            .arg("--api-sock")
-            .arg("/run/firecracker.socket")
-            .arg("--log-path")
-            .arg(layout.inside(&layout.log))
-            .args(["--level", LOG_LEVEL]);
-        Ok((cmd, Some(owner)))
     }
 
     /// Configures a Firecracker that answers on its socket and starts the
@@ -314,25 +259,9 @@ impl FirecrackerBackend {
         &self,
         spec: &VmSpec,
         layout: &Layout,
-        owner: Option<(u32, u32)>,
+        files: GuestFiles,
+        fc: &Client,
     ) -> Result<(), BootError> {
-        let fc = Client::new(&layout.socket);
-        // Files the guest uses: inside the chroot with the jailer (linked,
-        // or copied off the async runtime).
-        let place = async |src: &Path, name: &str, writable: bool| -> Result<String, BootError> {
-            match (&layout.chroot, owner) {
-                (Some(root), Some(owner)) => {
-                    let (root, src, name) = (root.clone(), src.to_path_buf(), name.to_owned());
-                    tokio::task::spawn_blocking(move || {
-                        jailer::place(&root, &src, &name, writable, owner)
-                    })
-                    .await
-                    .map_err(|e| BootError::Failed(e.to_string()))?
-                    .map(|p| p.inside)
-                }
-                _ => Ok(src.to_string_lossy().into_owned()),
-            }
-        };
         fc.put(
             "/machine-config",
             &api::MachineConfig {
@@ -343,26 +272,18 @@ impl FirecrackerBackend {
         )
         .await
         .map_err(refused)?;
-        let kernel = place(&spec.kernel, "vmlinux", false).await?;
-        let initrd = match &spec.initrd {
-            Some(p) => Some(place(p, "initrd", false).await?),
-            None => None,
-        };
         fc.put(
             "/boot-source",
             &api::BootSource {
-                kernel_image_path: kernel,
-                initrd_path: initrd,
+                kernel_image_path: files.kernel,
+                initrd_path: files.initrd,
                 boot_args: Some(launch::kernel_cmdline(spec, DEFAULT_KERNEL_ARGS)),
             },
         )
         .await
         .map_err(refused)?;
-        // The root device first, as Firecracker expects.
-        let mut disks: Vec<_> = spec.disks.iter().collect();
-        disks.sort_by_key(|d| !d.is_root);
-        for (i, d) in disks.iter().enumerate() {
-            let path = place(&d.path, &format!("drive{i}"), !d.read_only).await?;
+        // The root device first, as Firecracker expects (VmSpec sorts so).
+        for (d, path) in spec.disks.iter().zip(files.drives) {
             let drive = api::Drive {
                 drive_id: d.id.clone(),
                 path_on_host: path,
@@ -408,19 +329,30 @@ impl FirecrackerBackend {
         Ok(())
     }
 
-    fn start_reader(&self, id: &VmId, fifo: &Path) {
-        match metrics::start(fifo) {
-            Ok(r) => {
-                self.readers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.clone(), r);
-            }
-            Err(e) => warn!(vm_id = %id, error = %e, "cannot read Firecracker's metrics"),
-        }
+    /// Starts reading the VM's metrics and log FIFOs (reached without
+    /// following links: the jailed VMM owns their directory), and keeps
+    /// its logs under the cap.
+    fn start_pipes(&self, id: &VmId, layout: &Layout) {
+        let rel = |p: &Path| p.strip_prefix(&layout.dir).unwrap_or(p).to_path_buf();
+        let metrics = metrics::start(&layout.dir, &rel(&layout.fifo))
+            .inspect_err(|e| warn!(vm_id = %id, error = %e, "cannot read Firecracker's metrics"))
+            .ok();
+        let log = logfifo::start(
+            &layout.dir,
+            &rel(&layout.log_fifo),
+            &self.vm_dir(id).join("firecracker.log"),
+        )
+        .inspect_err(|e| warn!(vm_id = %id, error = %e, "cannot read Firecracker's log"))
+        .ok();
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), Pipes { metrics, _log: log });
+        self.logs.watch(id, self.log_files(id));
     }
 
-    fn stop_reader(&self, id: &VmId) {
+    fn stop_pipes(&self, id: &VmId) {
+        self.logs.unwatch(id);
         self.readers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -429,28 +361,16 @@ impl FirecrackerBackend {
 
     /// Removes everything of `id`'s VMM: process, directory, jail, cgroups.
     async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), String> {
-        self.stop_reader(id);
+        self.stop_pipes(id);
         let jail_id = self.jail_record(id).map(|r| r.jail_id);
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
         if let (Some(jc), Some(jail)) = (&self.config.jailer, self.jail(id)) {
             jail.remove(id)?;
-            cgroup::remove(&jc.cgroups(), jail_id.as_deref().unwrap_or(&jail.id)).await?;
+            cgroup::remove(&jc.cgroups(), jail_id.as_deref().unwrap_or(&jail.id))
+                .await
+                .map_err(|e| launch::host_failure("remove the VM's cgroups", e))?;
         }
         Ok(())
-    }
-}
-
-/// Whether `pid`'s root directory is `jail_root`. A jailed process lives
-/// in its own mount namespace, where `/proc/<pid>/root` reads as `/`, so
-/// the two are compared as files (device and inode).
-fn in_jail(pid: i32, jail_root: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (
-        std::fs::metadata(format!("/proc/{pid}/root")),
-        std::fs::metadata(jail_root),
-    ) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
     }
 }
 
@@ -465,28 +385,17 @@ impl Vmm for FirecrackerBackend {
         let layout = self.layout(id);
         launch::check_socket_path(&layout.socket).map_err(BootError::Refused)?;
         launch::fresh_dir(&dir)?;
-        let prepared = self.command(id, spec, &layout).await;
-        let spawned = prepared.and_then(|(mut cmd, owner)| {
-            let files = || -> std::io::Result<_> {
-                let console = std::fs::File::create(dir.join("console.log"))?;
-                let stderr = std::fs::File::create(dir.join("stderr.log"))?;
-                cmd.current_dir(&dir)
-                    .stdin(std::process::Stdio::null())
-                    .stdout(console)
-                    .stderr(stderr);
-                launch::spawn_recorded(&self.children, cmd, &dir)
-            };
-            files()
-                .map(|rec| (rec, owner))
-                .map_err(|e| format!("starting firecracker: {e}"))
-        });
-        let (rec, owner) = match spawned {
+        let spawned = match self.prepare(id, spec, &layout).await {
+            Ok(p) => self.spawn(id, &dir, &layout, p),
+            Err(e) => Err(e),
+        };
+        let prepare::Spawned { rec, owner, files } = match spawned {
             Ok(s) => s,
             Err(e) => {
                 if let Err(c) = self.remove_all(id, None).await {
                     warn!(vm_id = %id, error = %c, "cleanup after a failed start failed");
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         let rt = VmmRuntime {
@@ -495,40 +404,39 @@ impl Vmm for FirecrackerBackend {
             start_time: rec.start_time,
             socket: layout.socket.clone(),
         };
+        let fc = Client::at(match owner {
+            Some((uid, _)) => Endpoint::Beneath {
+                dir: layout.dir.clone(),
+                rel: PathBuf::from("run/firecracker.socket"),
+                uid: Some(uid),
+            },
+            None => Endpoint::Path(layout.socket.clone()),
+        });
         let ready = launch::until_ready(&self.children, &rt, self.config.boot_timeout, || {
-            let socket = rt.socket.clone();
-            async move { Client::new(&socket).info().await.map_err(|e| e.to_string()) }
+            let fc = fc.clone();
+            async move { fc.info().await.map_err(|e| e.to_string()) }
         })
         .await;
         let stderr = dir.join("stderr.log");
-        let logs = [stderr.as_path(), layout.log.as_path()];
-        let ready = ready.map_err(|e| {
-            launch::not_ready(
+        let log = dir.join("firecracker.log");
+        let logs = [stderr.as_path(), log.as_path()];
+        let started = match ready {
+            Ok(_) => match self.configure_and_start(spec, &layout, files, &fc).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(launch::explain(&self.children, &rt, e, "firecracker", &logs).await),
+            },
+            // Already says how the VMM ended.
+            Err(e) => Err(launch::not_ready(
                 e,
                 "firecracker",
                 &rt.socket,
                 self.config.boot_timeout,
                 &logs,
-            )
-        });
-        let started = match ready {
-            // The reader is there before Firecracker's first line.
-            Ok(_) => match metrics::make_fifo(&layout.fifo, owner) {
-                Ok(()) => {
-                    self.start_reader(id, &layout.fifo);
-                    self.configure_and_start(spec, &layout, owner).await
-                }
-                Err(e) => Err(BootError::Failed(format!(
-                    "creating {}: {e}",
-                    layout.fifo.display()
-                ))),
-            },
-            Err(e) => Err(e),
+            )),
         };
         match started {
             Ok(()) => Ok(rt),
             Err(e) => {
-                let e = launch::explain(&self.children, &rt, e, "firecracker", &logs).await;
                 warn!(vm_id = %id, error = %e, "firecracker failed to start the guest");
                 if let Err(c) = self.remove_all(id, Some(&rt)).await {
                     warn!(vm_id = %id, error = %c, "cleanup after a failed start failed");
@@ -539,14 +447,14 @@ impl Vmm for FirecrackerBackend {
     }
 
     async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError> {
-        Client::new(&rt.socket)
+        self.client(&rt.socket)
             .set_state(api::VmStateChange::Paused)
             .await
             .map_err(|e| e.to_string())
     }
 
     async fn resume(&self, rt: &VmmRuntime) -> Result<(), PortError> {
-        Client::new(&rt.socket)
+        self.client(&rt.socket)
             .set_state(api::VmStateChange::Resumed)
             .await
             .map_err(|e| e.to_string())
@@ -567,7 +475,7 @@ impl Vmm for FirecrackerBackend {
 
     async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError> {
         launch::stop(&self.children, rt, mode, "Ctrl-Alt-Del", || async {
-            Client::new(&rt.socket)
+            self.client(&rt.socket)
                 .action(ActionType::SendCtrlAltDel)
                 .await
                 .map_err(|e| e.to_string())
@@ -581,28 +489,9 @@ impl Vmm for FirecrackerBackend {
 
     async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
         launch::check_backend(rt, NAME)?;
-        match self.jail(id) {
-            // A jailed Firecracker sees its socket as /run/firecracker.socket;
-            // its root directory (the jail, after pivot_root) tells which
-            // jail it is in.
-            Some(jail) => {
-                if !process::is_alive(rt.pid, rt.start_time) {
-                    return Err(format!(
-                        "process {} is gone or is another process now",
-                        rt.pid
-                    ));
-                }
-                if !in_jail(rt.pid, &jail.root) {
-                    return Err(format!(
-                        "process {} does not run in the jail {}",
-                        rt.pid,
-                        jail.root.display()
-                    ));
-                }
-            }
-            None => launch::is_our_process(rt, &rt.socket.to_string_lossy())?,
-        }
-        let info = Client::new(&rt.socket)
+        self.is_our_process(id, rt)?;
+        let info = self
+            .client(&rt.socket)
             .info()
             .await
             .map_err(|e| e.to_string())?;
@@ -611,8 +500,9 @@ impl Vmm for FirecrackerBackend {
             "Paused" => GuestStatus::Paused,
             other => return Err(format!("guest is in Firecracker state {other:?}")),
         };
-        // Resume reading metrics where the previous metald stopped.
-        self.start_reader(id, &self.layout(id).fifo);
+        // Resume reading metrics and the log where the previous metald
+        // stopped; cut back what the guest wrote meanwhile.
+        self.start_pipes(id, &self.layout(id));
         Ok(status)
     }
 
@@ -625,7 +515,7 @@ impl Vmm for FirecrackerBackend {
     }
 
     async fn release(&self, id: &VmId, rt: &VmmRuntime) {
-        self.stop_reader(id);
+        self.stop_pipes(id);
         let _ = std::fs::remove_file(&rt.socket);
         self.children.forget(rt.pid, rt.start_time);
         if let (Some(jc), Some(rec)) = (&self.config.jailer, self.jail_record(id)) {
@@ -635,60 +525,7 @@ impl Vmm for FirecrackerBackend {
     }
 
     async fn scan(&self) -> HostResources {
-        let mut dirs = launch::vm_dirs(&self.config.state_dir);
-        let state_dir = self.config.state_dir.clone();
-        let processes = match &self.config.jailer {
-            None => launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
-            Some(jc) => {
-                // Jailed: known by the jail its root directory is in.
-                let base = jc.chroot_base.join(&self.exec_name);
-                let by_jail: HashMap<String, VmId> = dirs
-                    .iter()
-                    .filter_map(|id| self.jail_record(id).map(|r| (r.jail_id, id.clone())))
-                    .collect();
-                // The jail's owner marker names the VM (written before the
-                // spawn); jail.json in the VM directory is the fallback.
-                let to_vm = |jid: &str| {
-                    std::fs::read_to_string(base.join(jid).join(jailer::OWNER_FILE))
-                        .ok()
-                        .and_then(|owner| VmId::parse(owner.trim(), "jail owner").ok())
-                        .or_else(|| by_jail.get(jid).cloned())
-                        .or_else(|| VmId::parse(jid, "jail").ok())
-                };
-                if let Ok(entries) = std::fs::read_dir(&base) {
-                    for e in entries.flatten() {
-                        if let Some(id) = to_vm(&e.file_name().to_string_lossy()) {
-                            dirs.push(id);
-                        }
-                    }
-                }
-                // Cgroups the jailer made, named by jail id.
-                dirs.extend(cgroup::names(&jc.cgroups()).iter().filter_map(|n| to_vm(n)));
-                let mut found = Vec::new();
-                for (pid, start_time, args) in launch::live_processes() {
-                    // `--id <jail id>`, and rooted in that jail.
-                    let Some(jid) = args
-                        .iter()
-                        .position(|a| a == "--id")
-                        .and_then(|i| args.get(i + 1))
-                    else {
-                        continue;
-                    };
-                    if !args.iter().any(|a| a == "--api-sock")
-                        || !in_jail(pid, &base.join(jid).join("root"))
-                    {
-                        continue;
-                    }
-                    if let Some(id) = to_vm(jid) {
-                        found.push((id, pid, start_time));
-                    }
-                }
-                found
-            }
-        };
-        dirs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        dirs.dedup();
-        HostResources { processes, dirs }
+        self.find_on_host()
     }
 
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {
@@ -703,7 +540,7 @@ impl Vmm for FirecrackerBackend {
             info.insert("uid".into(), rec.uid.to_string());
         }
         if let Some(rt) = rt.filter(|rt| process::is_alive(rt.pid, rt.start_time))
-            && let Ok(i) = Client::new(&rt.socket).info().await
+            && let Ok(i) = self.client(&rt.socket).info().await
         {
             info.insert("vmm_state".into(), i.state);
             info.insert("vmm_version".into(), i.vmm_version);
@@ -717,10 +554,12 @@ impl Vmm for FirecrackerBackend {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
+            .and_then(|p| p.metrics.as_ref())
             .map(|r| r.totals.clone())?;
         // Ask for a fresh line and give the reader a moment to sum it.
         let next = totals.next_line();
-        if Client::new(&rt.socket)
+        if self
+            .client(&rt.socket)
             .action(ActionType::FlushMetrics)
             .await
             .is_ok()
@@ -736,37 +575,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recognises_only_its_own_firecrackers() {
-        let args = |sock: &str| -> Vec<String> {
-            ["firecracker", "--api-sock", sock, "--id", "vm-1"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        };
-        let state = Path::new("/var/lib/metald/vms");
-        assert_eq!(
-            vm_of_cmdline(&args("/var/lib/metald/vms/vm-1/firecracker.sock"), state),
-            Some(VmId::parse("vm-1", "t").unwrap())
-        );
-        assert_eq!(
-            vm_of_cmdline(&args("/other/vms/vm-1/firecracker.sock"), state),
-            None
-        );
-        assert_eq!(
-            vm_of_cmdline(&args("/var/lib/metald/vms/vm-1/x/firecracker.sock"), state),
-            None
-        );
-    }
-
-    #[test]
     fn layout_maps_jail_paths_to_firecrackers_view() {
         let l = Layout {
             socket: "/j/root/run/firecracker.socket".into(),
-            log: "/j/root/firecracker.log".into(),
+            log_fifo: "/j/root/log.fifo".into(),
             fifo: "/j/root/metrics.fifo".into(),
+            dir: "/j/root".into(),
             chroot: Some("/j/root".into()),
         };
         assert_eq!(l.inside(&l.fifo), "/metrics.fifo");
+        assert_eq!(l.inside(&l.log_fifo), "/log.fifo");
         assert_eq!(l.inside(&l.socket), "/run/firecracker.socket");
     }
 }

@@ -53,8 +53,15 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
     for flag in ["-nodefaults", "-no-user-config", "-nographic", "-S"] {
         push(flag.into());
     }
+    // Appending (O_APPEND): every write lands at the end however metald
+    // shortens the file to keep it under its cap (see logcap.rs).
+    push("-chardev".into());
+    push(format!(
+        "file,id=console,path={},append=on",
+        escape(files.console_log)
+    ));
     push("-serial".into());
-    push(format!("file:{}", escape(files.console_log)));
+    push("chardev:console".into());
     push("-qmp".into());
     push(format!(
         "unix:{},server=on,wait=off",
@@ -159,7 +166,12 @@ mod tests {
         );
         assert!(l.contains("-smp cpus=2 -m 256M"), "{l}");
         assert!(l.contains(" -S "), "guest starts paused: {l}");
-        assert!(l.contains("-serial file:/v/console.log"), "{l}");
+        assert!(
+            l.contains(
+                "-chardev file,id=console,path=/v/console.log,append=on -serial chardev:console"
+            ),
+            "the console is appended to, so it can be trimmed: {l}"
+        );
         assert!(
             l.contains("-qmp unix:/v/qmp.sock,server=on,wait=off"),
             "{l}"

@@ -2,9 +2,10 @@
 //! controlled over QMP on a per-VM Unix socket.
 //!
 //! Files of a VM live in `<state_dir>/<vm_id>/`: `qmp.sock`, `console.log`
-//! (the serial console), `qemu.log` (QEMU's own stderr) and `vmm.json`
-//! (pid and start time, written right after spawning so a crash between
-//! spawn and the store update still leaves the process findable).
+//! (the serial console), `qemu.log` (QEMU's own stdout and stderr) and
+//! `vmm.json` (pid and start time, written right after spawning so a crash
+//! between spawn and the store update still leaves the process findable).
+//! Both logs are appended to and kept under the cap ([`crate::logcap`]).
 //!
 //! | metald      | QEMU                                                  |
 //! |-------------|-------------------------------------------------------|
@@ -32,6 +33,7 @@ use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
 
 use crate::launch;
+use crate::logcap::{self, LogCap};
 use crate::process::{self, Children};
 
 /// The backend's name in `UNKEY_METALD_BACKEND` and `backend_info`.
@@ -68,6 +70,8 @@ pub struct QemuConfig {
     pub state_dir: PathBuf,
     /// How long QEMU may take to open its QMP socket.
     pub boot_timeout: Duration,
+    /// Cap of each console and QEMU log, in bytes.
+    pub log_max: u64,
 }
 
 /// The QEMU backend.
@@ -75,6 +79,7 @@ pub struct QemuBackend {
     config: QemuConfig,
     version: String,
     children: Children,
+    logs: LogCap,
 }
 
 /// The VM a QEMU command line serves, if it is one metald started with
@@ -98,6 +103,7 @@ impl QemuBackend {
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
         Ok(QemuBackend {
+            logs: LogCap::new(config.log_max),
             config,
             version,
             children: Children::default(),
@@ -106,6 +112,12 @@ impl QemuBackend {
 
     fn vm_dir(&self, id: &VmId) -> PathBuf {
         self.config.state_dir.join(id.as_str())
+    }
+
+    /// The files a VM's QEMU writes to, kept under the cap.
+    fn log_files(&self, id: &VmId) -> Vec<PathBuf> {
+        let dir = self.vm_dir(id);
+        vec![dir.join("console.log"), dir.join("qemu.log")]
     }
 
     /// Waits for the QMP socket (bounded retry with backoff, while watching
@@ -153,7 +165,7 @@ impl Vmm for QemuBackend {
         launch::check_socket_path(&socket)?;
         launch::fresh_dir(&dir)?;
         let spawned = (|| {
-            let log = std::fs::File::create(dir.join("qemu.log"))?;
+            let log = logcap::create_append(&dir.join("qemu.log"))?;
             let mut cmd = tokio::process::Command::new(&self.config.binary);
             cmd.args(args::command_line(
                 id.as_str(),
@@ -177,10 +189,13 @@ impl Vmm for QemuBackend {
         let (pid, start_time) = match spawned {
             Ok(p) => p,
             Err(e) => {
+                warn!(vm_id = %id, binary = %self.config.binary.display(), error = %e, "cannot start qemu");
                 let _ = self.destroy(id, None).await;
-                return Err(format!("starting {}: {e}", self.config.binary.display()).into());
+                return Err(BootError::Failed("cannot start qemu".into()));
             }
         };
+        // From the first byte QEMU writes.
+        self.logs.watch(id, self.log_files(id));
         let rt = VmmRuntime {
             backend: NAME.into(),
             pid,
@@ -226,17 +241,21 @@ impl Vmm for QemuBackend {
     }
 
     async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+        self.logs.unwatch(id);
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await
     }
 
-    async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
         launch::check_backend(rt, NAME)?;
         launch::is_our_process(rt, &rt.socket.to_string_lossy())?;
-        match qmp::status(&rt.socket).await?.as_str() {
-            "running" => Ok(GuestStatus::Running),
-            "paused" => Ok(GuestStatus::Paused),
-            other => Err(format!("guest is in QEMU state {other:?}")),
-        }
+        let status = match qmp::status(&rt.socket).await?.as_str() {
+            "running" => GuestStatus::Running,
+            "paused" => GuestStatus::Paused,
+            other => return Err(format!("guest is in QEMU state {other:?}")),
+        };
+        // What the guest wrote while no metald ran is cut back at once.
+        self.logs.watch(id, self.log_files(id));
+        Ok(status)
     }
 
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
@@ -247,7 +266,8 @@ impl Vmm for QemuBackend {
         process::is_alive(rt.pid, rt.start_time)
     }
 
-    async fn release(&self, _id: &VmId, rt: &VmmRuntime) {
+    async fn release(&self, id: &VmId, rt: &VmmRuntime) {
+        self.logs.unwatch(id);
         // QEMU removes its socket only on a clean exit.
         let _ = std::fs::remove_file(&rt.socket);
         self.children.forget(rt.pid, rt.start_time);

@@ -1,17 +1,25 @@
 //! A minimal QMP client: connect, negotiate capabilities, run one command.
 //! QEMU serves one QMP client at a time, so metald connects per operation
-//! (operations on one VM are already serialised by the service).
+//! (operations on one VM are already serialised by the service). Each
+//! message is read with a limit ([`MAX_MESSAGE`]).
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tracing::debug;
+
+use crate::bounded::{self, Line};
 
 /// How long one QMP exchange may take before the VMM counts as hung.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest QMP message (one line) metald reads: 1 MiB. The answers and
+/// events it uses are far shorter; a longer one is an error.
+pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// An open, negotiated QMP session.
 pub struct Qmp {
@@ -41,14 +49,23 @@ impl Qmp {
     }
 
     async fn read_message(&mut self) -> std::io::Result<Value> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "QMP connection closed",
-            ));
+        let mut line = Vec::new();
+        match bounded::read_line(&mut self.reader, &mut line, MAX_MESSAGE).await? {
+            Line::Complete => {}
+            Line::Eof => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "QMP connection closed",
+                ));
+            }
+            Line::TooLong => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("QMP message longer than {MAX_MESSAGE} bytes"),
+                ));
+            }
         }
-        serde_json::from_str(&line)
+        serde_json::from_slice(&line)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
@@ -82,7 +99,7 @@ impl Qmp {
                     .get("desc")
                     .and_then(Value::as_str)
                     .unwrap_or("unknown error");
-                return Err(format!("QMP {command}: {desc}"));
+                return Err(format!("QMP {command}: {}", crate::launch::redact(desc)));
             }
         }
     }
@@ -92,9 +109,10 @@ impl Qmp {
 /// [`COMMAND_TIMEOUT`].
 pub async fn run(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value, String> {
     let exchange = async {
-        let mut qmp = Qmp::connect(socket)
-            .await
-            .map_err(|e| format!("QMP socket {}: {e}", socket.display()))?;
+        let mut qmp = Qmp::connect(socket).await.map_err(|e| {
+            debug!(socket = %socket.display(), error = %e, "cannot connect to QMP");
+            format!("QMP {command}: cannot connect to the VMM's QMP socket")
+        })?;
         qmp.execute(command, arguments).await
     };
     tokio::time::timeout(COMMAND_TIMEOUT, exchange)
@@ -118,6 +136,7 @@ pub async fn status(socket: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
     /// A scripted QMP peer: greets, then answers each command line with the
@@ -157,10 +176,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_missing_socket_is_an_error_naming_it() {
+    async fn a_missing_socket_is_an_error_without_its_path() {
         let err = run(Path::new("/nonexistent/qmp.sock"), "query-status", None)
             .await
             .unwrap_err();
-        assert!(err.contains("/nonexistent/qmp.sock"), "{err}");
+        assert_eq!(
+            err,
+            "QMP query-status: cannot connect to the VMM's QMP socket"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversize_message_is_an_error_not_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        // A greeting that never ends: 4 × the limit, no newline, and the
+        // peer keeps the connection open.
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let piece = vec![b' '; 64 << 10];
+            let _ = stream.write_all(b"{\"QMP\": ").await;
+            for _ in 0..(4 * MAX_MESSAGE / piece.len()) {
+                if stream.write_all(&piece).await.is_err() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let err = match Qmp::connect(&sock).await {
+            Err(e) => e,
+            Ok(_) => panic!("an endless greeting was accepted"),
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("longer than"), "{err}");
+        server.abort();
     }
 }

@@ -239,6 +239,11 @@ impl Daemon {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// metald's pid while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     /// Sends `signal` and waits for metald to exit.
     pub fn stop(&mut self, signal: rustix::process::Signal) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -4,6 +4,7 @@
 //! command prepares them).
 
 mod billing;
+mod bounds;
 mod chaos;
 mod harness;
 mod host_safety;
