@@ -45,7 +45,11 @@ fn jailed_daemon(tag: &str, uid_start: &str) -> Daemon {
 
 /// A tenant's writable disk: owned by someone else, private.
 fn tenant_disk(d: &Daemon, assets: &Assets) -> (PathBuf, std::fs::Metadata) {
-    let p = d.data_dir.join("data.img");
+    // Writable disks come from the customer's own asset root.
+    let customer = T.trim_start_matches("dev_customer_");
+    let dir = d.data_dir.join("assets/customers").join(customer);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("data.img");
     std::fs::copy(&assets.disk, &p).unwrap();
     std::os::unix::fs::chown(&p, Some(1234), Some(1234)).unwrap();
     std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -103,7 +107,12 @@ async fn a_writable_drive_is_cloned_or_refused_and_the_original_never_changes() 
         assert_eq!(state_of(&v), "VM_STATE_RUNNING");
         let v = info(&d, "rw").await;
         let uid: u32 = v["backendInfo"]["uid"].as_str().unwrap().parse().unwrap();
-        let clone = d.data_dir.join("jailer/firecracker/rw/root/drive1");
+        let key = v["backendInfo"]["vm_key"].as_str().unwrap();
+        let clone = d
+            .data_dir
+            .join("jailer/firecracker")
+            .join(key)
+            .join("root/drive1");
         let m = std::fs::metadata(&clone).unwrap();
         assert_eq!(
             (m.uid(), m.mode() & 0o777),
@@ -121,7 +130,7 @@ async fn a_writable_drive_is_cloned_or_refused_and_the_original_never_changes() 
         assert!(!message.contains('/'), "no host path: {message}");
         assert!(d.vmm_pids().is_empty(), "no VMM left");
         assert!(
-            !d.data_dir.join("jailer/firecracker/rw").exists(),
+            harness::keyed(&d.data_dir.join("jailer/firecracker"), "rw").is_empty(),
             "no jail left"
         );
     }
@@ -151,16 +160,18 @@ async fn a_socket_link_planted_in_a_jail_is_not_followed() {
     }
     // What a compromised VMM can do in the jail it owns.
     let jails = d.data_dir.join("jailer/firecracker");
-    let evil = jails.join("evil/root/run/firecracker.socket");
+    let socket_of = |key: &str| jails.join(key).join("root/run/firecracker.socket");
+    let evil = socket_of(&harness::vm_key(&d, T, "evil").await);
+    let victim = socket_of(&harness::vm_key(&d, T, "victim").await);
     std::fs::remove_file(&evil).unwrap();
-    std::os::unix::fs::symlink(jails.join("victim/root/run/firecracker.socket"), &evil).unwrap();
+    std::os::unix::fs::symlink(&victim, &evil).unwrap();
     let paused = d.call(T, "PauseVm", json!({"vm_id": "evil"})).await;
     assert!(
         paused.is_err(),
         "metald followed the planted link: {paused:?}"
     );
     assert_eq!(
-        vmm_state(&jails.join("victim/root/run/firecracker.socket")),
+        vmm_state(&victim),
         "Running",
         "the other VM's guest is untouched"
     );
