@@ -8,6 +8,7 @@
 //! delivers them to `billing.v1.BillingService` and deletes them only once
 //! acknowledged. See `docs/billing.md`.
 
+mod inbox;
 pub mod spool;
 pub mod usage;
 
@@ -25,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use crate::inbox::Inbox;
 use crate::spool::{EventRow, MeterRow, SampleRow, Spool};
 
 /// Billing settings (`UNKEY_METALD_BILLING_*`).
@@ -49,6 +51,11 @@ pub struct BillingConfig {
 
 /// Largest batch sent at once.
 const MAX_BATCH: i64 = 3000;
+
+/// Writes queued for the spool writer. When full (the disk is slow or
+/// failing), the meter task waits: sampling pauses instead of samples
+/// piling up in memory, and the pause is reported as a gap.
+const WRITER_QUEUE: usize = 64;
 /// Longest wait for one billing RPC.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -81,7 +88,7 @@ enum Msg {
 /// The billing handle: an observer for the service, and the latest usage
 /// per VM for GetVmInfo.
 pub struct Billing {
-    tx: mpsc::UnboundedSender<Msg>,
+    inbox: Arc<Inbox<Msg>>,
     latest: Arc<Mutex<HashMap<String, VmUsage>>>,
 }
 
@@ -115,13 +122,13 @@ impl Billing {
             Some(s) => s.len().await?,
             None => 0,
         }));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let inbox = Arc::new(Inbox::new());
         let latest = Arc::new(Mutex::new(HashMap::new()));
         let active = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         let writer_tx = match &spool {
             Some(spool) => {
-                let (wtx, wrx) = mpsc::unbounded_channel();
+                let (wtx, wrx) = mpsc::channel(WRITER_QUEUE);
                 tasks.push(tokio::spawn(writer(
                     spool.clone(),
                     config.clone(),
@@ -142,7 +149,7 @@ impl Billing {
             latest: latest.clone(),
             active: active.clone(),
         };
-        tasks.push(tokio::spawn(meter.run(rx)));
+        tasks.push(tokio::spawn(meter.run(inbox.clone())));
         if let Some(spool) = spool {
             let uri: http::Uri = config.endpoint.parse().map_err(|e| {
                 format!(
@@ -165,7 +172,7 @@ impl Billing {
         } else {
             info!("billing disabled: VMs are sampled for GetVmInfo, nothing is sent");
         }
-        Ok((Arc::new(Billing { tx, latest }), BillingTasks { tasks }))
+        Ok((Arc::new(Billing { inbox, latest }), BillingTasks { tasks }))
     }
 
     /// The latest usage sampled for a VM.
@@ -175,6 +182,12 @@ impl Billing {
             .unwrap_or_else(|p| p.into_inner())
             .get(id.as_str())
             .copied()
+    }
+}
+
+impl Drop for Billing {
+    fn drop(&mut self) {
+        self.inbox.close();
     }
 }
 
@@ -190,22 +203,25 @@ impl Observer for Billing {
             (Some(rt), VmState::Running | VmState::Paused) => Some((rt.pid, rt.start_time)),
             _ => None,
         };
-        let _ = self.tx.send(Msg::Changed(VmEvent {
-            id: vm.id.to_string(),
-            name: vm.name.to_string(),
-            customer: vm.customer.to_string(),
-            process,
-            veth: vm
-                .spec
-                .nics
-                .iter()
-                .find_map(|n| n.attachment.as_ref())
-                .map(|a| a.host_veth.clone()),
-        }));
+        self.inbox.put(
+            vm.id.to_string(),
+            Msg::Changed(VmEvent {
+                id: vm.id.to_string(),
+                name: vm.name.to_string(),
+                customer: vm.customer.to_string(),
+                process,
+                veth: vm
+                    .spec
+                    .nics
+                    .iter()
+                    .find_map(|n| n.attachment.as_ref())
+                    .map(|a| a.host_veth.clone()),
+            }),
+        );
     }
 
     fn vm_removed(&self, id: &VmId) {
-        let _ = self.tx.send(Msg::Removed(id.to_string()));
+        self.inbox.put(id.to_string(), Msg::Removed(id.to_string()));
     }
 }
 
@@ -229,7 +245,7 @@ struct MeterTask {
     config: BillingConfig,
     /// The spool writer, when billing is enabled. Disk writes happen there,
     /// in order, so sampling never waits for an fsync.
-    writer: Option<mpsc::UnboundedSender<Write>>,
+    writer: Option<mpsc::Sender<Write>>,
     /// Meters the previous run left, not yet claimed by a VM event.
     known: HashMap<String, MeterRow>,
     meters: HashMap<String, Meter>,
@@ -253,6 +269,8 @@ enum Write {
         t1: i64,
         t2: i64,
     },
+    /// The VM's row is gone: its meter row may go once all is delivered.
+    Removed { vm: String },
 }
 
 /// Applies spool writes in the order the meter task made them.
@@ -260,7 +278,7 @@ async fn writer(
     spool: Spool,
     config: BillingConfig,
     spooled: Arc<AtomicI64>,
-    mut rx: mpsc::UnboundedReceiver<Write>,
+    mut rx: mpsc::Receiver<Write>,
 ) {
     while let Some(w) = rx.recv().await {
         match w {
@@ -274,6 +292,11 @@ async fn writer(
             } => {
                 if let Err(e) = spool.push_event(kind, &vm, &name, &customer, t1, t2).await {
                     error!(vm_id = %vm, kind, error = %e, "cannot spool a billing notification");
+                }
+            }
+            Write::Removed { vm } => {
+                if let Err(e) = spool.mark_removed(&vm).await {
+                    error!(vm_id = %vm, error = %e, "cannot mark a removed VM in the billing spool");
                 }
             }
             Write::Append {
@@ -332,16 +355,22 @@ async fn writer(
 }
 
 impl MeterTask {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    async fn run(mut self, inbox: Arc<Inbox<Msg>>) {
         let mut sample = tokio::time::interval(self.config.sample_interval);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut sync = tokio::time::interval(self.config.sync_interval);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                msg = rx.recv() => match msg {
-                    Some(Msg::Changed(ev)) => self.changed(ev).await,
-                    Some(Msg::Removed(id)) => self.changed(VmEvent { id, name: String::new(), customer: String::new(), process: None, veth: None }).await,
+                msgs = inbox.take() => match msgs {
+                    Some(msgs) => {
+                        for msg in msgs {
+                            match msg {
+                                Msg::Changed(ev) => self.changed(ev).await,
+                                Msg::Removed(id) => self.removed(id).await,
+                            }
+                        }
+                    }
                     None => break,
                 },
                 _ = sample.tick() => self.sample().await,
@@ -349,6 +378,24 @@ impl MeterTask {
             }
         }
         self.flush().await;
+    }
+
+    /// The VM's row is gone: stop metering it, and let the spool prune its
+    /// meter once everything of it is delivered.
+    async fn removed(&mut self, id: String) {
+        let ev = VmEvent {
+            id: id.clone(),
+            name: String::new(),
+            customer: String::new(),
+            process: None,
+            veth: None,
+        };
+        self.changed(ev).await;
+        self.known.remove(&id);
+        self.flush().await;
+        if let Some(w) = &self.writer {
+            let _ = w.send(Write::Removed { vm: id }).await;
+        }
     }
 
     async fn event(
@@ -360,14 +407,18 @@ impl MeterTask {
         t2: i64,
     ) {
         if let Some(w) = &self.writer {
-            let _ = w.send(Write::Event {
-                kind,
-                vm: vm.to_owned(),
-                name: name.to_owned(),
-                customer: customer.to_owned(),
-                t1,
-                t2,
-            });
+            // A full queue (the spool's disk is slow) makes the meter task
+            // wait here: sampling pauses, and the pause is reported as a gap.
+            let _ = w
+                .send(Write::Event {
+                    kind,
+                    vm: vm.to_owned(),
+                    name: name.to_owned(),
+                    customer: customer.to_owned(),
+                    t1,
+                    t2,
+                })
+                .await;
         }
     }
 
@@ -558,7 +609,7 @@ impl MeterTask {
         }
         let samples = std::mem::take(&mut self.buffer);
         let meters: Vec<MeterRow> = self.dirty.drain().map(|(_, m)| m).collect();
-        let _ = w.send(Write::Append { samples, meters });
+        let _ = w.send(Write::Append { samples, meters }).await;
     }
 }
 
@@ -633,6 +684,11 @@ impl Sender {
         for (vm, name, customer) in self.spool.vms_with_samples().await? {
             self.send_samples(&vm, wire_name(&vm, &name), &customer, i64::MAX)
                 .await?;
+        }
+        // Everything of a deleted VM is delivered: its meter row goes.
+        let pruned = self.spool.prune().await?;
+        if pruned > 0 {
+            debug!(pruned, "billing meters of deleted VMs pruned");
         }
         Ok(())
     }

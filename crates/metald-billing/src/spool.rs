@@ -266,6 +266,30 @@ impl Spool {
             .map(drop)
     }
 
+    /// Marks a VM whose row is gone from metald.db.
+    pub async fn mark_removed(&self, vm_id: &str) -> R<()> {
+        sqlx::query("UPDATE meters SET removed = 1 WHERE vm_id = $1")
+            .bind(vm_id)
+            .execute(&self.pool)
+            .await
+            .map_err(e("marking a removed VM"))
+            .map(drop)
+    }
+
+    /// Drops the meter rows of removed VMs with nothing left to deliver;
+    /// returns how many.
+    pub async fn prune(&self) -> R<u64> {
+        sqlx::query(
+            "DELETE FROM meters WHERE removed = 1 \
+             AND NOT EXISTS (SELECT 1 FROM samples s WHERE s.vm_id = meters.vm_id) \
+             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.vm_id = meters.vm_id)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(e("pruning meters of removed VMs"))
+        .map(|r| r.rows_affected())
+    }
+
     /// How many samples wait.
     pub async fn len(&self) -> R<i64> {
         sqlx::query_scalar("SELECT COUNT(*) FROM samples")
