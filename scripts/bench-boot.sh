@@ -28,6 +28,8 @@ export UNKEY_METALD_BACKEND=$backend UNKEY_METALD_AUTH_MODE=dev UNKEY_METALD_ADD
 export UNKEY_METALD_PORT=$port UNKEY_METALD_DATA_DIR=$state UNKEY_METALD_LOG=warn
 export UNKEY_METALD_BILLING_ENABLED=false UNKEY_METALD_NETWORK_ENABLED=false
 export UNKEY_METALD_QEMU_ACCEL=${UNKEY_METALD_QEMU_ACCEL:-tcg}
+# The test guest's directory is the one asset root.
+export UNKEY_METALD_ASSET_DIRS=$PWD/.metald/assets
 "$bin" >"$state/metald.out" 2>"$state/metald.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$state"' EXIT
