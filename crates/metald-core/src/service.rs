@@ -886,88 +886,119 @@ impl VmService {
     /// pid + start time + the VMM's own command line and socket.
     pub async fn recover(&self) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
-        let vmm = &self.inner.vmm;
         for mut vm in self.inner.store.all().await.map_err(store_err)? {
             let lock = self.lock_for(&vm.id);
             let _guard = lock.lock().await;
-            let id = vm.id.clone();
-            match vm.pending {
-                Some(Pending::Create) => {
-                    self.unwire(&id, vm.spec.nics.len()).await?;
-                    self.inner.store.remove(&id).await.map_err(store_err)?;
-                    info!(vm_id = %id, "rolled back a create interrupted by a restart");
-                    report.rolled_back += 1;
-                    continue;
-                }
-                Some(Pending::Delete) => {
-                    vmm.destroy(&id, vm.runtime.as_ref())
-                        .await
-                        .map_err(Error::Backend)?;
-                    self.unwire(&id, vm.spec.nics.len()).await?;
-                    self.inner.store.remove(&id).await.map_err(store_err)?;
-                    self.removed(&id);
-                    info!(vm_id = %id, "finished a delete interrupted by a restart");
-                    report.finished += 1;
-                    continue;
-                }
-                Some(Pending::Boot) => {
-                    vmm.destroy(&id, vm.runtime.as_ref())
-                        .await
-                        .map_err(Error::Backend)?;
-                    let state = vm.state;
-                    let why = "boot interrupted by a metald restart; rolled back".to_owned();
-                    self.save(&mut vm, state, None, Some(why)).await?;
-                    info!(vm_id = %id, "rolled back a boot interrupted by a restart");
-                    report.rolled_back += 1;
-                    continue;
-                }
-                Some(Pending::Shutdown) => {
-                    if let Some(rt) = vm.runtime.clone() {
-                        vmm.shutdown(&rt, StopMode::Force)
-                            .await
-                            .map_err(Error::Backend)?;
-                    }
-                    self.save(&mut vm, VmState::Shutdown, None, None).await?;
-                    info!(vm_id = %id, "finished a shutdown interrupted by a restart");
-                    report.finished += 1;
-                    continue;
-                }
-                None => {}
-            }
-            if !vm.state.has_process() {
-                continue;
-            }
-            let adopted = match &vm.runtime {
-                Some(rt) => vmm.adopt(&vm.id, rt).await.map(|s| (s, rt.clone())),
-                None => Err("no VMM process was recorded".into()),
-            };
-            match adopted {
-                Ok((status, rt)) => {
-                    let state = match status {
-                        GuestStatus::Running => VmState::Running,
-                        GuestStatus::Paused => VmState::Paused,
-                    };
-                    self.save(&mut vm, state, Some(rt.clone()), None).await?;
-                    self.watch(id.clone(), rt);
-                    report.adopted += 1;
-                }
-                Err(e) => {
-                    let eid = error_id();
-                    warn!(vm_id = %id, error_id = %eid, error = %e, "VMM lost while metald was down; not adopting");
-                    let reason = format!("VMM lost while metald was down (error id {eid})");
-                    // Kills only processes whose identity still matches,
-                    // so an unrelated process on a reused pid survives.
-                    vmm.destroy(&id, vm.runtime.as_ref())
-                        .await
-                        .map_err(Error::Backend)?;
-                    self.save(&mut vm, VmState::Failed, None, Some(reason))
-                        .await?;
-                    report.failed += 1;
-                }
+            // One VM that cannot be settled (a VMM that survives SIGKILL for
+            // a while, an unreadable directory, a failing rollback) must not
+            // keep metald from serving the others.
+            if let Err(e) = self.recover_one(&mut vm, &mut report).await {
+                self.unsettled(&vm.id, &e).await;
+                report.unsettled += 1;
             }
         }
         info!(?report, "recovered VMs");
         Ok(report)
+    }
+
+    /// Marks a VM that recovery could not settle `failed` with the reason,
+    /// keeping its pending operation and recorded process, so the periodic
+    /// reconciler retries the operation and sweeps the process.
+    async fn unsettled(&self, id: &VmId, e: &Error) {
+        let eid = error_id();
+        warn!(vm_id = %id, error_id = %eid, error = %e, "cannot settle a VM after a restart; the reconciler retries");
+        let Ok(Some(mut vm)) = self.inner.store.get(id).await else {
+            return;
+        };
+        vm.state = VmState::Failed;
+        vm.last_error = Some(format!(
+            "could not be settled after a metald restart (error id {eid}); retried in the background"
+        ));
+        vm.modified_at = now();
+        match self.inner.store.update(&vm).await {
+            Ok(()) => self.changed(&vm),
+            Err(e) => warn!(vm_id = %id, error = %e, "cannot mark an unsettled VM"),
+        }
+    }
+
+    /// Finishes, rolls back or adopts one VM (the caller holds its lock).
+    async fn recover_one(&self, vm: &mut VmRecord, report: &mut RecoveryReport) -> Result<()> {
+        let vmm = &self.inner.vmm;
+        let id = vm.id.clone();
+        match vm.pending {
+            Some(Pending::Create) => {
+                self.unwire(&id, vm.spec.nics.len()).await?;
+                self.inner.store.remove(&id).await.map_err(store_err)?;
+                info!(vm_id = %id, "rolled back a create interrupted by a restart");
+                report.rolled_back += 1;
+                return Ok(());
+            }
+            Some(Pending::Delete) => {
+                vmm.destroy(&id, vm.runtime.as_ref())
+                    .await
+                    .map_err(Error::Backend)?;
+                self.unwire(&id, vm.spec.nics.len()).await?;
+                self.inner.store.remove(&id).await.map_err(store_err)?;
+                self.removed(&id);
+                info!(vm_id = %id, "finished a delete interrupted by a restart");
+                report.finished += 1;
+                return Ok(());
+            }
+            Some(Pending::Boot) => {
+                vmm.destroy(&id, vm.runtime.as_ref())
+                    .await
+                    .map_err(Error::Backend)?;
+                let state = vm.state;
+                let why = "boot interrupted by a metald restart; rolled back".to_owned();
+                self.save(vm, state, None, Some(why)).await?;
+                info!(vm_id = %id, "rolled back a boot interrupted by a restart");
+                report.rolled_back += 1;
+                return Ok(());
+            }
+            Some(Pending::Shutdown) => {
+                if let Some(rt) = vm.runtime.clone() {
+                    vmm.shutdown(&rt, StopMode::Force)
+                        .await
+                        .map_err(Error::Backend)?;
+                }
+                self.save(vm, VmState::Shutdown, None, None).await?;
+                info!(vm_id = %id, "finished a shutdown interrupted by a restart");
+                report.finished += 1;
+                return Ok(());
+            }
+            None => {}
+        }
+        if !vm.state.has_process() {
+            return Ok(());
+        }
+        let adopted = match &vm.runtime {
+            Some(rt) => vmm.adopt(&vm.id, rt).await.map(|s| (s, rt.clone())),
+            None => Err("no VMM process was recorded".into()),
+        };
+        match adopted {
+            Ok((status, rt)) => {
+                let state = match status {
+                    GuestStatus::Running => VmState::Running,
+                    GuestStatus::Paused => VmState::Paused,
+                };
+                self.save(vm, state, Some(rt.clone()), None).await?;
+                self.watch(id.clone(), rt);
+                report.adopted += 1;
+            }
+            Err(e) => {
+                let eid = error_id();
+                warn!(vm_id = %id, error_id = %eid, error = %e, "VMM lost while metald was down; not adopting");
+                let reason = format!("VMM lost while metald was down (error id {eid})");
+                // Kills only processes whose identity still matches,
+                // so an unrelated process on a reused pid survives.
+                vmm.destroy(&id, vm.runtime.as_ref())
+                    .await
+                    .map_err(Error::Backend)?;
+                self.save(vm, VmState::Failed, None, Some(reason)).await?;
+                report.failed += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Tells the observers about every VM as stored, once recovery is done,
@@ -1003,6 +1034,28 @@ impl VmService {
             // will finish it, so roll it back (the create holds the lock
             // from before its insert to its last write, so it is never
             // raced).
+            // An operation a restart interrupted and recovery could not
+            // settle: try again while nothing holds the VM.
+            if matches!(
+                vm.pending,
+                Some(Pending::Delete | Pending::Boot | Pending::Shutdown)
+            ) {
+                let Ok(_guard) = self.lock_for(&vm.id).try_lock_owned() else {
+                    continue;
+                };
+                if let Some(mut v) = self.inner.store.get(&vm.id).await.map_err(store_err)?
+                    && v.pending.is_some()
+                {
+                    let mut r = RecoveryReport::default();
+                    match self.recover_one(&mut v, &mut r).await {
+                        Ok(()) => report.settled += 1,
+                        Err(e) => {
+                            warn!(vm_id = %v.id, error = %e, "cannot settle an interrupted operation yet")
+                        }
+                    }
+                }
+                continue;
+            }
             if vm.pending != Some(Pending::Create) {
                 continue;
             }
@@ -1057,9 +1110,11 @@ impl VmService {
                 continue;
             }
             warn!(vm_id = %id, pid, "killing a VMM process no VM row claims");
-            vmm.kill_orphan(pid, start_time)
-                .await
-                .map_err(Error::Backend)?;
+            // One that can't be killed yet is retried next pass.
+            if let Err(e) = vmm.kill_orphan(pid, start_time).await {
+                warn!(vm_id = %id, pid, error = %e, "cannot kill an unclaimed VMM process yet");
+                continue;
+            }
             report.orphan_processes += 1;
         }
         for id in host.dirs {
@@ -1098,7 +1153,10 @@ impl VmService {
                     continue;
                 };
                 warn!(vm_id = %id, "removing network devices and addresses no VM row claims");
-                self.unwire(&id, 1).await?;
+                if let Err(e) = self.unwire(&id, 1).await {
+                    warn!(vm_id = %id, error = %e, "cannot remove unclaimed network devices yet");
+                    continue;
+                }
                 report.orphan_networks += 1;
             }
         }
@@ -1173,6 +1231,9 @@ pub struct ReconcileReport {
     pub orphan_networks: usize,
     /// Creates whose own rollback failed, rolled back now.
     pub abandoned_creates: usize,
+    /// Interrupted operations start-up recovery could not settle, settled
+    /// now.
+    pub settled: usize,
 }
 
 /// What [`VmService::recover`] found.
@@ -1186,4 +1247,7 @@ pub struct RecoveryReport {
     pub finished: usize,
     /// Interrupted boots rolled back.
     pub rolled_back: usize,
+    /// VMs that could not be settled: marked failed, retried by the
+    /// periodic reconciler.
+    pub unsettled: usize,
 }

@@ -29,6 +29,9 @@ struct Fake {
     destroyed: Vec<String>,
     killed: Vec<i32>,
     scan: HostResources,
+    /// Destroys of VMs whose key starts with one of these fail (files that
+    /// cannot be removed yet, a VMM that survives SIGKILL for a while).
+    fail_destroy: Vec<String>,
 }
 
 #[derive(Default)]
@@ -108,6 +111,14 @@ impl Vmm for FakeVmm {
         Ok(())
     }
     async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+        if self
+            .st()
+            .fail_destroy
+            .iter()
+            .any(|p| id.as_str().starts_with(p.as_str()))
+        {
+            return Err("cannot remove the VM's files yet".into());
+        }
         if let Some(rt) = rt {
             self.die(
                 rt.pid,
@@ -556,4 +567,57 @@ async fn a_create_that_could_not_undo_itself_is_rolled_back_by_the_periodic_reco
         matches!(&detached[..], [one] if one.starts_with("wired-")),
         "{detached:?}"
     );
+}
+
+#[tokio::test]
+async fn a_vm_that_cannot_be_settled_does_not_stop_start_up_and_is_retried() {
+    let w = world().await;
+    let (alive_a, alive_b) = (w.vmm.spawn(), w.vmm.spawn());
+    for r in [
+        row(
+            &w,
+            "stuck-delete",
+            VmState::Running,
+            Some(alive_a),
+            Some(Pending::Delete),
+        ),
+        // Its VMM is gone, and cleaning up after it fails.
+        row(&w, "stuck-lost", VmState::Running, Some(4242), None),
+        row(&w, "fine", VmState::Running, Some(alive_b), None),
+    ] {
+        w.store.insert(&r).await.unwrap();
+    }
+    w.vmm.st().fail_destroy = vec!["stuck-".into()];
+    let report = w.svc.recover().await.expect("start-up goes on");
+    assert_eq!((report.adopted, report.unsettled), (1, 2), "{report:?}");
+    for name in ["stuck-delete", "stuck-lost"] {
+        let r = w.store.get(&id(name)).await.unwrap().unwrap();
+        assert_eq!(r.state, VmState::Failed, "{name}");
+        assert!(
+            r.last_error.unwrap_or_default().contains("retried"),
+            "{name}: the reason says what happens next"
+        );
+    }
+    assert_eq!(
+        w.store
+            .get(&id("stuck-delete"))
+            .await
+            .unwrap()
+            .unwrap()
+            .pending,
+        Some(Pending::Delete),
+        "the delete is still owed"
+    );
+    assert_eq!(
+        w.store.get(&id("fine")).await.unwrap().unwrap().state,
+        VmState::Running
+    );
+    // Still failing: the pass goes on and the VM waits for the next.
+    let r = w.svc.reconcile(false).await.unwrap();
+    assert_eq!(r.settled, 0);
+    // Once the host lets go, the periodic reconciler finishes the delete.
+    w.vmm.st().fail_destroy.clear();
+    let r = w.svc.reconcile(false).await.unwrap();
+    assert_eq!(r.settled, 1, "{r:?}");
+    assert!(w.store.get(&id("stuck-delete")).await.unwrap().is_none());
 }
