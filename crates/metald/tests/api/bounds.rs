@@ -23,8 +23,8 @@ const CAP: u64 = 1 << 20;
 /// TCG here is far less (see docs/backends.md).
 const SLACK: u64 = CAP / 4;
 
-/// MiB each flooding guest writes: 20 × the cap, and done in well under a
-/// minute under TCG here (docs/backends.md has the measured rate).
+/// MiB each flooding guest writes: 8 × the cap, about 40 s under TCG here
+/// (0.2 MB/s; 50 MiB would take over four minutes, docs/backends.md).
 const SPAM_MIB: u64 = 8;
 
 const DONE: &[u8] = b"METALD-SPAM-DONE";
