@@ -37,6 +37,11 @@ if [ -f "$state/metald.pid" ] && kill -0 "$(cat "$state/metald.pid")" 2>/dev/nul
   while kill -0 "$(cat "$state/metald.pid")" 2>/dev/null; do sleep 0.1; done
 fi
 
+rpc() { # rpc Method JSON
+  curl -sS -X POST "$url/vmprovisioner.v1.VmService/$1" \
+    -H "Content-Type: application/json" -H "Authorization: Bearer $token" -d "$2"
+}
+
 echo "== starting metald on $url (data in $state)"
 export UNKEY_METALD_BACKEND=qemu UNKEY_METALD_AUTH_MODE=dev UNKEY_METALD_ADDRESS=127.0.0.1
 export UNKEY_METALD_PORT=$port UNKEY_METALD_DATA_DIR=$state
@@ -49,9 +54,28 @@ export UNKEY_METALD_BILLING_ENABLED=${UNKEY_METALD_BILLING_ENABLED:-false}
 export UNKEY_METALD_NETWORK_ENABLED=${UNKEY_METALD_NETWORK_ENABLED:-false}
 export UNKEY_METALD_QEMU_ACCEL=${UNKEY_METALD_QEMU_ACCEL:-tcg}
 : >"$state/metald.out"
-"$bin" >"$state/metald.out" 2>"$state/metald.log" &
+# metald runs in its own session: Ctrl-C sends SIGINT to the terminal's
+# foreground process group, which must reach only this script, so that its
+# trap can still delete the demo VM over the API before stopping metald.
+# (From a script, a background job never leads a process group, so setsid
+# execs metald in place and $! is metald's pid.)
+setsid "$bin" >"$state/metald.out" 2>"$state/metald.log" &
 pid=$!
 echo $pid >"$state/metald.pid"
+if [ "${METALD_DEMO_DETACH:-0}" != 1 ]; then
+  # Ctrl-C (or SIGTERM) from here on deletes the demo VM, then stops metald
+  # with SIGTERM and waits for it to exit.
+  cleanup() {
+    trap - INT TERM
+    echo; echo "== deleting the demo VM and stopping metald"
+    rpc DeleteVm '{"vm_id":"demo","force":true}' >/dev/null ||
+      echo "DeleteVm failed; the next demo run deletes the VM" >&2
+    kill -TERM $pid 2>/dev/null || true
+    wait $pid 2>/dev/null || true
+    exit 130
+  }
+  trap cleanup INT TERM
+fi
 # metald prints "metald listening on ..." once it serves.
 for _ in $(seq 300); do
   grep -q "metald listening on" "$state/metald.out" && break
@@ -60,11 +84,6 @@ for _ in $(seq 300); do
 done
 grep -q "metald listening on" "$state/metald.out" || { echo "metald did not start" >&2; exit 1; }
 curl -fsS "$url/health"; echo
-
-rpc() { # rpc Method JSON
-  curl -sS -X POST "$url/vmprovisioner.v1.VmService/$1" \
-    -H "Content-Type: application/json" -H "Authorization: Bearer $token" -d "$2"
-}
 
 # Delete a demo VM left by an earlier run, so reruns start clean.
 rpc DeleteVm '{"vm_id":"demo","force":true}' >/dev/null || true
@@ -94,12 +113,5 @@ if [ "${METALD_DEMO_DETACH:-0}" = 1 ]; then
   echo "== metald keeps serving on $url (pid $pid); stop it with: kill $pid"
   exit 0
 fi
-cleanup() {
-  echo; echo "== deleting the demo VM and stopping metald"
-  rpc DeleteVm '{"vm_id":"demo","force":true}' >/dev/null || true
-  kill $pid 2>/dev/null || true
-  wait $pid 2>/dev/null || true
-}
-trap cleanup INT TERM
 echo "== metald serves on $url; try the README's curl walkthrough. Ctrl-C stops it."
 wait $pid

@@ -8,6 +8,7 @@
 
 pub mod assets;
 pub mod error;
+mod locks;
 pub mod net;
 pub mod ports;
 pub mod redact;

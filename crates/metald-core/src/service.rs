@@ -9,7 +9,7 @@
 //! - The store is written before a side effect can outlive a crash and
 //!   after each step, so a restarted metald finds every VMM it started.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::assets::{AssetPolicy, Resolved};
 use crate::error::{Error, Result};
+use crate::locks::{VmLock, VmLocks};
 use crate::net;
 use crate::ports::{
     BootError, GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, UsageSource,
@@ -74,7 +75,7 @@ struct Inner {
     store: Arc<dyn Store>,
     vmm: Arc<dyn Vmm>,
     config: ServiceConfig,
-    locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Arc<VmLocks>,
     /// Held from a create's check of its disks against the customer's other
     /// VMs until its row is stored, so two creates can never both attach
     /// one file where either writes it.
@@ -127,7 +128,7 @@ impl VmService {
                 store,
                 vmm,
                 config,
-                locks: Mutex::new(HashMap::new()),
+                locks: Arc::default(),
                 disk_claims: tokio::sync::Mutex::new(()),
                 suspects: Mutex::new(HashSet::new()),
                 network: None,
@@ -189,14 +190,27 @@ impl VmService {
         self.inner.vmm.name()
     }
 
-    fn lock_for(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(id.clone()).or_default().clone()
+    /// Waits for the lock of the VM keyed `id` (see [`crate::locks`]).
+    fn lock(&self, id: &VmId) -> impl Future<Output = VmLock> + Send + 'static {
+        self.inner.locks.lock(id)
     }
 
-    fn forget_lock(&self, id: &VmId) {
-        let mut locks = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.remove(id);
+    /// The lock of the VM keyed `id` if no operation holds it.
+    fn try_lock(&self, id: &VmId) -> Option<VmLock> {
+        self.inner.locks.try_lock(id)
+    }
+
+    /// For the service's tests: claims the lock of the VM keyed `key` at
+    /// once, as an operation does, and resolves when it holds it.
+    #[doc(hidden)]
+    pub fn lock_vm(&self, key: &VmId) -> impl Future<Output = VmLock> + Send + 'static {
+        self.lock(key)
+    }
+
+    /// For the service's tests: how many VM locks are kept.
+    #[doc(hidden)]
+    pub fn lock_entries(&self) -> usize {
+        self.inner.locks.len()
     }
 
     /// The caller's VM called `name`, or not-found (also when another
@@ -219,13 +233,9 @@ impl VmService {
     /// is the one the lock guards: a VM deleted and re-created under the
     /// same name meanwhile has a new key and answers as the new VM or not
     /// at all.
-    async fn lock_owned(
-        &self,
-        caller: &CustomerId,
-        name: &VmId,
-    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord)> {
+    async fn lock_owned(&self, caller: &CustomerId, name: &VmId) -> Result<(VmLock, VmRecord)> {
         let key = self.owned(caller, name).await?.id;
-        let guard = self.lock_for(&key).lock_owned().await;
+        let guard = self.lock(&key).await;
         let mut vm = match self.inner.store.get(&key).await.map_err(store_err)? {
             Some(vm) if &vm.customer == caller && &vm.name == name => vm,
             _ => return Err(Error::NotFound(name.to_string())),
@@ -377,8 +387,7 @@ impl VmService {
             modified_at: t,
         };
         // The lock keeps the reconciler off the VM while it is wired.
-        let lock = self.lock_for(&id);
-        let _guard = lock.lock().await;
+        let _guard = self.lock(&id).await;
         {
             let _claims = self.inner.disk_claims.lock().await;
             self.check_disk_claims(caller, &resolved).await?;
@@ -698,8 +707,8 @@ impl VmService {
         }
         self.inner.store.remove(id).await.map_err(store_err)?;
         self.removed(id);
+        // The lock's entry goes with its last user (a waiter keeps it).
         drop(guard);
-        self.forget_lock(id);
         info!(vm_id = %id, "vm deleted");
         Ok(())
     }
@@ -812,8 +821,7 @@ impl VmService {
         if !stale {
             return;
         }
-        let lock = self.lock_for(&vm.id);
-        let Ok(_guard) = tokio::time::timeout(READ_LOCK_WAIT, lock.lock()).await else {
+        let Ok(_guard) = tokio::time::timeout(READ_LOCK_WAIT, self.lock(&vm.id)).await else {
             return;
         };
         match self.inner.store.get(&vm.id).await {
@@ -859,8 +867,7 @@ impl VmService {
     }
 
     async fn on_exit(&self, id: &VmId, rt: &VmmRuntime, exit: VmmExit) {
-        let lock = self.lock_for(id);
-        let _guard = lock.lock().await;
+        let _guard = self.lock(id).await;
         let mut vm = match self.inner.store.get(id).await {
             Ok(Some(vm)) => vm,
             Ok(None) => return,
@@ -887,8 +894,7 @@ impl VmService {
     pub async fn recover(&self) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
         for mut vm in self.inner.store.all().await.map_err(store_err)? {
-            let lock = self.lock_for(&vm.id);
-            let _guard = lock.lock().await;
+            let _guard = self.lock(&vm.id).await;
             // One VM that cannot be settled (a VMM that survives SIGKILL for
             // a while, an unreadable directory, a failing rollback) must not
             // keep metald from serving the others.
@@ -1040,7 +1046,7 @@ impl VmService {
                 vm.pending,
                 Some(Pending::Delete | Pending::Boot | Pending::Shutdown)
             ) {
-                let Ok(_guard) = self.lock_for(&vm.id).try_lock_owned() else {
+                let Some(_guard) = self.try_lock(&vm.id) else {
                     continue;
                 };
                 if let Some(mut v) = self.inner.store.get(&vm.id).await.map_err(store_err)?
@@ -1059,7 +1065,7 @@ impl VmService {
             if vm.pending != Some(Pending::Create) {
                 continue;
             }
-            let Ok(_guard) = self.lock_for(&vm.id).try_lock_owned() else {
+            let Some(_guard) = self.try_lock(&vm.id) else {
                 continue;
             };
             match self.inner.store.get(&vm.id).await.map_err(store_err)? {
@@ -1088,8 +1094,7 @@ impl VmService {
         );
         for (id, pid, start_time) in host.processes {
             let key = format!("process {pid}/{start_time} of {id}");
-            let lock = self.lock_for(&id);
-            let Ok(_guard) = lock.try_lock() else {
+            let Some(_guard) = self.try_lock(&id) else {
                 continue;
             };
             let claimed = match self.inner.store.get(&id).await.map_err(store_err)? {
@@ -1181,8 +1186,8 @@ impl VmService {
         immediate: bool,
         previous: &HashSet<String>,
         suspects: &mut HashSet<String>,
-    ) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
-        let Ok(guard) = self.lock_for(id).try_lock_owned() else {
+    ) -> Result<Option<VmLock>> {
+        let Some(guard) = self.try_lock(id) else {
             return Ok(None);
         };
         if self.inner.store.get(id).await.map_err(store_err)?.is_some() {
@@ -1204,8 +1209,7 @@ impl VmService {
             if !vm.state.has_process() {
                 continue;
             }
-            let lock = self.lock_for(&vm.id);
-            let _guard = lock.lock().await;
+            let _guard = self.lock(&vm.id).await;
             let Some(mut vm) = self.inner.store.get(&vm.id).await.map_err(store_err)? else {
                 continue;
             };

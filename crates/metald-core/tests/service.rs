@@ -2,175 +2,23 @@
 //! place metald uses a fake backend): interrupted operations, the
 //! reconciler's age guard and locks, truthful reads, per-VM serialisation.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use metald_core::assets::AssetPolicy;
 use metald_core::net::{NicAttachment, NicInput, NicSpec};
 use metald_core::ports::{
-    BootError, GuestStatus, HostResources, Network, Pending, PortError, StopMode, Store, Subnets,
-    VmRecord, Vmm, VmmExit, VmmRuntime,
+    HostResources, Network, Pending, PortError, Store, Subnets, VmRecord, VmmExit,
 };
 use metald_core::service::ServiceConfig;
 use metald_core::vm::VmSpecInput;
 use metald_core::{CustomerId, Error, VmId, VmService, VmSpec, VmState};
 use metald_store::SqliteStore;
-use tokio::sync::{Notify, watch};
 
-#[derive(Default)]
-struct Fake {
-    alive: HashSet<i32>,
-    exits: HashMap<i32, watch::Sender<Option<VmmExit>>>,
-    destroyed: Vec<String>,
-    killed: Vec<i32>,
-    scan: HostResources,
-    /// Destroys of VMs whose key starts with one of these fail (files that
-    /// cannot be removed yet, a VMM that survives SIGKILL for a while).
-    fail_destroy: Vec<String>,
-}
-
-#[derive(Default)]
-struct FakeVmm {
-    s: Mutex<Fake>,
-    next_pid: AtomicI32,
-    /// Boots of the VM named "slow" wait for this.
-    gate: Notify,
-}
-
-impl FakeVmm {
-    fn st(&self) -> std::sync::MutexGuard<'_, Fake> {
-        self.s.lock().unwrap()
-    }
-    fn spawn(&self) -> i32 {
-        let pid = 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst);
-        let mut s = self.st();
-        s.alive.insert(pid);
-        s.exits.insert(pid, watch::channel(None).0);
-        pid
-    }
-    /// The process dies; `exit` is what its watcher will learn (None: the
-    /// watcher never hears of it).
-    fn die(&self, pid: i32, exit: Option<VmmExit>) {
-        let mut s = self.st();
-        s.alive.remove(&pid);
-        if let (Some(e), Some(tx)) = (exit, s.exits.get(&pid)) {
-            let _ = tx.send(Some(e));
-        }
-    }
-    fn rt(pid: i32) -> VmmRuntime {
-        VmmRuntime {
-            backend: "fake".into(),
-            pid,
-            start_time: 1,
-            socket: format!("/fake/{pid}").into(),
-        }
-    }
-}
-
-#[async_trait]
-impl Vmm for FakeVmm {
-    fn name(&self) -> &'static str {
-        "fake"
-    }
-    async fn boot(&self, id: &VmId, _spec: &VmSpec) -> Result<VmmRuntime, BootError> {
-        if id.as_str().starts_with("slow-") {
-            self.gate.notified().await;
-        }
-        if id.as_str().starts_with("refused-") {
-            return Err(BootError::Refused("the VMM refused the config".into()));
-        }
-        Ok(Self::rt(self.spawn()))
-    }
-    async fn pause(&self, _rt: &VmmRuntime) -> Result<(), PortError> {
-        Ok(())
-    }
-    async fn resume(&self, _rt: &VmmRuntime) -> Result<(), PortError> {
-        Ok(())
-    }
-    async fn reboot(
-        &self,
-        _id: &VmId,
-        _spec: &VmSpec,
-        rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, BootError> {
-        Ok(rt.clone())
-    }
-    async fn shutdown(&self, rt: &VmmRuntime, _mode: StopMode) -> Result<(), PortError> {
-        self.die(
-            rt.pid,
-            Some(VmmExit {
-                code: Some(0),
-                signal: None,
-            }),
-        );
-        Ok(())
-    }
-    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
-        if self
-            .st()
-            .fail_destroy
-            .iter()
-            .any(|p| id.as_str().starts_with(p.as_str()))
-        {
-            return Err("cannot remove the VM's files yet".into());
-        }
-        if let Some(rt) = rt {
-            self.die(
-                rt.pid,
-                Some(VmmExit {
-                    code: None,
-                    signal: Some(9),
-                }),
-            );
-        }
-        self.st().destroyed.push(id.to_string());
-        Ok(())
-    }
-    async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
-        if self.st().alive.contains(&rt.pid) {
-            Ok(GuestStatus::Running)
-        } else {
-            Err("no such process".into())
-        }
-    }
-    fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
-        let rx = self.st().exits.get(&rt.pid).map(|tx| tx.subscribe());
-        async move {
-            match rx {
-                Some(mut rx) => rx
-                    .wait_for(Option::is_some)
-                    .await
-                    .ok()
-                    .and_then(|e| e.clone()),
-                None => None,
-            }
-            .unwrap_or(VmmExit {
-                code: None,
-                signal: None,
-            })
-        }
-        .boxed()
-    }
-    fn is_alive(&self, rt: &VmmRuntime) -> bool {
-        self.st().alive.contains(&rt.pid)
-    }
-    async fn release(&self, _id: &VmId, _rt: &VmmRuntime) {}
-    async fn scan(&self) -> HostResources {
-        self.st().scan.clone()
-    }
-    async fn kill_orphan(&self, pid: i32, _start_time: u64) -> Result<(), PortError> {
-        self.st().killed.push(pid);
-        Ok(())
-    }
-    async fn describe(&self, _id: &VmId, _rt: Option<&VmmRuntime>) -> BTreeMap<String, String> {
-        BTreeMap::new()
-    }
-}
+#[path = "service/fake.rs"]
+mod fake;
+use fake::FakeVmm;
 
 struct World {
     _dir: tempfile::TempDir,
@@ -478,6 +326,73 @@ async fn one_vm_waits_for_its_own_operations_while_others_proceed() {
     assert_eq!(pause.await.unwrap().unwrap().state, VmState::Paused);
 }
 
+#[tokio::test]
+async fn a_lock_outlives_a_delete_while_anyone_waits_on_it() {
+    let w = world().await;
+    w.vmm.st().quiet = true;
+    let spec = w.spec.clone();
+    let key = w.svc.create(&me(), Some(id("stuck")), "", spec).await;
+    let key = key.unwrap().id;
+    w.svc.boot(&me(), &id("stuck")).await.unwrap();
+    // The delete holds the VM's lock (it is inside the VMM) ...
+    let svc = w.svc.clone();
+    let delete = tokio::spawn(async move { svc.delete(&me(), &id("stuck"), true).await });
+    w.vmm.entered.notified().await;
+    // ... while another operation waits on it.
+    let waiting = w.svc.lock_vm(&key);
+    w.vmm.gate.notify_one();
+    delete.await.unwrap().unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter gets the lock once the delete is done");
+    // The reconciler would remove the deleted VM's files, but only while
+    // no one holds its lock: the waiter's lock is the one it must take.
+    w.vmm.st().scan = HostResources {
+        processes: vec![],
+        dirs: vec![key.clone()],
+    };
+    let r = w.svc.reconcile(true).await.unwrap();
+    assert_eq!(
+        r.orphan_dirs, 0,
+        "nothing acts on the VM alongside the waiter"
+    );
+    drop(held);
+    let r = w.svc.reconcile(true).await.unwrap();
+    assert_eq!(r.orphan_dirs, 1, "after the waiter, the reconciler acts");
+    assert_eq!(w.svc.lock_entries(), 0, "no lock outlives its users");
+}
+
+#[tokio::test]
+async fn locks_are_kept_only_while_used() {
+    let w = world().await;
+    w.vmm.st().quiet = true;
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        let name = id(&format!("vm{i}"));
+        let vm = w
+            .svc
+            .create(&me(), Some(name.clone()), "", w.spec.clone())
+            .await;
+        keys.push(vm.unwrap().id);
+        w.svc.boot(&me(), &name).await.unwrap();
+        w.svc.get(&me(), &name).await.unwrap();
+        w.svc.delete(&me(), &name, true).await.unwrap();
+    }
+    // Leftovers of every deleted VM are seen once (the age guard keeps
+    // the reconciler from acting yet): seeing a key keeps no lock either.
+    w.vmm.st().scan = HostResources {
+        processes: keys.iter().map(|k| (k.clone(), 999, 1)).collect(),
+        dirs: keys.clone(),
+    };
+    let r = w.svc.reconcile(false).await.unwrap();
+    assert_eq!((r.orphan_processes, r.orphan_dirs), (0, 0));
+    assert_eq!(
+        w.svc.lock_entries(),
+        0,
+        "the lock map holds no VM no one uses"
+    );
+}
+
 /// A network whose attach always fails and whose detach fails `fail` times
 /// first: a create that cannot undo its own wiring.
 struct FlakyNet {
@@ -576,21 +491,21 @@ async fn a_vm_that_cannot_be_settled_does_not_stop_start_up_and_is_retried() {
     for r in [
         row(
             &w,
-            "stuck-delete",
+            "wedged-delete",
             VmState::Running,
             Some(alive_a),
             Some(Pending::Delete),
         ),
         // Its VMM is gone, and cleaning up after it fails.
-        row(&w, "stuck-lost", VmState::Running, Some(4242), None),
+        row(&w, "wedged-lost", VmState::Running, Some(4242), None),
         row(&w, "fine", VmState::Running, Some(alive_b), None),
     ] {
         w.store.insert(&r).await.unwrap();
     }
-    w.vmm.st().fail_destroy = vec!["stuck-".into()];
+    w.vmm.st().fail_destroy = vec!["wedged-".into()];
     let report = w.svc.recover().await.expect("start-up goes on");
     assert_eq!((report.adopted, report.unsettled), (1, 2), "{report:?}");
-    for name in ["stuck-delete", "stuck-lost"] {
+    for name in ["wedged-delete", "wedged-lost"] {
         let r = w.store.get(&id(name)).await.unwrap().unwrap();
         assert_eq!(r.state, VmState::Failed, "{name}");
         assert!(
@@ -600,7 +515,7 @@ async fn a_vm_that_cannot_be_settled_does_not_stop_start_up_and_is_retried() {
     }
     assert_eq!(
         w.store
-            .get(&id("stuck-delete"))
+            .get(&id("wedged-delete"))
             .await
             .unwrap()
             .unwrap()
@@ -619,5 +534,5 @@ async fn a_vm_that_cannot_be_settled_does_not_stop_start_up_and_is_retried() {
     w.vmm.st().fail_destroy.clear();
     let r = w.svc.reconcile(false).await.unwrap();
     assert_eq!(r.settled, 1, "{r:?}");
-    assert!(w.store.get(&id("stuck-delete")).await.unwrap().is_none());
+    assert!(w.store.get(&id("wedged-delete")).await.unwrap().is_none());
 }

@@ -326,7 +326,8 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
     out
 }
 
-fn is_zombie(pid: i32) -> bool {
+/// True when `pid` is gone or a zombie (it has exited either way).
+pub fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
