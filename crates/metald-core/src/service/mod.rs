@@ -1,0 +1,287 @@
+//! The use cases behind every RPC: ownership, the lifecycle transition
+//! check, and the order of store writes and backend calls.
+//!
+//! Rules that hold for every operation:
+//! - A caller only ever sees its own VMs; another customer's VM answers
+//!   exactly like a missing one ([`Error::NotFound`]).
+//! - Operations on one VM are serialised by a per-VM lock; different VMs
+//!   proceed in parallel, so a slow VMM never holds up other VMs.
+//! - The store is written before a side effect can outlive a crash and
+//!   after each step, so a restarted metald finds every VMM it started.
+
+mod admission;
+mod ops;
+mod recovery;
+mod supervision;
+mod wiring;
+
+pub use recovery::{ReconcileReport, RecoveryReport};
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{info, warn};
+
+use crate::assets::{AssetPolicy, Resolved};
+use crate::error::{Error, Result};
+use crate::locks::{VmLock, VmLocks};
+use crate::net;
+use crate::ports::{
+    BootError, GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, UsageSource,
+    VmPage, VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
+};
+use crate::redact::{error_id, scrub};
+use crate::state::{self, Op, Outcome, VmState};
+use crate::vm::{CustomerId, VmId, VmSpec};
+
+/// Page size when a ListVms request gives none.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Largest page ListVms returns; larger requests are reduced to it.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// How long a read waits for a VM's lock before answering from the row as
+/// it stands (an operation may hold the lock for a whole graceful shutdown).
+const READ_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// Tunables of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// How long a graceful shutdown waits for the guest before killing it,
+    /// when the request gives no `timeout_seconds`.
+    pub default_shutdown_timeout: Duration,
+    /// Which host files a customer's VM may use. The default allows none.
+    pub assets: AssetPolicy,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            default_shutdown_timeout: Duration::from_secs(30),
+            assets: AssetPolicy::default(),
+        }
+    }
+}
+
+/// A VM as GetVmInfo shows it.
+#[derive(Debug, Clone)]
+pub struct VmDetails {
+    pub record: VmRecord,
+    pub backend_info: BTreeMap<String, String>,
+    /// The latest measured usage, while a VMM runs and is metered.
+    pub usage: Option<VmUsage>,
+}
+
+/// The VM lifecycle service. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct VmService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    vmm: Arc<dyn Vmm>,
+    config: ServiceConfig,
+    locks: Arc<VmLocks>,
+    /// Held from a create's check of its disks against the customer's other
+    /// VMs until its row is stored, so two creates can never both attach
+    /// one file where either writes it.
+    disk_claims: tokio::sync::Mutex<()>,
+    /// What the previous reconcile pass found unclaimed (its age guard).
+    suspects: Mutex<HashSet<String>>,
+    /// Host networking, when enabled.
+    network: Option<Arc<dyn Network>>,
+    /// Latest measured usage per VM, for GetVmInfo.
+    usage: Option<Arc<dyn UsageSource>>,
+    /// Told about every stored change (billing).
+    observers: Vec<Arc<dyn Observer>>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn store_err(e: StoreError) -> Error {
+    Error::Store(e.to_string())
+}
+
+/// A configuration the VMM refused is the request's problem
+/// (`failed_precondition`, with the VMM's reason, cleaned of metald's own
+/// paths); anything else is metald's (`internal`). Either way the whole
+/// story goes to the log under an error id, and the returned error also
+/// serves as the VM's `last_error`.
+fn boot_err(id: &VmId, e: BootError, resolved: &Resolved, client: &VmSpec) -> Error {
+    let eid = error_id();
+    warn!(vm_id = %id, error_id = %eid, error = %e, "the VMM did not start the guest");
+    match e {
+        BootError::Refused(reason) => Error::FailedPrecondition(format!(
+            "the VMM refused the configuration: {} (error id {eid})",
+            scrub(&reason, resolved, client)
+        )),
+        BootError::Failed(_) => {
+            Error::Backend(format!("the VMM could not be started (error id {eid})"))
+        }
+    }
+}
+
+impl VmService {
+    /// Builds the service over a store and a backend.
+    pub fn new(store: Arc<dyn Store>, vmm: Arc<dyn Vmm>, config: ServiceConfig) -> Self {
+        VmService {
+            inner: Arc::new(Inner {
+                store,
+                vmm,
+                config,
+                locks: Arc::default(),
+                disk_claims: tokio::sync::Mutex::new(()),
+                suspects: Mutex::new(HashSet::new()),
+                network: None,
+                usage: None,
+                observers: Vec::new(),
+            }),
+        }
+    }
+
+    /// Builds the service with observers told about every stored change.
+    pub fn with_observers(
+        store: Arc<dyn Store>,
+        vmm: Arc<dyn Vmm>,
+        config: ServiceConfig,
+        observers: Vec<Arc<dyn Observer>>,
+    ) -> Self {
+        let svc = Self::new(store, vmm, config);
+        let mut inner = Arc::into_inner(svc.inner).expect("just built, not shared");
+        inner.observers = observers;
+        VmService {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Gives the service host networking (before it is cloned or used).
+    pub fn with_network(self, network: Arc<dyn Network>) -> Self {
+        let mut inner =
+            Arc::into_inner(self.inner).expect("with_network before the service is shared");
+        inner.network = Some(network);
+        VmService {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Gives the service a source of measured usage for GetVmInfo.
+    pub fn with_usage(self, usage: Arc<dyn UsageSource>) -> Self {
+        let mut inner =
+            Arc::into_inner(self.inner).expect("with_usage before the service is shared");
+        inner.usage = Some(usage);
+        VmService {
+            inner: Arc::new(inner),
+        }
+    }
+
+    fn changed(&self, vm: &VmRecord) {
+        for o in &self.inner.observers {
+            o.vm_changed(vm);
+        }
+    }
+
+    fn removed(&self, id: &VmId) {
+        for o in &self.inner.observers {
+            o.vm_removed(id);
+        }
+    }
+
+    /// The backend's name, for logs and health output.
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.vmm.name()
+    }
+
+    /// Waits for the lock of the VM keyed `id` (see [`crate::locks`]).
+    fn lock(&self, id: &VmId) -> impl Future<Output = VmLock> + Send + 'static {
+        self.inner.locks.lock(id)
+    }
+
+    /// The lock of the VM keyed `id` if no operation holds it.
+    fn try_lock(&self, id: &VmId) -> Option<VmLock> {
+        self.inner.locks.try_lock(id)
+    }
+
+    /// For the service's tests: claims the lock of the VM keyed `key` at
+    /// once, as an operation does, and resolves when it holds it.
+    #[doc(hidden)]
+    pub fn lock_vm(&self, key: &VmId) -> impl Future<Output = VmLock> + Send + 'static {
+        self.lock(key)
+    }
+
+    /// For the service's tests: how many VM locks are kept.
+    #[doc(hidden)]
+    pub fn lock_entries(&self) -> usize {
+        self.inner.locks.len()
+    }
+
+    /// The caller's VM called `name`, or not-found (also when another
+    /// customer has a VM of that name: the answers are identical).
+    async fn owned(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
+        match self
+            .inner
+            .store
+            .find(caller, name)
+            .await
+            .map_err(store_err)?
+        {
+            Some(vm) => Ok(vm),
+            None => Err(Error::NotFound(name.to_string())),
+        }
+    }
+
+    /// Finds the caller's VM `name`, takes its lock, and loads it again
+    /// under the lock (brought up to date with its VMM process), so the row
+    /// is the one the lock guards: a VM deleted and re-created under the
+    /// same name meanwhile has a new key and answers as the new VM or not
+    /// at all.
+    async fn lock_owned(&self, caller: &CustomerId, name: &VmId) -> Result<(VmLock, VmRecord)> {
+        let key = self.owned(caller, name).await?.id;
+        let guard = self.lock(&key).await;
+        let mut vm = match self.inner.store.get(&key).await.map_err(store_err)? {
+            Some(vm) if &vm.customer == caller && &vm.name == name => vm,
+            _ => return Err(Error::NotFound(name.to_string())),
+        };
+        self.refresh(&mut vm).await?;
+        Ok((guard, vm))
+    }
+
+    fn check(vm: &VmRecord, op: Op) -> Result<Outcome> {
+        state::next(vm.state, op).ok_or(Error::IllegalTransition {
+            vm_id: vm.name.to_string(),
+            op: op.verb(),
+            state: vm.state,
+        })
+    }
+
+    /// The last write of an operation: the outcome, with nothing pending.
+    async fn save(
+        &self,
+        vm: &mut VmRecord,
+        state: VmState,
+        runtime: Option<VmmRuntime>,
+        error: Option<String>,
+    ) -> Result<()> {
+        vm.state = state;
+        vm.runtime = runtime;
+        vm.last_error = error;
+        vm.pending = None;
+        vm.modified_at = now();
+        self.inner.store.update(vm).await.map_err(store_err)?;
+        self.changed(vm);
+        Ok(())
+    }
+
+    /// The first write of a multi-step operation, before any side effect.
+    async fn mark_pending(&self, vm: &mut VmRecord, op: Pending) -> Result<()> {
+        vm.pending = Some(op);
+        vm.modified_at = now();
+        self.inner.store.update(vm).await.map_err(store_err)
+    }
+}

@@ -1,0 +1,328 @@
+//! The use cases behind the RPCs: create, boot, pause, resume, reboot, shutdown, delete, get, list.
+
+use super::*;
+
+impl VmService {
+    /// Records a new VM in state `Created`. No process is started until
+    /// Boot, so a created VM costs nothing but its row.
+    pub async fn create(
+        &self,
+        caller: &CustomerId,
+        requested_id: Option<VmId>,
+        request_customer: &str,
+        spec: VmSpec,
+    ) -> Result<VmRecord> {
+        if !request_customer.is_empty() && request_customer != caller.as_str() {
+            return Err(Error::invalid(
+                "customer_id",
+                "must be empty or match the authenticated customer",
+            ));
+        }
+        if !spec.nics.is_empty() && self.inner.network.is_none() {
+            return Err(Error::Unimplemented(
+                "config.network: networking is disabled on this host (UNKEY_METALD_NETWORK_ENABLED=false)".into(),
+            ));
+        }
+        let resolved = self.resolve(caller, &spec).await?;
+        let name = requested_id.unwrap_or_else(VmId::generate);
+        let id = VmId::host_key(&name);
+        let t = now();
+        let has_network = !spec.nics.is_empty();
+        let mut vm = VmRecord {
+            id: id.clone(),
+            name: name.clone(),
+            customer: caller.clone(),
+            spec,
+            state: VmState::Created,
+            runtime: None,
+            last_error: None,
+            pending: has_network.then_some(Pending::Create),
+            created_at: t,
+            modified_at: t,
+        };
+        // The lock keeps the reconciler off the VM while it is wired.
+        let _guard = self.lock(&id).await;
+        {
+            let _claims = self.inner.disk_claims.lock().await;
+            self.check_disk_claims(caller, &resolved).await?;
+            match self.inner.store.insert(&vm).await {
+                Ok(()) => {}
+                Err(StoreError::AlreadyExists) => {
+                    return Err(Error::AlreadyExists(name.to_string()));
+                }
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+        if has_network {
+            if let Err(e) = self.wire(&mut vm).await {
+                warn!(vm_id = %id, error = %e, "create failed; rolling back");
+                if let Err(undo) = self.unwire(&id, vm.spec.nics.len()).await {
+                    warn!(vm_id = %id, error = %undo, "rollback of the network failed; the reconciler retries");
+                    return Err(e);
+                }
+                self.inner.store.remove(&id).await.map_err(store_err)?;
+                return Err(e);
+            }
+            let state = vm.state;
+            self.save(&mut vm, state, None, None).await?;
+        }
+        info!(vm_id = %id, name = %name, customer = %caller, "vm created");
+        Ok(vm)
+    }
+
+    /// Starts a VMM for the VM and lets the guest run. The row is marked
+    /// `pending boot` first, so a crash mid-way is rolled back on restart.
+    pub async fn boot(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
+        let (_guard, mut vm) = self.lock_owned(caller, name).await?;
+        let id = &vm.id.clone();
+        Self::check(&vm, Op::Boot)?;
+        let resolved = self.resolve(caller, &vm.spec).await?;
+        self.mark_pending(&mut vm, Pending::Boot).await?;
+        let vmm = &self.inner.vmm;
+        // No process may exist in Created/Shutdown/Failed; clear anything a
+        // crash could have left before starting a fresh one.
+        let started = match vmm.destroy(id, vm.runtime.as_ref()).await {
+            Ok(()) => vmm.boot(id, &resolved.spec).await,
+            Err(e) => Err(BootError::Failed(e)),
+        };
+        match started {
+            Ok(rt) => {
+                self.save(&mut vm, VmState::Running, Some(rt.clone()), None)
+                    .await?;
+                self.watch(id.clone(), rt);
+                info!(vm_id = %id, "vm booted");
+                Ok(vm)
+            }
+            Err(e) => {
+                let e = boot_err(id, e, &resolved, &vm.spec);
+                let state = vm.state;
+                self.save(&mut vm, state, None, Some(format!("boot failed: {e}")))
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the guest's vCPUs.
+    pub async fn pause(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
+        self.simple(caller, id, Op::Pause).await
+    }
+
+    /// Lets a paused guest run again.
+    pub async fn resume(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
+        self.simple(caller, id, Op::Resume).await
+    }
+
+    /// Resets the guest.
+    pub async fn reboot(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
+        self.simple(caller, id, Op::Reboot).await
+    }
+
+    /// Pause, resume and reboot: one VMM call on a live process. Nothing is
+    /// marked pending: after a crash, adoption reads the guest's state from
+    /// the VMM itself.
+    pub(super) async fn simple(
+        &self,
+        caller: &CustomerId,
+        name: &VmId,
+        op: Op,
+    ) -> Result<VmRecord> {
+        let (_guard, mut vm) = self.lock_owned(caller, name).await?;
+        let id = &vm.id.clone();
+        let Outcome::To(to) = Self::check(&vm, op)? else {
+            unreachable!("pause, resume and reboot never delete");
+        };
+        let rt = vm
+            .runtime
+            .clone()
+            .ok_or_else(|| Error::Backend("no VMM process recorded".into()))?;
+        let vmm = &self.inner.vmm;
+        let new_rt = match op {
+            Op::Pause => vmm
+                .pause(&rt)
+                .await
+                .map(|()| rt.clone())
+                .map_err(Error::Backend),
+            Op::Resume => vmm
+                .resume(&rt)
+                .await
+                .map(|()| rt.clone())
+                .map_err(Error::Backend),
+            Op::Reboot => {
+                // Some backends respawn the VMM to reboot: the files are
+                // checked again like at every spawn.
+                let resolved = self.resolve(caller, &vm.spec).await?;
+                vmm.reboot(id, &resolved.spec, &rt)
+                    .await
+                    .map_err(|e| boot_err(id, e, &resolved, &vm.spec))
+            }
+            _ => unreachable!("only pause, resume and reboot come here"),
+        };
+        let new_rt = match new_rt {
+            Ok(rt) => rt,
+            Err(e) => {
+                // The VMM may have died under the request: report that
+                // rather than a bare backend error.
+                self.refresh(&mut vm).await?;
+                if !vm.state.has_process() {
+                    return Err(Self::check(&vm, op).err().unwrap_or(e));
+                }
+                return Err(e);
+            }
+        };
+        self.save(&mut vm, to, Some(new_rt.clone()), None).await?;
+        if new_rt != rt {
+            self.watch(id.clone(), new_rt);
+        }
+        Ok(vm)
+    }
+
+    /// Stops the guest; afterwards no VMM process exists.
+    pub async fn shutdown(
+        &self,
+        caller: &CustomerId,
+        id: &VmId,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> Result<VmRecord> {
+        let (_guard, mut vm) = self.lock_owned(caller, id).await?;
+        Self::check(&vm, Op::Shutdown)?;
+        let mode = if force {
+            StopMode::Force
+        } else {
+            StopMode::Graceful(timeout.unwrap_or(self.inner.config.default_shutdown_timeout))
+        };
+        self.stop_locked(&mut vm, mode).await?;
+        info!(vm_id = %vm.id, ?mode, "vm shut down");
+        Ok(vm)
+    }
+
+    /// Stops a VM's VMM and records `Shutdown`; the caller holds its lock.
+    pub(super) async fn stop_locked(&self, vm: &mut VmRecord, mode: StopMode) -> Result<()> {
+        self.mark_pending(vm, Pending::Shutdown).await?;
+        if let Some(rt) = vm.runtime.clone()
+            && let Err(e) = self.inner.vmm.shutdown(&rt, mode).await
+        {
+            let eid = error_id();
+            warn!(vm_id = %vm.id, error_id = %eid, error = %e, "shutdown failed");
+            let state = vm.state;
+            let runtime = vm.runtime.clone();
+            let why = format!("shutdown failed (error id {eid})");
+            self.save(vm, state, runtime, Some(why)).await?;
+            return Err(Error::Backend(e));
+        }
+        // The VMM is gone: free what the backend kept for it (metrics
+        // reader, cgroups, exit bookkeeping), as after an exit on its own.
+        if let Some(rt) = &vm.runtime {
+            self.inner.vmm.release(&vm.id, rt).await;
+        }
+        self.save(vm, VmState::Shutdown, None, None).await
+    }
+
+    /// Removes the VM: stops its VMM (gracefully unless `force`), removes
+    /// every file, then the row. The row is marked `pending delete` first,
+    /// so a crash mid-way is finished on restart; a failure answers an
+    /// error and leaves the VM as it was, for a retry.
+    pub async fn delete(&self, caller: &CustomerId, name: &VmId, force: bool) -> Result<()> {
+        let (guard, mut vm) = self.lock_owned(caller, name).await?;
+        let id = &vm.id.clone();
+        Self::check(&vm, Op::Delete)?;
+        self.mark_pending(&mut vm, Pending::Delete).await?;
+        if let (Some(rt), false) = (&vm.runtime, force) {
+            let mode = StopMode::Graceful(self.inner.config.default_shutdown_timeout);
+            if let Err(e) = self.inner.vmm.shutdown(rt, mode).await {
+                warn!(vm_id = %id, error = %e, "graceful stop before delete failed; killing");
+            }
+        }
+        let destroyed = match self.inner.vmm.destroy(id, vm.runtime.as_ref()).await {
+            Ok(()) => self.unwire(id, vm.spec.nics.len()).await,
+            Err(e) => Err(Error::Backend(e)),
+        };
+        if let Err(e) = destroyed {
+            let eid = error_id();
+            warn!(vm_id = %id, error_id = %eid, error = %e, "delete failed");
+            let (state, runtime) = (vm.state, vm.runtime.clone());
+            let why = format!("delete failed (error id {eid})");
+            self.save(&mut vm, state, runtime, Some(why)).await?;
+            return Err(e);
+        }
+        self.inner.store.remove(id).await.map_err(store_err)?;
+        self.removed(id);
+        // The lock's entry goes with its last user (a waiter keeps it).
+        drop(guard);
+        info!(vm_id = %id, "vm deleted");
+        Ok(())
+    }
+
+    /// One VM with what the backend says about it. A VMM found dead is
+    /// recorded before answering, so the state is never stale.
+    pub async fn get(&self, caller: &CustomerId, name: &VmId) -> Result<VmDetails> {
+        let mut record = self.owned(caller, name).await?;
+        self.refresh_if_idle(&mut record).await;
+        let id = &record.id.clone();
+        let mut backend_info = self.inner.vmm.describe(id, record.runtime.as_ref()).await;
+        // The host-wide key the VM's files, processes and metald's logs are
+        // named by, for correlating a customer's report with the host.
+        backend_info.insert("vm_key".into(), id.to_string());
+        if let Some(err) = &record.last_error {
+            backend_info.insert("last_error".into(), err.clone());
+        }
+        if let Some(p) = record.pending {
+            backend_info.insert("pending_operation".into(), p.as_str().into());
+        }
+        let mut usage = match (&self.inner.usage, record.state.has_process()) {
+            (Some(u), true) => u.usage(id),
+            _ => None,
+        };
+        // The VMM's own device counters are exact where it keeps them.
+        if let Some(rt) = record
+            .runtime
+            .as_ref()
+            .filter(|_| record.state.has_process())
+            && let Some(c) = self.inner.vmm.counters(id, rt).await
+        {
+            let u = usage.get_or_insert_with(VmUsage::default);
+            u.disk_read_bytes = c.disk_read_bytes as i64;
+            u.disk_write_bytes = c.disk_write_bytes as i64;
+            u.net_rx_bytes = c.net_rx_bytes as i64;
+            u.net_tx_bytes = c.net_tx_bytes as i64;
+            backend_info.insert("device_counters".into(), "vmm".into());
+        }
+        Ok(VmDetails {
+            record,
+            backend_info,
+            usage,
+        })
+    }
+
+    /// A page of the caller's VMs. `page_size` 0 means the default; sizes
+    /// above [`MAX_PAGE_SIZE`] are reduced to it.
+    pub async fn list(
+        &self,
+        caller: &CustomerId,
+        states: &[VmState],
+        page_size: i32,
+        cursor: Option<i64>,
+    ) -> Result<VmPage> {
+        if page_size < 0 {
+            return Err(Error::invalid(
+                "page_size",
+                format!("must not be negative, got {page_size}"),
+            ));
+        }
+        let limit = match page_size as u32 {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let mut page = self
+            .inner
+            .store
+            .list(caller, states, cursor, limit)
+            .await
+            .map_err(store_err)?;
+        for vm in &mut page.vms {
+            self.refresh_if_idle(vm).await;
+        }
+        Ok(page)
+    }
+}

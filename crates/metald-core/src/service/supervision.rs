@@ -1,0 +1,106 @@
+//! Watching VMM processes: exits noticed at once, and reads that never report a dead VMM as running.
+
+use super::*;
+
+impl VmService {
+    /// Records the exit of a VM's VMM if the process is gone (the caller
+    /// holds the VM's lock). The exit watcher normally does this at once;
+    /// this closes the gap between the exit and the watcher's write.
+    pub(super) async fn refresh(&self, vm: &mut VmRecord) -> Result<()> {
+        if !vm.state.has_process() {
+            return Ok(());
+        }
+        let unknown = VmmExit {
+            code: None,
+            signal: None,
+        };
+        let exit = match &vm.runtime {
+            Some(rt) if self.inner.vmm.is_alive(rt) => return Ok(()),
+            // Dead: the status is known at once for metald's own children.
+            Some(rt) => tokio::time::timeout(Duration::from_secs(1), self.inner.vmm.wait_exit(rt))
+                .await
+                .unwrap_or(unknown),
+            None => unknown,
+        };
+        self.record_exit(vm, exit).await
+    }
+
+    /// [`Self::refresh`] for readers. When the VM's lock is held (the exit
+    /// watcher recording this very exit, or an operation that will write
+    /// its own outcome), waits a bounded time for it and rereads the row,
+    /// so a reader never reports a dead VMM as running just because it
+    /// arrived while the exit was being written.
+    pub(super) async fn refresh_if_idle(&self, vm: &mut VmRecord) {
+        let stale = vm.state.has_process()
+            && !vm
+                .runtime
+                .as_ref()
+                .is_some_and(|rt| self.inner.vmm.is_alive(rt));
+        if !stale {
+            return;
+        }
+        let Ok(_guard) = tokio::time::timeout(READ_LOCK_WAIT, self.lock(&vm.id)).await else {
+            return;
+        };
+        match self.inner.store.get(&vm.id).await {
+            Ok(Some(mut fresh)) => {
+                if let Err(e) = self.refresh(&mut fresh).await {
+                    warn!(vm_id = %vm.id, error = %e, "cannot record VMM exit");
+                }
+                *vm = fresh;
+            }
+            Ok(None) => {}
+            Err(e) => warn!(vm_id = %vm.id, error = %e, "cannot reload vm"),
+        }
+    }
+
+    /// Moves a VM whose VMM exited on its own to `Failed` (or `Shutdown`
+    /// after a clean guest power-off), with the reason, and releases what
+    /// the VMM left behind.
+    pub(super) async fn record_exit(&self, vm: &mut VmRecord, exit: VmmExit) -> Result<()> {
+        let op = if exit.is_clean() {
+            Op::PoweredOff
+        } else {
+            Op::Crashed
+        };
+        let Some(Outcome::To(to)) = state::next(vm.state, op) else {
+            return Ok(());
+        };
+        let reason = format!("VMM {}", exit.describe());
+        warn!(vm_id = %vm.id, %reason, state = %to, "VMM exited without being asked");
+        if let Some(rt) = &vm.runtime {
+            self.inner.vmm.release(&vm.id, rt).await;
+        }
+        self.save(vm, to, None, Some(reason)).await
+    }
+
+    /// Watches a VMM process and records an exit metald did not ask for.
+    pub(super) fn watch(&self, id: VmId, rt: VmmRuntime) {
+        let svc = self.clone();
+        let exited = self.inner.vmm.wait_exit(&rt);
+        tokio::spawn(async move {
+            let exit = exited.await;
+            svc.on_exit(&id, &rt, exit).await;
+        });
+    }
+
+    pub(super) async fn on_exit(&self, id: &VmId, rt: &VmmRuntime, exit: VmmExit) {
+        let _guard = self.lock(id).await;
+        let mut vm = match self.inner.store.get(id).await {
+            Ok(Some(vm)) => vm,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(vm_id = %id, error = %e, "cannot load vm after its VMM exited");
+                return;
+            }
+        };
+        // An exit metald caused (shutdown, delete, reboot by restart) has
+        // already replaced or cleared the runtime.
+        if vm.runtime.as_ref() != Some(rt) || !vm.state.has_process() {
+            return;
+        }
+        if let Err(e) = self.record_exit(&mut vm, exit).await {
+            warn!(vm_id = %id, error = %e, "cannot record VMM exit");
+        }
+    }
+}
