@@ -45,6 +45,10 @@ impl SampleRow {
     }
 }
 
+/// Notices waiting beyond which a VM's new gap widens its latest waiting
+/// gap instead of adding a row.
+pub const MAX_OUTBOX: i64 = 100_000;
+
 /// Where a VM's sample stream stands.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct MeterRow {
@@ -79,6 +83,7 @@ pub struct EventRow {
 #[derive(Clone)]
 pub struct Spool {
     pool: SqlitePool,
+    max_outbox: i64,
 }
 
 type R<T> = Result<T, String>;
@@ -105,7 +110,16 @@ impl Spool {
             .run(&pool)
             .await
             .map_err(|err| format!("migrating {}: {err}", path.display()))?;
-        Ok(Spool { pool })
+        Ok(Spool {
+            pool,
+            max_outbox: MAX_OUTBOX,
+        })
+    }
+
+    /// The same spool with another outbox bound (for tests).
+    pub fn with_max_outbox(mut self, n: i64) -> Self {
+        self.max_outbox = n;
+        self
     }
 
     /// Writes samples and meter positions in one transaction (one fsync).
@@ -161,7 +175,10 @@ impl Spool {
         .map_err(e("reading meters"))
     }
 
-    /// Queues a notification (durably, at once).
+    /// Queues a notification (durably, at once). While the billing service
+    /// is away, notices pile up; past [`MAX_OUTBOX`] notices a gap is merged into the
+    /// VM's latest waiting gap (one wider gap, nothing dropped), so the
+    /// outbox stays bounded by the VMs rather than by the outage's length.
     pub async fn push_event(
         &self,
         kind: &str,
@@ -171,6 +188,27 @@ impl Spool {
         t1: i64,
         t2: i64,
     ) -> R<()> {
+        if kind == "gap" {
+            let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e("counting notifications"))?;
+            if waiting >= self.max_outbox {
+                let merged = sqlx::query(
+                    "UPDATE outbox SET t1 = MIN(t1, $2), t2 = MAX(t2, $3) WHERE id = \
+                     (SELECT MAX(id) FROM outbox WHERE kind = 'gap' AND vm_id = $1)",
+                )
+                .bind(vm_id)
+                .bind(t1)
+                .bind(t2)
+                .execute(&self.pool)
+                .await
+                .map_err(e("merging a gap"))?;
+                if merged.rows_affected() > 0 {
+                    return Ok(());
+                }
+            }
+        }
         sqlx::query(
             "INSERT INTO outbox (kind, vm_id, vm_name, customer_id, t1, t2) VALUES ($1, $2, $3, $4, $5, $6)",
         )

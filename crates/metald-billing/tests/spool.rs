@@ -51,3 +51,49 @@ async fn a_removed_vms_meter_goes_once_its_samples_and_notices_are_delivered() {
         "a stopped VM keeps its stream position"
     );
 }
+
+#[tokio::test]
+async fn past_the_outbox_bound_a_vms_gaps_widen_instead_of_piling_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("billing.db"))
+        .await
+        .unwrap()
+        .with_max_outbox(3);
+    spool
+        .push_event("started", "a-1", "a", "acme", 1, 0)
+        .await
+        .unwrap();
+    for (from, to) in [(10, 20), (30, 40)] {
+        spool
+            .push_event("gap", "a-1", "a", "acme", from, to)
+            .await
+            .unwrap();
+    }
+    // At the bound: more gaps of a-1 widen its latest one.
+    for (from, to) in [(50, 60), (70, 80)] {
+        spool
+            .push_event("gap", "a-1", "a", "acme", from, to)
+            .await
+            .unwrap();
+    }
+    // A VM with no waiting gap still gets its own row.
+    spool
+        .push_event("gap", "b-1", "b", "acme", 5, 6)
+        .await
+        .unwrap();
+    let evs = spool.events().await.unwrap();
+    let gaps: Vec<(String, i64, i64)> = evs
+        .iter()
+        .filter(|e| e.kind == "gap")
+        .map(|e| (e.vm_id.clone(), e.t1, e.t2))
+        .collect();
+    assert_eq!(
+        gaps,
+        vec![
+            ("a-1".to_owned(), 10, 20),
+            ("a-1".to_owned(), 30, 80),
+            ("b-1".to_owned(), 5, 6)
+        ],
+        "nothing dropped: the latest gap covers every later one"
+    );
+}
