@@ -407,7 +407,7 @@ impl Vmm for CloudHypervisorBackend {
 }
 
 /// Totals over every device of `vm.counters`.
-fn sum_counters(all: &api::Counters) -> DeviceCounters {
+pub fn sum_counters(all: &api::Counters) -> DeviceCounters {
     let mut c = DeviceCounters::default();
     let sum = |k: &str| all.values().filter_map(|d| d.get(k)).sum::<u64>();
     c.disk_read_bytes = sum("read_bytes");
