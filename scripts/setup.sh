@@ -14,6 +14,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v python3 >/dev/null || need+=(python3)
 command -v cc >/dev/null || need+=(gcc)
+# libfuzzer-sys (the fuzz targets) compiles libFuzzer's C++.
+command -v c++ >/dev/null || need+=(g++)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -31,4 +33,12 @@ if ! command -v cargo >/dev/null; then
     echo "setup: no Rust toolchain (cargo) found; install Rust 1.88 or newer" >&2
     exit 1
   fi
+fi
+
+# cargo-fuzz drives the fuzz targets under fuzz/ (scripts/fuzz.sh; the test
+# suite runs them briefly). Pinned so every machine fuzzes the same way.
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+  echo "setup: installing cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --quiet
 fi

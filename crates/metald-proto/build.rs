@@ -14,6 +14,8 @@ fn main() {
     for file in FILES {
         println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
     }
+    // Read by connectrpc-build's code generator.
+    println!("cargo:rerun-if-env-changed=BUFFA_ELEMENT_MEMORY_LIMIT");
 
     let descriptor = protox::Compiler::new([&proto_root])
         .expect("proto include path")
@@ -30,6 +32,11 @@ fn main() {
         .files(FILES)
         .emit_descriptor_set("metald_descriptor.bin")
         .include_file("_connectrpc.rs")
+        // The descriptor set is written above, by this script: named as an
+        // input it is always newer than the last run, so cargo would rerun
+        // the script and rebuild every crate above this one on every build.
+        // The .proto files printed above are the real inputs.
+        .emit_rerun_directives(false)
         .compile()
         .unwrap_or_else(|e| panic!("generating code: {e:#}"));
 }

@@ -2,6 +2,8 @@
 //! `metald_core::vm`; this module only moves fields, so every entry point
 //! shares the same rules.
 
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use metald_core::net::NicInput;
@@ -52,6 +54,23 @@ pub fn optional_vm_id(raw: &str) -> Result<Option<VmId>, Error> {
         Ok(None)
     } else {
         vm_id(raw).map(Some)
+    }
+}
+
+/// Longest graceful-shutdown timeout a request may ask for.
+pub const MAX_SHUTDOWN_TIMEOUT_SECS: i32 = 3600;
+
+/// ShutdownVm's `timeout_seconds`: 0 means the backend's default.
+pub fn shutdown_timeout(secs: i32) -> Result<Option<Duration>, Error> {
+    match secs {
+        0 => Ok(None),
+        t if (1..=MAX_SHUTDOWN_TIMEOUT_SECS).contains(&t) => {
+            Ok(Some(Duration::from_secs(t as u64)))
+        }
+        t => Err(Error::invalid(
+            "timeout_seconds",
+            format!("must be between 0 (default) and {MAX_SHUTDOWN_TIMEOUT_SECS}, got {t}"),
+        )),
     }
 }
 

@@ -7,7 +7,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::routing::get;
 use connectrpc::{
@@ -24,8 +23,6 @@ use crate::auth::{AuthInterceptor, Authenticator, caller};
 use crate::convert;
 use crate::status::to_connect;
 
-/// Longest graceful-shutdown timeout a request may ask for.
-const MAX_SHUTDOWN_TIMEOUT_SECS: i32 = 3600;
 /// Largest request body accepted; VM configs are small.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
 
@@ -109,18 +106,7 @@ impl pb::VmService for VmApi {
         let who = caller(&ctx)?;
         let req = req.to_owned_message();
         let id = convert::vm_id(&req.vm_id).or_else(fail)?;
-        let timeout = match req.timeout_seconds {
-            0 => None,
-            t if (1..=MAX_SHUTDOWN_TIMEOUT_SECS).contains(&t) => {
-                Some(Duration::from_secs(t as u64))
-            }
-            t => {
-                return fail(Error::invalid(
-                    "timeout_seconds",
-                    format!("must be between 0 (default) and {MAX_SHUTDOWN_TIMEOUT_SECS}, got {t}"),
-                ));
-            }
-        };
+        let timeout = convert::shutdown_timeout(req.timeout_seconds).or_else(fail)?;
         let vm = self
             .svc
             .shutdown(&who, &id, req.force, timeout)
@@ -225,6 +211,11 @@ impl pb::VmService for VmApi {
     }
 }
 
+/// The request limits the API port applies (body size, decode budgets).
+pub fn limits() -> connectrpc::Limits {
+    connectrpc::Limits::default().with_max_request_body_size(MAX_REQUEST_BYTES)
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then stops
 /// accepting and finishes in-flight requests.
 pub async fn serve(
@@ -241,7 +232,7 @@ pub async fn serve(
     .map_err(|e| std::io::Error::other(format!("reflection descriptors: {e}")))?;
     let router = connectrpc_reflection::install(router, reflector);
     let connect = ConnectRpcService::new(router)
-        .with_limits(connectrpc::Limits::default().with_max_request_body_size(MAX_REQUEST_BYTES))
+        .with_limits(limits())
         .with_interceptor(AuthInterceptor(api.auth));
     let app = axum::Router::new()
         .route("/health", get(move || async move { health_body(backend) }))

@@ -111,11 +111,17 @@ pub enum ApiError {
 }
 
 /// Cloud Hypervisor's error body: the chain of error messages.
-fn reason(body: &[u8]) -> String {
+pub fn reason(body: &[u8]) -> String {
     match serde_json::from_slice::<Vec<String>>(body) {
         Ok(chain) if !chain.is_empty() => chain.join(": "),
         _ => String::from_utf8_lossy(body).trim().to_owned(),
     }
+}
+
+/// The answer `body` of a successful `GET /api/v1/<call>`.
+pub fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::Call(format!("{call}: unreadable answer: {e}")))
 }
 
 /// A Cloud Hypervisor API socket.
@@ -171,8 +177,7 @@ impl<'a> Client<'a> {
     /// `GET /api/v1/<call>`, decoded.
     pub async fn get<T: DeserializeOwned>(&self, call: &str) -> Result<T, ApiError> {
         let body = self.send(Method::GET, call, None).await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::Call(format!("{call}: unreadable answer: {e}")))
+        decode(call, &body)
     }
 
     pub async fn info(&self) -> Result<VmInfo, ApiError> {

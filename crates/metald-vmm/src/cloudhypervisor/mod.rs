@@ -452,9 +452,14 @@ impl Vmm for CloudHypervisorBackend {
 }
 
 /// Totals over every device of `vm.counters`.
-fn sum_counters(all: &api::Counters) -> DeviceCounters {
+pub fn sum_counters(all: &api::Counters) -> DeviceCounters {
     let mut c = DeviceCounters::default();
-    let sum = |k: &str| all.values().filter_map(|d| d.get(k)).sum::<u64>();
+    // A total stops at u64::MAX rather than wrapping (or panicking).
+    let sum = |k: &str| {
+        all.values()
+            .filter_map(|d| d.get(k))
+            .fold(0u64, |t, v| t.saturating_add(*v))
+    };
     c.disk_read_bytes = sum("read_bytes");
     c.disk_write_bytes = sum("write_bytes");
     c.net_rx_bytes = sum("rx_bytes");
@@ -505,6 +510,15 @@ mod tests {
         // can be trimmed under it; File mode would write at its own offset.
         assert_eq!((c.serial.mode.as_str(), c.serial.file), ("Tty", None));
         assert_eq!(c.console.mode, "Off");
+    }
+
+    #[test]
+    fn counter_totals_stop_at_the_maximum_instead_of_wrapping() {
+        let text = r#"{"_disk0":{"read_bytes":18446744073709551615,"write_bytes":1},
+            "_disk1":{"read_bytes":2,"write_bytes":2}}"#;
+        let all: api::Counters = serde_json::from_str(text).unwrap();
+        let c = sum_counters(&all);
+        assert_eq!((c.disk_read_bytes, c.disk_write_bytes), (u64::MAX, 3));
     }
 
     #[test]

@@ -81,10 +81,12 @@ impl Totals {
         };
         {
             let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-            c.disk_read_bytes += line.block.read_bytes;
-            c.disk_write_bytes += line.block.write_bytes;
-            c.net_rx_bytes += line.net.rx_bytes_count;
-            c.net_tx_bytes += line.net.tx_bytes_count;
+            // Whatever holds the FIFO can write any number: a total stops at
+            // u64::MAX rather than wrapping to a small one.
+            c.disk_read_bytes = c.disk_read_bytes.saturating_add(line.block.read_bytes);
+            c.disk_write_bytes = c.disk_write_bytes.saturating_add(line.block.write_bytes);
+            c.net_rx_bytes = c.net_rx_bytes.saturating_add(line.net.rx_bytes_count);
+            c.net_tx_bytes = c.net_tx_bytes.saturating_add(line.net.tx_bytes_count);
         }
         *self.lines.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         self.changed.notify_waiters();
@@ -146,6 +148,25 @@ pub fn start(dir: &Path, rel: &Path) -> std::io::Result<Reader> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn totals_stop_at_the_maximum_instead_of_wrapping() {
+        // Totals wrapped here (and panicked in debug builds); the
+        // firecracker_metrics fuzz target checks they never decrease.
+        let totals = Totals::default();
+        totals.add(br#"{"block":{"read_bytes":18446744073709551615},"net":{"tx_bytes_count":5}}"#);
+        totals.add(br#"{"block":{"read_bytes":1},"net":{"tx_bytes_count":18446744073709551615}}"#);
+        assert_eq!(totals.lines(), 2);
+        assert_eq!(
+            totals.get(),
+            DeviceCounters {
+                disk_read_bytes: u64::MAX,
+                disk_write_bytes: 0,
+                net_rx_bytes: 0,
+                net_tx_bytes: u64::MAX,
+            }
+        );
+    }
 
     #[tokio::test]
     async fn sums_the_deltas_of_every_line_written_to_the_fifo() {

@@ -65,8 +65,7 @@ impl Qmp {
                 ));
             }
         }
-        serde_json::from_slice(&line)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        parse_message(&line)
     }
 
     /// Runs a command; returns its `return` value or QEMU's error text.
@@ -91,18 +90,34 @@ impl Qmp {
                 .read_message()
                 .await
                 .map_err(|e| format!("QMP {command}: {e}"))?;
-            if let Some(ret) = reply.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(err) = reply.get("error") {
-                let desc = err
-                    .get("desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error");
-                return Err(format!("QMP {command}: {}", crate::launch::redact(desc)));
+            if let Some(outcome) = outcome(command, &reply) {
+                return outcome;
             }
         }
     }
+}
+
+/// One line QEMU sent, as JSON.
+pub fn parse_message(line: &[u8]) -> std::io::Result<Value> {
+    serde_json::from_slice(line)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// What a message means for the command waiting on it: its `return` value,
+/// QEMU's error text, or `None` for anything else (an event) to skip.
+pub fn outcome(command: &str, reply: &Value) -> Option<Result<Value, String>> {
+    if let Some(ret) = reply.get("return") {
+        return Some(Ok(ret.clone()));
+    }
+    let err = reply.get("error")?;
+    let desc = err
+        .get("desc")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown error");
+    Some(Err(format!(
+        "QMP {command}: {}",
+        crate::launch::redact(desc)
+    )))
 }
 
 /// Connects, runs one command and disconnects, all within
@@ -127,6 +142,11 @@ pub async fn run(socket: &Path, command: &str, arguments: Option<Value>) -> Resu
 /// The guest's run state (`running`, `paused`, `shutdown`, ...).
 pub async fn status(socket: &Path) -> Result<String, String> {
     let ret = run(socket, "query-status", None).await?;
+    run_state(&ret)
+}
+
+/// The run state in a `query-status` answer.
+pub fn run_state(ret: &Value) -> Result<String, String> {
     ret.get("status")
         .and_then(Value::as_str)
         .map(str::to_owned)
