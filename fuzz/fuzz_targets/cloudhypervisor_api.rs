@@ -17,10 +17,13 @@ fuzz_target!(|data: &[u8]| {
         0 => {
             if let Ok(info) = api::decode::<VmInfo>("vm.info", body) {
                 // The state is the answer's `state` (serde also reads the
-                // fields of a struct from an array, in order).
-                let v: Value = serde_json::from_slice(body).expect("an accepted answer is JSON");
-                let state = if v.is_array() { &v[0] } else { &v["state"] };
-                assert_eq!(state.as_str(), Some(info.state.as_str()));
+                // fields of a struct from an array, in order). Fields metald
+                // skips are not checked, not even for UTF-8, so only a body
+                // that is JSON throughout is compared.
+                if let Ok(v) = serde_json::from_slice::<Value>(body) {
+                    let state = if v.is_array() { &v[0] } else { &v["state"] };
+                    assert_eq!(state.as_str(), Some(info.state.as_str()));
+                }
             }
         }
         1 => {
