@@ -346,6 +346,23 @@ mod tests {
     }
 
     #[test]
+    fn shutdown_timeouts_are_zero_or_up_to_an_hour() {
+        assert_eq!(shutdown_timeout(0).unwrap(), None);
+        assert_eq!(shutdown_timeout(1).unwrap(), Some(Duration::from_secs(1)));
+        assert_eq!(
+            shutdown_timeout(3600).unwrap(),
+            Some(Duration::from_secs(3600))
+        );
+        for bad in [-1, 3601, i32::MIN, i32::MAX] {
+            let e = shutdown_timeout(bad).unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidArgument { ref field, .. } if field == "timeout_seconds"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn config_sections_are_required_and_named() {
         let e = spec_from_pb(None).unwrap_err();
         assert!(matches!(e, Error::InvalidArgument { ref field, .. } if field == "config"));
