@@ -10,6 +10,7 @@ pub mod assets;
 pub mod error;
 mod locks;
 pub mod net;
+pub mod plan;
 pub mod ports;
 pub mod redact;
 pub mod service;

@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::net::{NicAttachment, NicSpec};
+use crate::plan::PlanRecord;
 use crate::state::VmState;
 use crate::vm::{CustomerId, VmId, VmSpec};
 
@@ -51,55 +52,14 @@ pub struct VmRecord {
     pub runtime: Option<VmmRuntime>,
     /// Why the VM last failed or stopped, for GetVmInfo.
     pub last_error: Option<String>,
-    /// A multi-step operation that has begun and not yet finished. Written
-    /// before its first side effect, cleared by its last write; a metald
-    /// that finds one on start-up finishes or rolls back the operation.
-    pub pending: Option<Pending>,
+    /// The plan in progress ([`crate::plan`]): written before its first
+    /// side effect, cleared by its last write; a metald that finds one
+    /// resumes it.
+    pub plan: Option<PlanRecord>,
     /// Unix seconds.
     pub created_at: i64,
     /// Unix seconds.
     pub modified_at: i64,
-}
-
-/// Lifecycle work in progress, as recorded in the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Pending {
-    /// The VM is being created (addresses leased, network attached).
-    /// Interrupted: rolled back (network detached, leases and row removed).
-    Create,
-    /// A VMM is being started. Interrupted: rolled back (any process
-    /// killed, files removed, state left as it was).
-    Boot,
-    /// The VMM is being stopped. Interrupted: finished (killed, state
-    /// `shutdown`).
-    Shutdown,
-    /// The VM is being removed. Interrupted: finished (killed, files and
-    /// row removed).
-    Delete,
-}
-
-impl Pending {
-    /// Stable name used in the store.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pending::Create => "create",
-            Pending::Boot => "boot",
-            Pending::Shutdown => "shutdown",
-            Pending::Delete => "delete",
-        }
-    }
-
-    /// Inverse of [`Pending::as_str`].
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Pending::Create,
-            Pending::Boot,
-            Pending::Shutdown,
-            Pending::Delete,
-        ]
-        .into_iter()
-        .find(|p| p.as_str() == s)
-    }
 }
 
 /// A page of a customer's VMs.
@@ -136,9 +96,13 @@ pub trait Store: Send + Sync + 'static {
         customer: &CustomerId,
         name: &VmId,
     ) -> Result<Option<VmRecord>, StoreError>;
-    /// Replaces spec, state, runtime, last error, pending operation and
-    /// modified time.
+    /// Replaces spec, state, runtime, last error, plan record and modified
+    /// time, durably (on disk when it returns).
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// Records how far the VM's plan got, without waiting for the disk: a
+    /// progress write lost to a power cut only makes a resumed plan check
+    /// a step that is done already.
+    async fn progress(&self, id: &VmId, plan: Option<PlanRecord>) -> Result<(), StoreError>;
     /// Removes the VM's row. Removing a missing row is not an error.
     async fn remove(&self, id: &VmId) -> Result<(), StoreError>;
     /// A customer's VMs in creation order, starting after `cursor`,

@@ -10,12 +10,16 @@
 //!   after each step, so a restarted metald finds every VMM it started.
 
 mod admission;
+mod executor;
 mod ops;
-mod recovery;
+mod reconcile;
+mod recover;
+mod steps;
 mod supervision;
 mod wiring;
 
-pub use recovery::{ReconcileReport, RecoveryReport};
+pub use reconcile::ReconcileReport;
+pub use recover::RecoveryReport;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -29,8 +33,8 @@ use crate::error::{Error, Result};
 use crate::locks::{VmLock, VmLocks};
 use crate::net;
 use crate::ports::{
-    BootError, GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, UsageSource,
-    VmPage, VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
+    BootError, GuestStatus, Network, Observer, StopMode, Store, StoreError, UsageSource, VmPage,
+    VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
 };
 use crate::redact::{error_id, scrub};
 use crate::state::{self, Op, Outcome, VmState};
@@ -96,6 +100,8 @@ struct Inner {
     usage: Option<Arc<dyn UsageSource>>,
     /// Told about every stored change (billing).
     observers: Vec<Arc<dyn Observer>>,
+    /// Where a test stops a plan as if metald were killed.
+    crash: executor::CrashPoint,
 }
 
 fn now() -> i64 {
@@ -142,6 +148,7 @@ impl VmService {
                 network: None,
                 usage: None,
                 observers: Vec::new(),
+                crash: Default::default(),
             }),
         }
     }
@@ -271,17 +278,10 @@ impl VmService {
         vm.state = state;
         vm.runtime = runtime;
         vm.last_error = error;
-        vm.pending = None;
+        vm.plan = None;
         vm.modified_at = now();
         self.inner.store.update(vm).await.map_err(store_err)?;
         self.changed(vm);
         Ok(())
-    }
-
-    /// The first write of a multi-step operation, before any side effect.
-    async fn mark_pending(&self, vm: &mut VmRecord, op: Pending) -> Result<()> {
-        vm.pending = Some(op);
-        vm.modified_at = now();
-        self.inner.store.update(vm).await.map_err(store_err)
     }
 }

@@ -68,9 +68,7 @@ impl VmService {
         };
         let reason = format!("VMM {}", exit.describe());
         warn!(vm_id = %vm.id, %reason, state = %to, "VMM exited without being asked");
-        if let Some(rt) = &vm.runtime {
-            self.inner.vmm.release(&vm.id, rt).await;
-        }
+        self.stop_unrecorded(vm).await?;
         self.save(vm, to, None, Some(reason)).await
     }
 
