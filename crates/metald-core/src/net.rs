@@ -97,91 +97,92 @@ pub fn check_nics(nics: &[NicInput]) -> Result<Vec<NicSpec>> {
     }
     let mut out: Vec<NicSpec> = Vec::new();
     for (i, n) in nics.iter().enumerate() {
-        let f = |name: &str| format!("config.network[{i}].{name}");
-        let id = if n.id.is_empty() {
-            format!("eth{i}")
-        } else {
-            n.id.clone()
-        };
-        if id.len() > 32
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        let nic = check_nic(i, n)?;
+        if out.iter().any(|o| o.id == nic.id) {
             return Err(Error::invalid(
-                f("id"),
-                "must be 1..=32 characters of letters, digits, '-' and '_'",
+                format!("config.network[{i}].id"),
+                format!("duplicate interface id {:?}", nic.id),
             ));
         }
-        if out.iter().any(|o| o.id == id) {
-            return Err(Error::invalid(
-                f("id"),
-                format!("duplicate interface id {id:?}"),
-            ));
-        }
-        let mac = if n.mac.is_empty() {
-            None
-        } else {
-            Some(check_mac(&n.mac).map_err(|r| Error::invalid(f("mac_address"), r))?)
-        };
-        let (want_v4, want_v6) = match n.mode {
-            0 | 1 => (true, true),
-            2 => (true, false),
-            3 => (false, true),
-            m => {
-                return Err(Error::invalid(
-                    f("mode"),
-                    format!("unknown network mode {m}"),
-                ));
-            }
-        };
-        let ipv4 = match n.ipv4_address.as_str() {
-            "" => None,
-            a => Some(a.parse::<Ipv4Addr>().map_err(|_| {
-                Error::invalid(
-                    f("ipv4_config.address"),
-                    format!("{a:?} is not an IPv4 address"),
-                )
-            })?),
-        };
-        let ipv6 = match n.ipv6_address.as_str() {
-            "" => None,
-            a => Some(a.parse::<Ipv6Addr>().map_err(|_| {
-                Error::invalid(
-                    f("ipv6_config.address"),
-                    format!("{a:?} is not an IPv6 address"),
-                )
-            })?),
-        };
-        if ipv4.is_some() && !want_v4 {
-            return Err(Error::invalid(
-                f("ipv4_config.address"),
-                "given, but the mode is IPv6 only",
-            ));
-        }
-        if ipv6.is_some() && !want_v6 {
-            return Err(Error::invalid(
-                f("ipv6_config.address"),
-                "given, but the mode is IPv4 only",
-            ));
-        }
-        let rate = |v: i64, name: &str| -> Result<u64> {
-            u64::try_from(v)
-                .map_err(|_| Error::invalid(f(name), format!("must not be negative, got {v}")))
-        };
-        out.push(NicSpec {
-            id,
-            mac,
-            ipv4,
-            ipv6,
-            want_v4,
-            want_v6,
-            rx_bytes_per_sec: rate(n.rx_bandwidth, "rx_rate_limit.bandwidth")?,
-            tx_bytes_per_sec: rate(n.tx_bandwidth, "tx_rate_limit.bandwidth")?,
-            attachment: None,
-        });
+        out.push(nic);
     }
     Ok(out)
+}
+
+/// Judges interface `i` on its own.
+fn check_nic(i: usize, n: &NicInput) -> Result<NicSpec> {
+    let f = |name: &str| format!("config.network[{i}].{name}");
+    let id = if n.id.is_empty() {
+        format!("eth{i}")
+    } else {
+        n.id.clone()
+    };
+    if id.len() > 32
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Error::invalid(
+            f("id"),
+            "must be 1..=32 characters of letters, digits, '-' and '_'",
+        ));
+    }
+    let mac = if n.mac.is_empty() {
+        None
+    } else {
+        Some(check_mac(&n.mac).map_err(|r| Error::invalid(f("mac_address"), r))?)
+    };
+    let (want_v4, want_v6) = match n.mode {
+        0 | 1 => (true, true),
+        2 => (true, false),
+        3 => (false, true),
+        m => {
+            return Err(Error::invalid(
+                f("mode"),
+                format!("unknown network mode {m}"),
+            ));
+        }
+    };
+    let ipv4 = address::<Ipv4Addr>(&n.ipv4_address, &f("ipv4_config.address"), "IPv4")?;
+    let ipv6 = address::<Ipv6Addr>(&n.ipv6_address, &f("ipv6_config.address"), "IPv6")?;
+    if ipv4.is_some() && !want_v4 {
+        return Err(Error::invalid(
+            f("ipv4_config.address"),
+            "given, but the mode is IPv6 only",
+        ));
+    }
+    if ipv6.is_some() && !want_v6 {
+        return Err(Error::invalid(
+            f("ipv6_config.address"),
+            "given, but the mode is IPv4 only",
+        ));
+    }
+    let rate = |v: i64, name: &str| -> Result<u64> {
+        u64::try_from(v)
+            .map_err(|_| Error::invalid(f(name), format!("must not be negative, got {v}")))
+    };
+    Ok(NicSpec {
+        id,
+        mac,
+        ipv4,
+        ipv6,
+        want_v4,
+        want_v6,
+        rx_bytes_per_sec: rate(n.rx_bandwidth, "rx_rate_limit.bandwidth")?,
+        tx_bytes_per_sec: rate(n.tx_bandwidth, "tx_rate_limit.bandwidth")?,
+        attachment: None,
+    })
+}
+
+/// An optional address field: empty is none.
+fn address<A: std::str::FromStr>(raw: &str, field: &str, family: &str) -> Result<Option<A>> {
+    match raw {
+        "" => Ok(None),
+        a => a
+            .parse::<A>()
+            .map(Some)
+            .map_err(|_| Error::invalid(field, format!("{a:?} is not an {family} address"))),
+    }
 }
 
 /// A unicast MAC written `aa:bb:cc:dd:ee:ff`, returned lowercase.
@@ -190,7 +191,8 @@ fn check_mac(raw: &str) -> std::result::Result<String, String> {
     let bytes: Option<Vec<u8>> = parts
         .iter()
         .map(|p| {
-            if p.len() == 2 {
+            // Two hex digits exactly: from_str_radix alone takes "+f".
+            if p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 u8::from_str_radix(p, 16).ok()
             } else {
                 None
@@ -289,6 +291,13 @@ mod tests {
             (
                 NicInput {
                     mac: "zz:00:00:00:00:01".into(),
+                    ..nic()
+                },
+                "config.network[0].mac_address",
+            ),
+            (
+                NicInput {
+                    mac: "02:00:00:00:00:+1".into(),
                     ..nic()
                 },
                 "config.network[0].mac_address",

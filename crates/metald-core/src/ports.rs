@@ -157,6 +157,16 @@ pub trait Network: Send + Sync + 'static {
     /// Interfaces metald created on this host, by naming scheme and
     /// ownership mark, for the orphan sweep.
     async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError>;
+    /// Devices of metald's naming scheme that carry no ownership mark (a
+    /// crash between making and marking them) and belong to none of the
+    /// interfaces in `known`, by name.
+    async fn strays(&self, _known: &[(VmId, usize)]) -> Result<Vec<String>, PortError> {
+        Ok(Vec::new())
+    }
+    /// Removes a stray found by [`Network::strays`] if it still is one.
+    async fn remove_stray(&self, _name: &str) -> Result<(), PortError> {
+        Ok(())
+    }
 }
 
 /// What a VMM reports about a guest it runs.

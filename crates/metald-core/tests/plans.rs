@@ -16,7 +16,7 @@ use metald_core::assets::AssetPolicy;
 use metald_core::net::{NicAttachment, NicInput, NicSpec};
 use metald_core::plan::Plan;
 use metald_core::ports::{Network, PortError, Store, Subnets, VmRecord};
-use metald_core::service::ServiceConfig;
+use metald_core::service::{Ports, ServiceConfig};
 use metald_core::vm::VmSpecInput;
 use metald_core::{CustomerId, VmId, VmService, VmSpec, VmState};
 use metald_store::SqliteStore;
@@ -137,8 +137,13 @@ impl Host {
             assets: AssetPolicy::new(&[self.dir.path().display().to_string()], &[]).unwrap(),
             ..ServiceConfig::default()
         };
-        let svc =
-            VmService::new(store.clone(), self.vmm.clone(), config).with_network(self.net.clone());
+        let svc = VmService::new(
+            Ports {
+                network: Some(self.net.clone()),
+                ..Ports::new(store.clone(), self.vmm.clone())
+            },
+            config,
+        );
         (store, svc)
     }
 

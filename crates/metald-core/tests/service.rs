@@ -10,7 +10,7 @@ use metald_core::assets::AssetPolicy;
 use metald_core::net::{NicAttachment, NicInput, NicSpec};
 use metald_core::plan::{Plan, PlanRecord};
 use metald_core::ports::{HostResources, Network, PortError, Store, Subnets, VmRecord, VmmExit};
-use metald_core::service::ServiceConfig;
+use metald_core::service::{Ports, ServiceConfig};
 use metald_core::vm::VmSpecInput;
 use metald_core::{CustomerId, Error, VmId, VmService, VmSpec, VmState};
 use metald_store::SqliteStore;
@@ -37,7 +37,7 @@ async fn world() -> World {
             .unwrap(),
     );
     let vmm = Arc::new(FakeVmm::default());
-    let svc = VmService::new(store.clone(), vmm.clone(), config(dir.path()));
+    let svc = VmService::new(Ports::new(store.clone(), vmm.clone()), config(dir.path()));
     let spec = VmSpec::new(VmSpecInput {
         vcpu_count: 1,
         memory_bytes: 128 << 20,
@@ -428,11 +428,12 @@ async fn a_create_that_could_not_undo_itself_is_undone_by_the_periodic_reconcile
         detached: Mutex::new(Vec::new()),
     });
     let svc = VmService::new(
-        w.store.clone(),
-        w.vmm.clone(),
+        Ports {
+            network: Some(net.clone()),
+            ..Ports::new(w.store.clone(), w.vmm.clone())
+        },
         config(w.spec.kernel.parent().unwrap()),
-    )
-    .with_network(net.clone());
+    );
     let spec = VmSpec::new(VmSpecInput {
         vcpu_count: 1,
         memory_bytes: 128 << 20,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use metald_api::{ApiServer, AuthConfig, Authenticator, JwtKey};
-use metald_core::service::ServiceConfig;
+use metald_core::service::{Ports, ServiceConfig};
 use metald_core::{VmService, ports::Vmm};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -316,17 +316,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metald_billing::Billing::start(billing_config(&config)?, &config.data_dir)
             .await
             .map_err(anyhow::Error::msg)?;
-    let service = VmService::with_observers(
-        Arc::new(store.clone()),
-        vmm,
-        ServiceConfig {
-            default_shutdown_timeout: config.vm_shutdown_timeout,
-            assets,
-        },
-        vec![billing.clone()],
-    )
-    .with_usage(billing);
-    let service = if config.network_enabled {
+    let network: Option<Arc<dyn metald_core::ports::Network>> = if config.network_enabled {
         let host = metald_network::Host::setup(metald_network::NetworkConfig {
             bridge: config.network_bridge.clone(),
             ipv4_subnet: config.network_ipv4_subnet,
@@ -342,12 +332,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
         })?;
         info!(bridge = %config.network_bridge, v4 = %config.network_ipv4_subnet, v6 = %config.network_ipv6_subnet, "VM networking ready");
-        service.with_network(Arc::new(network::HostNetwork::new(host)))
+        Some(Arc::new(network::HostNetwork::new(host)))
     } else {
         info!("VM networking disabled (UNKEY_METALD_NETWORK_ENABLED=false)");
-        service
+        None
     };
-    // Before serving: finish or roll back interrupted operations, adopt
+    let service = VmService::new(
+        Ports {
+            store: Arc::new(store.clone()),
+            vmm,
+            network,
+            usage: Some(billing.clone()),
+            observers: vec![billing.clone()],
+        },
+        ServiceConfig {
+            default_shutdown_timeout: config.vm_shutdown_timeout,
+            assets,
+        },
+    );
+    // Before serving: resume interrupted plans, adopt
     // surviving VMMs, then clean up whatever no VM claims.
     service.recover().await.context("re-attaching to VMs")?;
     service

@@ -134,9 +134,42 @@ fn boot_err(id: &VmId, e: BootError, resolved: &Resolved, client: &VmSpec) -> Er
     }
 }
 
+/// What the service is built from: the adapters behind every port.
+pub struct Ports {
+    pub store: Arc<dyn Store>,
+    pub vmm: Arc<dyn Vmm>,
+    /// Host networking; `None` when disabled (VMs with interfaces are then
+    /// refused).
+    pub network: Option<Arc<dyn Network>>,
+    /// Latest measured usage per VM, for GetVmInfo.
+    pub usage: Option<Arc<dyn UsageSource>>,
+    /// Told about every stored change (billing).
+    pub observers: Vec<Arc<dyn Observer>>,
+}
+
+impl Ports {
+    /// A store and a backend, and nothing else.
+    pub fn new(store: Arc<dyn Store>, vmm: Arc<dyn Vmm>) -> Self {
+        Ports {
+            store,
+            vmm,
+            network: None,
+            usage: None,
+            observers: Vec::new(),
+        }
+    }
+}
+
 impl VmService {
-    /// Builds the service over a store and a backend.
-    pub fn new(store: Arc<dyn Store>, vmm: Arc<dyn Vmm>, config: ServiceConfig) -> Self {
+    /// Builds the service over its ports.
+    pub fn new(ports: Ports, config: ServiceConfig) -> Self {
+        let Ports {
+            store,
+            vmm,
+            network,
+            usage,
+            observers,
+        } = ports;
         VmService {
             inner: Arc::new(Inner {
                 store,
@@ -145,46 +178,11 @@ impl VmService {
                 locks: Arc::default(),
                 disk_claims: tokio::sync::Mutex::new(()),
                 suspects: Mutex::new(HashSet::new()),
-                network: None,
-                usage: None,
-                observers: Vec::new(),
+                network,
+                usage,
+                observers,
                 crash: Default::default(),
             }),
-        }
-    }
-
-    /// Builds the service with observers told about every stored change.
-    pub fn with_observers(
-        store: Arc<dyn Store>,
-        vmm: Arc<dyn Vmm>,
-        config: ServiceConfig,
-        observers: Vec<Arc<dyn Observer>>,
-    ) -> Self {
-        let svc = Self::new(store, vmm, config);
-        let mut inner = Arc::into_inner(svc.inner).expect("just built, not shared");
-        inner.observers = observers;
-        VmService {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// Gives the service host networking (before it is cloned or used).
-    pub fn with_network(self, network: Arc<dyn Network>) -> Self {
-        let mut inner =
-            Arc::into_inner(self.inner).expect("with_network before the service is shared");
-        inner.network = Some(network);
-        VmService {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// Gives the service a source of measured usage for GetVmInfo.
-    pub fn with_usage(self, usage: Arc<dyn UsageSource>) -> Self {
-        let mut inner =
-            Arc::into_inner(self.inner).expect("with_usage before the service is shared");
-        inner.usage = Some(usage);
-        VmService {
-            inner: Arc::new(inner),
         }
     }
 

@@ -23,6 +23,17 @@ impl Guard<'_> {
         self.suspects.insert(key);
         false
     }
+
+    /// Like [`Guard::ripe`], but only on a second sighting even at
+    /// start-up: for what cannot be tied to a VM's lock (another metald on
+    /// the host may be making it right now).
+    fn seen_twice(&mut self, key: String) -> bool {
+        if self.previous.contains(&key) {
+            return true;
+        }
+        self.suspects.insert(key);
+        false
+    }
 }
 
 impl VmService {
@@ -192,6 +203,28 @@ impl VmService {
             warn!(vm_id = %id, "removing network devices and addresses no VM row claims");
             if let Err(e) = self.unwire(&id, 1).await {
                 warn!(vm_id = %id, error = %e, "cannot remove unclaimed network devices yet");
+                continue;
+            }
+            report.orphan_networks += 1;
+        }
+        // Devices a crash left before marking them: named by a hash, so
+        // told apart from every row's (which may be being made) by name.
+        let known: Vec<(VmId, usize)> = self
+            .inner
+            .store
+            .all()
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .flat_map(|vm| (0..vm.spec.nics.len().max(1)).map(move |i| (vm.id.clone(), i)))
+            .collect();
+        for name in net.strays(&known).await.map_err(Error::Backend)? {
+            if !guard.seen_twice(format!("stray {name}")) {
+                continue;
+            }
+            warn!(netns = %name, "removing an unmarked network namespace no VM row claims");
+            if let Err(e) = net.remove_stray(&name).await {
+                warn!(netns = %name, error = %e, "cannot remove an unmarked namespace yet");
                 continue;
             }
             report.orphan_networks += 1;
