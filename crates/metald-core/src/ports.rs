@@ -296,6 +296,14 @@ pub trait Vmm: Send + Sync + 'static {
     /// not a zombie). Cheap: reads `/proc`.
     fn is_alive(&self, rt: &VmmRuntime) -> bool;
 
+    /// For a VMM whose exit status metald could not learn (one adopted
+    /// after a restart is not metald's child): whether the guest's own last
+    /// words say it powered off cleanly. Written by the guest, so it only
+    /// ever decides between `shutdown` and `failed` for that guest's VM.
+    async fn powered_off(&self, _id: &VmId) -> bool {
+        false
+    }
+
     /// Removes what a VMM leaves behind after it exited on its own (its
     /// control socket). Keeps the console log for the post-mortem.
     async fn release(&self, id: &VmId, rt: &VmmRuntime);

@@ -58,7 +58,9 @@ impl VmService {
     /// after a clean guest power-off), with the reason, and releases what
     /// the VMM left behind.
     pub(super) async fn record_exit(&self, vm: &mut VmRecord, exit: VmmExit) -> Result<()> {
-        let op = if exit.is_clean() {
+        let unknown = exit.code.is_none() && exit.signal.is_none();
+        let said_off = unknown && self.inner.vmm.powered_off(&vm.id).await;
+        let op = if exit.is_clean() || said_off {
             Op::PoweredOff
         } else {
             Op::Crashed
@@ -66,7 +68,10 @@ impl VmService {
         let Some(Outcome::To(to)) = state::next(vm.state, op) else {
             return Ok(());
         };
-        let reason = format!("VMM {}", exit.describe());
+        let reason = match said_off {
+            true => "the guest powered off (its console says so; the VMM was adopted, so its exit status is unknown)".to_owned(),
+            false => format!("VMM {}", exit.describe()),
+        };
         warn!(vm_id = %vm.id, %reason, state = %to, "VMM exited without being asked");
         self.stop_unrecorded(vm).await?;
         self.save(vm, to, None, Some(reason)).await

@@ -266,6 +266,13 @@ impl Vmm for QemuBackend {
         process::is_alive(rt.pid, rt.start_time)
     }
 
+    async fn powered_off(&self, id: &VmId) -> bool {
+        let console = self.vm_dir(id).join("console.log");
+        tokio::task::spawn_blocking(move || crate::guest_end::powered_off(&console))
+            .await
+            .unwrap_or(false)
+    }
+
     async fn release(&self, id: &VmId, rt: &VmmRuntime) {
         self.logs.unwatch(id);
         // QEMU removes its socket only on a clean exit.
