@@ -174,6 +174,9 @@ pub trait Network: Send + Sync + 'static {
 pub enum GuestStatus {
     Running,
     Paused,
+    /// The VMM answers but its guest no longer runs and will not again
+    /// (QEMU's `shutdown`, `guest-panicked`, `internal-error`).
+    Halted,
 }
 
 /// How a VMM process ended.
@@ -288,6 +291,14 @@ pub trait Vmm: Send + Sync + 'static {
     /// start time, then asks the VMM for the guest's state. An error means
     /// the process is not (or no longer) this VM's VMM.
     async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError>;
+
+    /// What the VMM says about its guest right now, for reads and the
+    /// reconciler to catch drift (a guest paused or resumed outside metald,
+    /// or halted while the VMM runs). An error means "unknown": the row is
+    /// left as it is.
+    async fn status(&self, _rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        Err("this backend does not report its guest's state".into())
+    }
 
     /// Resolves when the VMM process exits.
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit>;

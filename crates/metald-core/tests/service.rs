@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use metald_core::assets::AssetPolicy;
 use metald_core::net::{NicAttachment, NicInput, NicSpec};
 use metald_core::plan::{Plan, PlanRecord};
-use metald_core::ports::{HostResources, Network, PortError, Store, Subnets, VmRecord, VmmExit};
+use metald_core::ports::{
+    GuestStatus, HostResources, Network, PortError, Store, Subnets, VmRecord, VmmExit,
+};
 use metald_core::service::{Ports, ServiceConfig};
 use metald_core::vm::VmSpecInput;
 use metald_core::{CustomerId, Error, VmId, VmService, VmSpec, VmState};
@@ -523,4 +525,43 @@ async fn a_vm_that_cannot_be_settled_does_not_stop_start_up_and_is_retried() {
     let r = w.svc.reconcile(false).await.unwrap();
     assert_eq!(r.settled, 1, "{r:?}");
     assert!(w.store.get(&id("wedged-delete")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_guest_paused_resumed_or_halted_outside_metald_is_reported_and_corrected() {
+    let w = world().await;
+    let mut pids = Vec::new();
+    for name in ["a", "b"] {
+        w.svc
+            .create(&me(), Some(id(name)), "", w.spec.clone())
+            .await
+            .unwrap();
+        let vm = w.svc.boot(&me(), &id(name)).await.unwrap();
+        pids.push(vm.runtime.unwrap().pid);
+    }
+    let state = |name: &'static str| {
+        let svc = w.svc.clone();
+        async move { svc.get(&me(), &id(name)).await.unwrap().record.state }
+    };
+    // A VMM that does not answer leaves the row as it is.
+    assert_eq!(state("a").await, VmState::Running);
+    w.vmm.st().status.insert(pids[0], GuestStatus::Paused);
+    assert_eq!(state("a").await, VmState::Paused, "paused outside metald");
+    w.vmm.st().status.insert(pids[0], GuestStatus::Running);
+    assert_eq!(state("a").await, VmState::Running, "resumed outside metald");
+    w.vmm.st().status.insert(pids[0], GuestStatus::Halted);
+    let d = w.svc.get(&me(), &id("a")).await.unwrap();
+    assert_eq!((d.record.state, d.record.runtime), (VmState::Failed, None));
+    assert!(
+        !w.vmm.st().alive.contains(&pids[0]),
+        "the halted guest's VMM is stopped"
+    );
+    // The reconciler corrects a row no one reads.
+    w.vmm.st().status.insert(pids[1], GuestStatus::Paused);
+    let r = w.svc.reconcile(false).await.unwrap();
+    assert_eq!(r.drifted, 1, "{r:?}");
+    let b = w.store.find(&me(), &id("b")).await.unwrap().unwrap();
+    assert_eq!(b.state, VmState::Paused);
+    let r = w.svc.reconcile(false).await.unwrap();
+    assert_eq!(r.drifted, 0, "nothing left to correct");
 }

@@ -203,6 +203,7 @@ impl VmService {
     pub async fn get(&self, caller: &CustomerId, name: &VmId) -> Result<VmDetails> {
         let mut record = self.owned(caller, name).await?;
         self.refresh_if_idle(&mut record).await;
+        self.correct_drift_if_idle(&mut record).await;
         let id = &record.id.clone();
         let mut backend_info = self.inner.vmm.describe(id, record.runtime.as_ref()).await;
         // The host-wide key the VM's files, processes and metald's logs are

@@ -90,6 +90,11 @@ impl VmService {
                 }
             }
             if vm.plan.is_none() {
+                let before = (vm.state, vm.last_error.clone());
+                self.correct_drift_if_idle(&mut vm).await;
+                if (vm.state, vm.last_error.clone()) != before {
+                    report.drifted += 1;
+                }
                 continue;
             }
             let Some(_guard) = self.try_lock(&vm.id) else {
@@ -255,6 +260,9 @@ impl VmService {
 pub struct ReconcileReport {
     /// VMs whose VMM was found dead and recorded as such.
     pub dead: usize,
+    /// VMs whose guest was paused, resumed or halted outside metald, and
+    /// recorded as it is.
+    pub drifted: usize,
     /// Unclaimed VMM processes killed.
     pub orphan_processes: usize,
     /// Unclaimed VM directories removed.

@@ -77,15 +77,16 @@ impl VmService {
         let vmm = &self.inner.vmm;
         let id = vm.id.clone();
         let adopted = match &vm.runtime {
-            Some(rt) => vmm.adopt(&vm.id, rt).await.map(|s| (s, rt.clone())),
+            Some(rt) => match vmm.adopt(&vm.id, rt).await {
+                Ok(GuestStatus::Running) => Ok((VmState::Running, rt.clone())),
+                Ok(GuestStatus::Paused) => Ok((VmState::Paused, rt.clone())),
+                Ok(GuestStatus::Halted) => Err("its guest has halted".to_owned()),
+                Err(e) => Err(e),
+            },
             None => Err("no VMM process was recorded".into()),
         };
         match adopted {
-            Ok((status, rt)) => {
-                let state = match status {
-                    GuestStatus::Running => VmState::Running,
-                    GuestStatus::Paused => VmState::Paused,
-                };
+            Ok((state, rt)) => {
                 self.save(vm, state, Some(rt.clone()), None).await?;
                 self.watch(id, rt);
                 report.adopted += 1;

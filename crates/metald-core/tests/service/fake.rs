@@ -32,6 +32,8 @@ pub struct Fake {
     /// spawns in the VM's directory: destroy kills them even when the row
     /// lost its runtime.
     pub spawned: HashMap<String, Vec<i32>>,
+    /// What the VMM of a pid says about its guest; unset: "unknown".
+    pub status: HashMap<i32, GuestStatus>,
 }
 
 #[derive(Default)]
@@ -168,6 +170,13 @@ impl Vmm for FakeVmm {
             })
         }
         .boxed()
+    }
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        let s = self.st();
+        match s.status.get(&rt.pid) {
+            Some(st) if s.alive.contains(&rt.pid) => Ok(*st),
+            _ => Err("no answer".into()),
+        }
     }
     fn is_alive(&self, rt: &VmmRuntime) -> bool {
         self.st().alive.contains(&rt.pid)

@@ -265,3 +265,68 @@ async fn an_adopted_guest_that_powers_off_is_reported_shut_down() {
         d.ok(T, "DeleteVm", json!({"vm_id": id})).await;
     }
 }
+
+/// The row's state in metald's database, read behind metald's back.
+fn stored_state(d: &Daemon, id: &str) -> String {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select state from vms where name=?', (sys.argv[2],)).fetchone()[0])",
+        ])
+        .arg(d.data_dir.join("metald.db"))
+        .arg(id)
+        .output()
+        .expect("python3 sqlite3");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A guest paused or resumed outside metald (through QEMU's own monitor) is
+/// reported as it is by the next read, and the reconciler corrects the row
+/// when no one reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_paused_or_resumed_outside_metald_is_reported_as_it_is() {
+    let assets = Assets::load();
+    let d = Daemon::start_with(&["--auth-mode", "dev", "--reconcile-interval", "1s"]);
+    d.ok(
+        T,
+        "CreateVm",
+        json!({"vm_id": "drift", "config": assets.config()}),
+    )
+    .await;
+    let info = d.ok(T, "BootVm", json!({"vm_id": "drift"})).await;
+    assert_eq!(state_of(&info), "VM_STATE_RUNNING");
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "drift"})).await;
+    let socket = std::path::PathBuf::from(info["backendInfo"]["socket"].as_str().unwrap());
+    let qmp = |cmd: &'static str| {
+        let socket = socket.clone();
+        async move {
+            metald_vmm::qemu::qmp::run(&socket, cmd, None)
+                .await
+                .expect("QMP answers")
+        }
+    };
+    qmp("stop").await;
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "drift"})).await;
+    assert_eq!(state_of(&info), "VM_STATE_PAUSED", "the next read tells");
+    qmp("cont").await;
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "drift"})).await;
+    assert_eq!(state_of(&info), "VM_STATE_RUNNING");
+    // No read now: the reconciler finds the change on its own.
+    qmp("stop").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored_state(&d, "drift") != "paused" {
+        assert!(
+            Instant::now() < deadline,
+            "the reconciler did not record the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let info = d.ok(T, "ResumeVm", json!({"vm_id": "drift"})).await;
+    assert_eq!(
+        state_of(&info),
+        "VM_STATE_RUNNING",
+        "metald drives it again"
+    );
+    d.ok(T, "DeleteVm", json!({"vm_id": "drift", "force": true}))
+        .await;
+}
