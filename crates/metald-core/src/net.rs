@@ -4,7 +4,9 @@
 //!
 //! One interface per VM for now: its namespace holds one TAP the VMM uses.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
 
 use serde::{Deserialize, Serialize};
 
@@ -215,59 +217,56 @@ fn check_mac(raw: &str) -> std::result::Result<String, String> {
     }
 }
 
+/// The subnet `net/prefix` (a prefix past the family's length is clamped).
+fn subnet(net: IpAddr, prefix: u8) -> IpNet {
+    let max = if net.is_ipv4() { 32 } else { 128 };
+    IpNet::new(net, prefix.min(max))
+        .unwrap_or_else(|_| unreachable!("prefix clamped"))
+        .trunc()
+}
+
 /// Every host address of `net/prefix` a VM may get: not the network
 /// address, not the gateway (the first host), not the broadcast address.
 pub fn v4_candidates(net: Ipv4Addr, prefix: u8) -> impl Iterator<Item = Ipv4Addr> {
-    let base = u32::from(net) & u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
-    let size = 1u64 << (32 - prefix as u32);
-    (2..size.saturating_sub(1)).map(move |i| Ipv4Addr::from(base + i as u32))
+    let n = subnet(IpAddr::V4(net), prefix);
+    let IpNet::V4(v4) = n else {
+        unreachable!("an IPv4 subnet")
+    };
+    v4.hosts()
+        .filter(move |a| !candidates_exclude(n.network(), n.prefix_len(), IpAddr::V4(*a)))
 }
 
 /// Host addresses of an IPv6 prefix in order, skipping `::` and the
 /// gateway (`::1`); at most 2^24 are offered.
 pub fn v6_candidates(net: Ipv6Addr, prefix: u8) -> impl Iterator<Item = Ipv6Addr> {
-    let base = u128::from(net) & u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
-    let host_bits = 128 - prefix as u32;
-    let size: u128 = if host_bits >= 24 {
-        1 << 24
-    } else {
-        1 << host_bits
+    let n = subnet(IpAddr::V6(net), prefix);
+    let IpNet::V6(v6) = n else {
+        unreachable!("an IPv6 subnet")
     };
-    (2..size).map(move |i| Ipv6Addr::from(base + i))
+    v6.hosts()
+        .take(1 << 24)
+        .filter(move |a| !candidates_exclude(n.network(), n.prefix_len(), IpAddr::V6(*a)))
 }
 
 /// Whether `addr` lies in `net/prefix` (same family).
-pub fn contains(net: std::net::IpAddr, prefix: u8, addr: std::net::IpAddr) -> bool {
-    use std::net::IpAddr::{V4, V6};
-    match (net, addr) {
-        (V4(n), V4(a)) => {
-            let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (V6(n), V6(a)) => {
-            let mask = u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
+pub fn contains(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
+    subnet(net, prefix).contains(&addr)
 }
 
 /// Whether `addr` is one of the subnet addresses no VM may have: the
 /// network address, the gateway (first host) or, for IPv4, the broadcast.
-pub fn candidates_exclude(net: std::net::IpAddr, prefix: u8, addr: std::net::IpAddr) -> bool {
-    use std::net::IpAddr::{V4, V6};
-    match (net, addr) {
-        (V4(_), V4(a)) => {
-            let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
-            let host = u32::from(a) & !mask;
-            host <= 1 || host == !mask
-        }
-        (V6(_), V6(a)) => {
-            let mask = u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
-            (u128::from(a) & !mask) <= 1
-        }
-        _ => true,
+pub fn candidates_exclude(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
+    let n = subnet(net, prefix);
+    if !n.contains(&addr) {
+        return true;
     }
+    let gateway = match n.network() {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a).wrapping_add(1))),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a).wrapping_add(1))),
+    };
+    addr == n.network()
+        || addr == gateway
+        || (n.prefix_len() < 31 && net.is_ipv4() && addr == n.broadcast())
 }
 
 #[cfg(test)]
@@ -356,6 +355,26 @@ mod tests {
         assert_eq!(v4.len(), 5);
         let mut v6 = v6_candidates("fd00:1::".parse().unwrap(), 64);
         assert_eq!(v6.next(), Some("fd00:1::2".parse().unwrap()));
+        assert_eq!(v6_candidates("fd00:1::".parse().unwrap(), 120).count(), 254);
+    }
+
+    #[test]
+    fn membership_and_reserved_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (n4, n6) = (ip("10.9.0.0"), ip("fd00:1::"));
+        assert!(contains(n4, 24, ip("10.9.0.200")));
+        assert!(!contains(n4, 24, ip("10.9.1.2")));
+        assert!(!contains(n4, 24, ip("fd00:1::2")), "families never mix");
+        assert!(contains(n6, 64, ip("fd00:1::ffff")));
+        assert!(!contains(n6, 64, ip("fd00:2::2")));
+        for reserved in ["10.9.0.0", "10.9.0.1", "10.9.0.255", "10.9.1.2"] {
+            assert!(candidates_exclude(n4, 24, ip(reserved)), "{reserved}");
+        }
+        assert!(!candidates_exclude(n4, 24, ip("10.9.0.2")));
+        for reserved in ["fd00:1::", "fd00:1::1"] {
+            assert!(candidates_exclude(n6, 64, ip(reserved)), "{reserved}");
+        }
+        assert!(!candidates_exclude(n6, 64, ip("fd00:1::ffff:ffff:ffff:ffff")));
     }
 
     #[test]

@@ -467,7 +467,7 @@ async fn a_one_megabyte_per_second_limit_holds_for_traffic_to_the_guest() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unmarked_namespace_a_crash_left_is_swept_and_a_claimed_one_is_kept() {
     let assets = Assets::load();
-    let lan = Lan::new(7);
+    let lan = Lan::new(8);
     let stray = format!(
         "mtd-{:012x}",
         (u64::from(std::process::id()) << 20) ^ 0x5eed_0bad_cafe
