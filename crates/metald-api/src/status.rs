@@ -19,6 +19,7 @@ pub fn to_connect(err: Error) -> ConnectError {
         Error::Unimplemented(_) => ErrorCode::Unimplemented,
         Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
         Error::Unavailable(_) => ErrorCode::Unavailable,
+        Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
         Error::Backend(_) | Error::Store(_) => ErrorCode::Internal,
     };
     match code {

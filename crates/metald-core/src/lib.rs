@@ -12,6 +12,7 @@ mod locks;
 pub mod net;
 pub mod plan;
 pub mod ports;
+pub mod quota;
 pub mod redact;
 pub mod service;
 pub mod state;

@@ -374,7 +374,11 @@ mod tests {
         for reserved in ["fd00:1::", "fd00:1::1"] {
             assert!(candidates_exclude(n6, 64, ip(reserved)), "{reserved}");
         }
-        assert!(!candidates_exclude(n6, 64, ip("fd00:1::ffff:ffff:ffff:ffff")));
+        assert!(!candidates_exclude(
+            n6,
+            64,
+            ip("fd00:1::ffff:ffff:ffff:ffff")
+        ));
     }
 
     #[test]

@@ -348,6 +348,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ServiceConfig {
             default_shutdown_timeout: config.vm_shutdown_timeout,
             assets,
+            ..ServiceConfig::default()
         },
     );
     // Before serving: resume interrupted plans, adopt

@@ -12,6 +12,7 @@
 mod admission;
 mod executor;
 mod ops;
+mod quotas;
 mod reconcile;
 mod recover;
 mod steps;
@@ -36,6 +37,7 @@ use crate::ports::{
     BootError, GuestStatus, Network, Observer, StopMode, Store, StoreError, UsageSource, VmPage,
     VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
 };
+use crate::quota::{CreateRate, HostCapacity, QuotaBook};
 use crate::redact::{error_id, scrub};
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
@@ -57,6 +59,10 @@ pub struct ServiceConfig {
     pub default_shutdown_timeout: Duration,
     /// Which host files a customer's VM may use. The default allows none.
     pub assets: AssetPolicy,
+    /// Every customer's limits (replaced later by [`VmService::set_quotas`]).
+    pub quotas: QuotaBook,
+    /// What the host can run at once; `None`: not checked.
+    pub host: Option<HostCapacity>,
 }
 
 impl Default for ServiceConfig {
@@ -64,6 +70,8 @@ impl Default for ServiceConfig {
         ServiceConfig {
             default_shutdown_timeout: Duration::from_secs(30),
             assets: AssetPolicy::default(),
+            quotas: QuotaBook::default(),
+            host: None,
         }
     }
 }
@@ -88,10 +96,17 @@ struct Inner {
     vmm: Arc<dyn Vmm>,
     config: ServiceConfig,
     locks: Arc<VmLocks>,
-    /// Held from a create's check of its disks against the customer's other
-    /// VMs until its row is stored, so two creates can never both attach
-    /// one file where either writes it.
+    /// The admission lock: held from a create's check of its disks and
+    /// quotas against the customer's other VMs until its row is stored, and
+    /// while a boot is counted against the running quotas, so two requests
+    /// can never both take one file or the last unit of a quota.
     disk_claims: tokio::sync::Mutex<()>,
+    /// Current limits of every customer.
+    quotas: std::sync::RwLock<Arc<QuotaBook>>,
+    /// Per-customer create-rate buckets.
+    create_rate: CreateRate,
+    /// VMs admitted to boot and not yet recorded running.
+    booting: Mutex<HashSet<VmId>>,
     /// What the previous reconcile pass found unclaimed (its age guard).
     suspects: Mutex<HashSet<String>>,
     /// Host networking, when enabled.
@@ -170,8 +185,12 @@ impl VmService {
             usage,
             observers,
         } = ports;
+        let quotas = std::sync::RwLock::new(Arc::new(config.quotas.clone()));
         VmService {
             inner: Arc::new(Inner {
+                quotas,
+                create_rate: CreateRate::default(),
+                booting: Mutex::new(HashSet::new()),
                 store,
                 vmm,
                 config,

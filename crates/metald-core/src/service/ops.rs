@@ -26,6 +26,7 @@ impl VmService {
             ));
         }
         let resolved = self.resolve(caller, &spec).await?;
+        self.take_create(caller)?;
         let name = requested_id.unwrap_or_else(VmId::generate);
         let id = VmId::host_key(&name);
         let t = now();
@@ -47,8 +48,10 @@ impl VmService {
         // The lock keeps the reconciler off the VM while it is wired.
         let _guard = self.lock(&id).await;
         {
-            let _claims = self.inner.disk_claims.lock().await;
-            self.check_disk_claims(caller, &resolved).await?;
+            let _admission = self.inner.disk_claims.lock().await;
+            let vms = self.customer_vms(caller).await?;
+            self.check_create_quota(caller, &vms, &vm.spec)?;
+            self.check_disk_claims(&resolved, &vms).await?;
             match self.inner.store.insert(&vm).await {
                 Ok(()) => {}
                 Err(StoreError::AlreadyExists) => {
@@ -70,6 +73,7 @@ impl VmService {
         Self::check(&vm, Op::Boot)?;
         let mut args = PlanArgs::request(StopMode::Force);
         args.resolved = Some(self.resolve(caller, &vm.spec).await?);
+        let _admitted = self.admit_boot(&vm).await?;
         self.begin(&mut vm, Plan::Boot).await?;
         self.execute(&mut vm, &mut args).await?;
         if let Some(rt) = vm.runtime.clone() {
