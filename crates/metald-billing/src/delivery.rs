@@ -1,91 +1,215 @@
 //! The sender: delivers what the spool holds to
-//! `billing.v1.BillingService` (notices, then batches of samples per VM)
-//! and deletes it once acknowledged; and the heartbeats.
+//! `billing.v1.BillingService` (per VM: its notices in order, the samples
+//! up to a stop before the stop, then its batches) and deletes each row
+//! once acknowledged; and the heartbeats.
+//!
+//! One VM cannot hold up another. A refusal the billing service means for
+//! good (`invalid_argument`, `not_found`, `failed_precondition`) parks the
+//! item: it stays on disk, is counted, and is reported as a gap; the VM's
+//! later items and every other VM go on. Any other failure of one VM's
+//! item backs that VM off (exponential from 250 ms, capped at the batch
+//! interval, jittered) while the others are sent; a billing service that
+//! cannot be reached at all ends the round and backs everything off alike.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use connectrpc::ErrorCode;
 use connectrpc::client::HttpClient;
 use metald_proto::billing::v1 as pb;
-use tracing::{debug, warn};
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
 
 use crate::sampler::Active;
 use crate::spool::{EventRow, SampleRow, Spool};
-use crate::{BillingConfig, MAX_BATCH, RPC_TIMEOUT};
+use crate::{BillingConfig, MAX_BATCH, RPC_TIMEOUT, Stats};
 
 type Client = pb::BillingServiceClient<HttpClient>;
 
-pub(crate) struct Sender {
-    pub(crate) config: BillingConfig,
-    pub(crate) spool: Spool,
-    pub(crate) client: Client,
-    pub(crate) spooled: Arc<AtomicI64>,
-    /// Batches sent and not acknowledged, per VM: a retry resends exactly
-    /// the same range under the same batch id.
-    pub(crate) inflight: Mutex<HashMap<String, (i64, i64)>>,
+/// First wait after a failed delivery.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Why an item was not delivered.
+#[derive(Debug)]
+enum Failed {
+    /// Refused for good: park the item.
+    Refused(String),
+    /// May pass: try this VM again after a backoff.
+    Transient(String),
+    /// The billing service cannot be reached, or the spool failed: the
+    /// round ends and everything backs off.
+    Down(String),
 }
 
-async fn call<F, T>(what: &str, f: F) -> Result<T, String>
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failed::Refused(e) => write!(f, "refused: {e}"),
+            Failed::Transient(e) | Failed::Down(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Spool errors end the round.
+impl From<String> for Failed {
+    fn from(e: String) -> Self {
+        Failed::Down(e)
+    }
+}
+
+async fn call<F, T>(what: &str, f: F) -> Result<T, Failed>
 where
     F: std::future::Future<Output = Result<T, connectrpc::ConnectError>>,
 {
     match tokio::time::timeout(RPC_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!(
-            "{what}: {:?}: {}",
-            e.code,
-            e.message.unwrap_or_default()
-        )),
-        Err(_) => Err(format!("{what}: no answer within {RPC_TIMEOUT:?}")),
+        Ok(Err(e)) => {
+            let text = format!("{what}: {:?}: {}", e.code, e.message.unwrap_or_default());
+            Err(match e.code {
+                ErrorCode::InvalidArgument
+                | ErrorCode::NotFound
+                | ErrorCode::FailedPrecondition => Failed::Refused(text),
+                ErrorCode::Unavailable | ErrorCode::DeadlineExceeded => Failed::Down(text),
+                _ => Failed::Transient(text),
+            })
+        }
+        Err(_) => Err(Failed::Down(format!(
+            "{what}: no answer within {RPC_TIMEOUT:?}"
+        ))),
     }
 }
 
+/// The `attempt`-th wait (from 1): doubling from [`FIRST_BACKOFF`] up to
+/// `cap`, then a random point in its upper half, so that many metalds (or
+/// VMs) that failed together do not retry together.
+fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let full = FIRST_BACKOFF
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(cap);
+    let half = full / 2;
+    let jitter = RandomState::new().hash_one(attempt) % (half.as_millis() as u64 + 1);
+    half + Duration::from_millis(jitter)
+}
+
+pub(crate) struct Sender {
+    config: BillingConfig,
+    spool: Spool,
+    client: Client,
+    stats: Arc<Stats>,
+    /// Batches sent and not acknowledged, per VM: a retry resends exactly
+    /// the same range under the same batch id.
+    inflight: Mutex<HashMap<String, (i64, i64)>>,
+    /// VMs whose last delivery failed: failures in a row, and when to try
+    /// again.
+    waiting: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Sender {
-    pub(crate) async fn run(self) {
-        let mut backoff = Duration::from_millis(250);
-        loop {
-            match self.round().await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(250);
-                    tokio::time::sleep(self.config.batch_interval).await;
-                }
-                Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "billing delivery failed; samples stay spooled");
-                    tokio::time::sleep(backoff).await;
-                    backoff =
-                        (backoff * 2).min(self.config.batch_interval.max(Duration::from_secs(1)));
-                }
-            }
+    pub(crate) fn new(
+        config: BillingConfig,
+        spool: Spool,
+        client: Client,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Sender {
+            config,
+            spool,
+            client,
+            stats,
+            inflight: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Sends everything spooled: notifications in order (the samples of a
-    /// VM up to its stop before the stop), then every VM's samples.
-    async fn round(&self) -> Result<(), String> {
+    fn cap(&self) -> Duration {
+        self.config.batch_interval.max(Duration::from_secs(1))
+    }
+
+    pub(crate) async fn run(self: Arc<Self>) {
+        let mut down = 0;
         loop {
-            let events = self.spool.events().await?;
-            if events.is_empty() {
-                break;
-            }
-            for ev in events {
-                if ev.kind == "stopped" {
-                    self.send_samples(
-                        &ev.vm_id,
-                        wire_name(&ev.vm_id, &ev.vm_name),
-                        &ev.customer_id,
-                        ev.t1,
-                    )
-                    .await?;
+            let pause = match self.round(false).await {
+                Ok(()) => {
+                    down = 0;
+                    self.next_pause()
                 }
-                self.send_event(&ev).await?;
-                self.spool.delete_event(ev.id).await?;
-            }
+                Err(e) => {
+                    down += 1;
+                    let pause = backoff(down, self.cap());
+                    Stats::bump(&self.stats.delivery_retries);
+                    warn!(error = %e, retry_in = ?pause, "billing delivery failed; samples stay spooled");
+                    pause
+                }
+            };
+            tokio::time::sleep(pause).await;
         }
+    }
+
+    /// Until the next round: the batch interval, or sooner when a VM that
+    /// backed off may be tried again.
+    fn next_pause(&self) -> Duration {
+        let now = Instant::now();
+        locked(&self.waiting)
+            .values()
+            .map(|(_, at)| at.saturating_duration_since(now))
+            .fold(self.config.batch_interval, Duration::min)
+    }
+
+    /// One try at everything spooled, backoffs ignored (metald is
+    /// stopping); true when nothing is left to send.
+    pub(crate) async fn last_round(&self) -> Result<bool, String> {
+        self.round(true).await?;
+        Ok(
+            self.spool.events().await?.is_empty()
+                && self.spool.vms_with_samples().await?.is_empty(),
+        )
+    }
+
+    /// Sends everything spooled, VM by VM; `all` ignores backoffs.
+    async fn round(&self, all: bool) -> Result<(), String> {
+        let mut order: Vec<String> = Vec::new();
+        let mut events: HashMap<String, Vec<EventRow>> = HashMap::new();
+        for ev in self.spool.events().await? {
+            events
+                .entry(ev.vm_id.clone())
+                .or_insert_with(|| {
+                    order.push(ev.vm_id.clone());
+                    Vec::new()
+                })
+                .push(ev);
+        }
+        let mut owners = HashMap::new();
         for (vm, name, customer) in self.spool.vms_with_samples().await? {
-            self.send_samples(&vm, wire_name(&vm, &name), &customer, i64::MAX)
-                .await?;
+            if !events.contains_key(&vm) {
+                order.push(vm.clone());
+            }
+            owners.insert(vm, (name, customer));
+        }
+        let now = Instant::now();
+        for vm in order {
+            if !all
+                && locked(&self.waiting)
+                    .get(&vm)
+                    .is_some_and(|(_, at)| *at > now)
+            {
+                continue;
+            }
+            let evs = events.remove(&vm).unwrap_or_default();
+            match self.deliver(&vm, evs, owners.get(&vm)).await {
+                Ok(()) => {
+                    locked(&self.waiting).remove(&vm);
+                }
+                Err(Failed::Down(e)) => return Err(e),
+                Err(Failed::Transient(e) | Failed::Refused(e)) => self.back_off(&vm, &e),
+            }
         }
         // Everything of a deleted VM is delivered: its meter row goes.
         let pruned = self.spool.prune().await?;
@@ -95,12 +219,81 @@ impl Sender {
         Ok(())
     }
 
-    async fn send_event(&self, ev: &EventRow) -> Result<(), String> {
+    fn back_off(&self, vm: &str, e: &str) {
+        Stats::bump(&self.stats.delivery_retries);
+        let mut waiting = locked(&self.waiting);
+        let failures = waiting.get(vm).map_or(1, |(n, _)| n + 1);
+        let pause = backoff(failures, self.cap());
+        warn!(vm_id = vm, error = e, retry_in = ?pause, "billing delivery of a VM failed; the others go on");
+        waiting.insert(vm.to_owned(), (failures, Instant::now() + pause));
+    }
+
+    /// One VM: its notices in order (the samples up to a stop before the
+    /// stop), then its samples.
+    async fn deliver(
+        &self,
+        vm: &str,
+        events: Vec<EventRow>,
+        owner: Option<&(String, String)>,
+    ) -> Result<(), Failed> {
+        for ev in events {
+            if ev.kind == "stopped" {
+                self.send_samples(vm, wire_name(vm, &ev.vm_name), &ev.customer_id, ev.t1)
+                    .await?;
+            }
+            match self.send_event(&ev).await {
+                Ok(()) => self.spool.delete_event(ev.id).await?,
+                Err(Failed::Refused(why)) => self.park_event(&ev, &why).await?,
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((name, customer)) = owner {
+            self.send_samples(vm, wire_name(vm, name), customer, i64::MAX)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The billing service refused a notice for good: keep it on disk, send
+    /// it no more, and report its time as a gap (unless it is a gap).
+    async fn park_event(&self, ev: &EventRow, why: &str) -> Result<(), String> {
+        error!(vm_id = %ev.vm_id, kind = %ev.kind, error = why, "billing service refused a notice; parked in the spool");
+        self.spool.park_event(ev.id).await?;
+        Stats::bump(&self.stats.parked_notices);
+        if ev.kind != "gap" {
+            self.report_gap(
+                ev.vm_id.as_str(),
+                (&ev.vm_name, &ev.customer_id),
+                ev.t1,
+                ev.t2.max(ev.t1),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn report_gap(
+        &self,
+        vm: &str,
+        (name, customer): (&str, &str),
+        t1: i64,
+        t2: i64,
+    ) -> Result<(), String> {
+        self.spool
+            .push_event("gap", vm, name, customer, t1, t2)
+            .await?;
+        Stats::bump(&self.stats.gaps_spooled);
+        Ok(())
+    }
+
+    async fn send_event(&self, ev: &EventRow) -> Result<(), Failed> {
+        let vm_id = wire_name(&ev.vm_id, &ev.vm_name).to_owned();
+        let customer_id = ev.customer_id.clone();
         let ok = match ev.kind.as_str() {
             "started" => {
                 let req = pb::NotifyVmStartedRequest {
-                    vm_id: wire_name(&ev.vm_id, &ev.vm_name).to_owned(),
-                    customer_id: ev.customer_id.clone(),
+                    vm_id,
+                    customer_id,
                     start_time: ev.t1,
                     ..Default::default()
                 };
@@ -111,9 +304,9 @@ impl Sender {
             }
             "stopped" => {
                 let req = pb::NotifyVmStoppedRequest {
-                    vm_id: wire_name(&ev.vm_id, &ev.vm_name).to_owned(),
+                    vm_id,
+                    customer_id,
                     stop_time: ev.t1,
-                    customer_id: ev.customer_id.clone(),
                     ..Default::default()
                 };
                 call("NotifyVmStopped", self.client.notify_vm_stopped(req))
@@ -123,10 +316,10 @@ impl Sender {
             }
             "gap" => {
                 let req = pb::NotifyPossibleGapRequest {
-                    vm_id: wire_name(&ev.vm_id, &ev.vm_name).to_owned(),
+                    vm_id,
+                    customer_id,
                     last_sent: ev.t1,
                     resume_time: ev.t2,
-                    customer_id: ev.customer_id.clone(),
                     ..Default::default()
                 };
                 call("NotifyPossibleGap", self.client.notify_possible_gap(req))
@@ -145,78 +338,108 @@ impl Sender {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "billing service refused {} for {}",
+            Err(Failed::Transient(format!(
+                "billing service did not take {} for {}",
                 ev.kind, ev.vm_id
-            ))
+            )))
         }
     }
 
-    /// Sends a VM's samples (spooled under its key `vm`) as `name`.
+    /// Sends a VM's samples (spooled under its key `vm`) as `name`, taken
+    /// no later than `until`.
     async fn send_samples(
         &self,
         vm: &str,
         name: &str,
         customer: &str,
         until: i64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failed> {
         loop {
-            let pending = self
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(vm)
-                .copied();
+            let pending = locked(&self.inflight).get(vm).copied();
             let rows = match pending {
                 Some((first, last)) => self.spool.samples_between(vm, first, last).await?,
                 None => self.spool.samples(vm, until, MAX_BATCH).await?,
             };
-            let (Some(first), Some(last)) =
-                (rows.first().map(|r| r.seq), rows.last().map(|r| r.seq))
-            else {
-                self.inflight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(vm);
+            let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+                locked(&self.inflight).remove(vm);
                 return Ok(());
             };
-            self.inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(vm.to_owned(), (first, last));
+            let (first, last, span) = (first.seq, last.seq, (first.ts, last.ts));
+            locked(&self.inflight).insert(vm.to_owned(), (first, last));
             let n = rows.len() as i64;
-            let req = pb::SendMetricsBatchRequest {
-                vm_id: name.to_owned(),
-                customer_id: customer.to_owned(),
-                metrics: rows.into_iter().map(to_pb).collect(),
-                // The key, not the name: unique on this host, so a batch id
-                // is never reused by a later VM of the same name.
-                batch_id: format!("{}/{vm}/{first}-{last}", self.config.instance_id),
-                first_sequence: first,
-                last_sequence: last,
-                instance_id: self.config.instance_id.clone(),
-                ..Default::default()
-            };
-            let resp = call("SendMetricsBatch", self.client.send_metrics_batch(req))
-                .await?
-                .into_owned();
-            if !resp.success {
-                return Err(format!(
-                    "billing service refused a batch of {vm}: {}",
-                    resp.message
-                ));
+            match self.send_batch(vm, name, customer, rows).await {
+                Ok(()) => {
+                    self.spool.ack(vm, first, last).await?;
+                    self.stats.spooled_samples.fetch_sub(n, Ordering::Relaxed);
+                    debug!(vm_id = vm, first, last, "billing batch acknowledged");
+                }
+                Err(Failed::Refused(why)) => {
+                    self.park_batch(vm, (name, customer), (first, last), span, &why)
+                        .await?
+                }
+                Err(e) => return Err(e),
             }
-            self.spool.ack(vm, first, last).await?;
-            self.inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(vm);
-            self.spooled.fetch_sub(n, Ordering::Relaxed);
-            debug!(vm_id = vm, first, last, "billing batch acknowledged");
+            locked(&self.inflight).remove(vm);
             if n < MAX_BATCH && pending.is_none() {
                 return Ok(());
             }
         }
+    }
+
+    async fn send_batch(
+        &self,
+        vm: &str,
+        name: &str,
+        customer: &str,
+        rows: Vec<SampleRow>,
+    ) -> Result<(), Failed> {
+        let (first, last) = (rows[0].seq, rows[rows.len() - 1].seq);
+        let req = pb::SendMetricsBatchRequest {
+            vm_id: name.to_owned(),
+            customer_id: customer.to_owned(),
+            metrics: rows.into_iter().map(to_pb).collect(),
+            // The key, not the name: unique on this host, so a batch id is
+            // never reused by a later VM of the same name.
+            batch_id: format!("{}/{vm}/{first}-{last}", self.config.instance_id),
+            first_sequence: first,
+            last_sequence: last,
+            instance_id: self.config.instance_id.clone(),
+            ..Default::default()
+        };
+        let resp = call("SendMetricsBatch", self.client.send_metrics_batch(req))
+            .await?
+            .into_owned();
+        if resp.success {
+            Ok(())
+        } else {
+            Err(Failed::Transient(format!(
+                "billing service did not take a batch of {vm}: {}",
+                resp.message
+            )))
+        }
+    }
+
+    /// The billing service refused a batch for good: keep its samples on
+    /// disk, send them no more, and report their time as a gap.
+    async fn park_batch(
+        &self,
+        vm: &str,
+        owner: (&str, &str),
+        (first, last): (i64, i64),
+        (from, to): (i64, i64),
+        why: &str,
+    ) -> Result<(), String> {
+        error!(
+            vm_id = vm,
+            first,
+            last,
+            error = why,
+            "billing service refused a batch; parked in the spool"
+        );
+        let n = self.spool.park_samples(vm, first, last).await?;
+        Stats::bump(&self.stats.parked_batches);
+        self.stats.parked_samples.fetch_add(n, Ordering::Relaxed);
+        self.report_gap(vm, owner, from, to).await
     }
 }
 

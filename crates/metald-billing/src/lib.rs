@@ -37,12 +37,13 @@ mod inbox;
 mod observer;
 mod sampler;
 pub mod spool;
+mod stats;
 pub mod usage;
 mod writer;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,13 +53,14 @@ use metald_core::ports::VmUsage;
 use metald_proto::billing::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::delivery::{Sender, heartbeats};
 use crate::inbox::Inbox;
 use crate::observer::Msg;
 use crate::sampler::MeterTask;
 use crate::spool::{MeterRow, Spool};
+pub use crate::stats::Stats;
 use crate::writer::writer;
 
 /// Billing settings (`UNKEY_METALD_BILLING_*`).
@@ -87,7 +89,7 @@ pub(crate) const MAX_BATCH: i64 = 3000;
 /// Writes queued for the spool writer. When full (the disk is slow or
 /// failing), the meter task waits: sampling pauses instead of samples
 /// piling up in memory, and the pause is reported as a gap.
-const WRITER_QUEUE: usize = 64;
+pub(crate) const WRITER_QUEUE: usize = 64;
 /// Longest wait for one billing RPC.
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -101,13 +103,33 @@ pub(crate) fn now_ns() -> i64 {
 /// The billing handle: an observer for the service, and the latest usage
 /// per VM for GetVmInfo.
 pub struct Billing {
-    inbox: Arc<Inbox<Msg>>,
+    pub(crate) inbox: Arc<Inbox<Msg>>,
     latest: Arc<Mutex<HashMap<String, VmUsage>>>,
+    pub(crate) stats: Arc<Stats>,
 }
 
-/// The background tasks; abort them on shutdown.
+/// The background tasks. Stop them with [`BillingTasks::shutdown`], which
+/// writes what the meter task holds before they end.
 pub struct BillingTasks {
-    pub tasks: Vec<JoinHandle<()>>,
+    inbox: Arc<Inbox<Msg>>,
+    meter: JoinHandle<()>,
+    writer: Option<JoinHandle<()>>,
+    sender: Option<SenderTask>,
+    heartbeats: Option<JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+/// The sender and its task.
+type SenderTask = (Arc<Sender>, JoinHandle<()>);
+
+/// How a [`BillingTasks::shutdown`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every sample and notice the meter task held reached the spool
+    /// (committed, fsynced).
+    pub spooled: bool,
+    /// Nothing was left in the spool for the billing service.
+    pub delivered: bool,
 }
 
 impl Billing {
@@ -131,61 +153,49 @@ impl Billing {
                 .collect(),
             None => HashMap::new(),
         };
-        let spooled = Arc::new(AtomicI64::new(match &spool {
-            Some(s) => s.len().await?,
-            None => 0,
-        }));
+        let stats = Arc::new(Stats::default());
+        if let Some(s) = &spool {
+            stats
+                .spooled_samples
+                .store(s.len().await?, Ordering::Relaxed);
+        }
         let inbox = Arc::new(Inbox::new());
         let latest = Arc::new(Mutex::new(HashMap::new()));
         let active = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        let writer_tx = match &spool {
+        let (writer_tx, writer) = match &spool {
             Some(spool) => {
                 let (wtx, wrx) = mpsc::channel(WRITER_QUEUE);
-                tasks.push(tokio::spawn(writer(
-                    spool.clone(),
-                    config.clone(),
-                    spooled.clone(),
-                    wrx,
-                )));
-                Some(wtx)
+                let task = tokio::spawn(writer(spool.clone(), config.clone(), stats.clone(), wrx));
+                (Some(wtx), Some(task))
             }
-            None => None,
+            None => (None, None),
         };
-        let meter = MeterTask {
-            config: config.clone(),
-            writer: writer_tx,
-            known,
-            meters: HashMap::new(),
-            buffer: Vec::new(),
-            dirty: HashMap::new(),
-            latest: latest.clone(),
-            active: active.clone(),
+        let meter = MeterTask::new(config.clone(), writer_tx, known, &latest, &active, &stats);
+        let meter = tokio::spawn(meter.run(inbox.clone()));
+        let (sender, heartbeats) = match spool {
+            Some(spool) => {
+                let (sender, beats) = start_delivery(&config, spool, active, &stats)?;
+                (Some(sender), Some(beats))
+            }
+            None => {
+                info!("billing disabled: VMs are sampled for GetVmInfo, nothing is sent");
+                (None, None)
+            }
         };
-        tasks.push(tokio::spawn(meter.run(inbox.clone())));
-        if let Some(spool) = spool {
-            let uri: http::Uri = config.endpoint.parse().map_err(|e| {
-                format!(
-                    "UNKEY_METALD_BILLING_ENDPOINT: {:?} is not a URL: {e}",
-                    config.endpoint
-                )
-            })?;
-            let client =
-                pb::BillingServiceClient::new(HttpClient::plaintext(), ClientConfig::new(uri));
-            let sender = Sender {
-                config: config.clone(),
-                spool,
-                client: client.clone(),
-                spooled,
-                inflight: Mutex::new(HashMap::new()),
-            };
-            tasks.push(tokio::spawn(sender.run()));
-            tasks.push(tokio::spawn(heartbeats(config.clone(), client, active)));
-            info!(endpoint = %config.endpoint, sample = ?config.sample_interval, batch = ?config.batch_interval, "billing enabled");
-        } else {
-            info!("billing disabled: VMs are sampled for GetVmInfo, nothing is sent");
-        }
-        Ok((Arc::new(Billing { inbox, latest }), BillingTasks { tasks }))
+        let billing = Billing {
+            inbox: inbox.clone(),
+            latest,
+            stats: stats.clone(),
+        };
+        let tasks = BillingTasks {
+            inbox,
+            meter,
+            writer,
+            sender,
+            heartbeats,
+            stats,
+        };
+        Ok((Arc::new(billing), tasks))
     }
 
     /// The latest usage sampled for a VM.
@@ -195,6 +205,94 @@ impl Billing {
             .unwrap_or_else(|p| p.into_inner())
             .get(id.as_str())
             .copied()
+    }
+
+    /// What billing counted so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+/// Starts the sender and the heartbeats.
+fn start_delivery(
+    config: &BillingConfig,
+    spool: Spool,
+    active: sampler::Active,
+    stats: &Arc<Stats>,
+) -> Result<(SenderTask, JoinHandle<()>), String> {
+    let uri: http::Uri = config.endpoint.parse().map_err(|e| {
+        format!(
+            "UNKEY_METALD_BILLING_ENDPOINT: {:?} is not a URL: {e}",
+            config.endpoint
+        )
+    })?;
+    let client = pb::BillingServiceClient::new(HttpClient::plaintext(), ClientConfig::new(uri));
+    let sender = Arc::new(Sender::new(
+        config.clone(),
+        spool,
+        client.clone(),
+        stats.clone(),
+    ));
+    let task = tokio::spawn(sender.clone().run());
+    let beats = tokio::spawn(heartbeats(config.clone(), client, active));
+    info!(endpoint = %config.endpoint, sample = ?config.sample_interval, batch = ?config.batch_interval, "billing enabled");
+    Ok(((sender, task), beats))
+}
+
+impl BillingTasks {
+    /// What billing counted so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Stops billing in order, all within `within`: the meter task takes
+    /// the changes still in its inbox (a VM stopped just before, e.g. by
+    /// shutdown-on-exit, gets its last samples and its stop notice) and
+    /// hands everything it holds to the writer; the writer commits it
+    /// (fsync); then one last delivery of what the spool holds is tried.
+    /// Whatever the deadline cuts off stays as a later start finds it: an
+    /// unwritten stretch is reported then as a gap, undelivered rows are
+    /// sent then.
+    pub async fn shutdown(self, within: Duration) -> ShutdownReport {
+        let deadline = tokio::time::Instant::now() + within;
+        if let Some((_, task)) = &self.sender {
+            task.abort();
+        }
+        if let Some(task) = &self.heartbeats {
+            task.abort();
+        }
+        self.inbox.close();
+        let mut spooled = finish("meter task", self.meter, deadline).await;
+        if let Some(writer) = self.writer {
+            spooled &= finish("spool writer", writer, deadline).await;
+        }
+        let delivered = match self.sender {
+            Some((sender, task)) => {
+                let _ = task.await;
+                let left = tokio::time::timeout_at(deadline, sender.last_round()).await;
+                matches!(left, Ok(Ok(true)))
+            }
+            None => true,
+        };
+        info!(spooled, delivered, "billing stopped");
+        ShutdownReport { spooled, delivered }
+    }
+}
+
+/// Waits for `task` to end by `deadline`, aborting it after; true if it
+/// ended on its own.
+async fn finish(what: &str, mut task: JoinHandle<()>, deadline: tokio::time::Instant) -> bool {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(_) => true,
+        Err(_) => {
+            task.abort();
+            warn!(
+                task = what,
+                "billing could not finish writing before the deadline; what is unwritten is \
+                 reported as a gap by the next start"
+            );
+            false
+        }
     }
 }
 

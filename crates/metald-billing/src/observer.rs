@@ -6,7 +6,7 @@
 use metald_core::ports::{Observer, UsageSource, VmRecord, VmUsage};
 use metald_core::{VmId, VmState};
 
-use crate::Billing;
+use crate::{Billing, Stats};
 
 /// A VM's VMM as billing sees it.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ impl Observer for Billing {
             (Some(rt), VmState::Running | VmState::Paused) => Some((rt.pid, rt.start_time)),
             _ => None,
         };
-        self.inbox.put(
+        self.put(
             vm.id.to_string(),
             Msg::Changed(VmEvent {
                 id: vm.id.to_string(),
@@ -57,6 +57,14 @@ impl Observer for Billing {
     }
 
     fn vm_removed(&self, id: &VmId) {
-        self.inbox.put(id.to_string(), Msg::Removed(id.to_string()));
+        self.put(id.to_string(), Msg::Removed(id.to_string()));
+    }
+}
+
+impl Billing {
+    fn put(&self, vm: String, msg: Msg) {
+        if self.inbox.put(vm, msg) {
+            Stats::bump(&self.stats.inbox_coalesced);
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::inbox::Inbox;
 use crate::observer::{Msg, VmEvent};
 use crate::spool::{MeterRow, SampleRow};
 use crate::writer::Write;
-use crate::{BillingConfig, now_ns, usage};
+use crate::{BillingConfig, Stats, now_ns, usage};
 
 pub(crate) struct Meter {
     name: String,
@@ -32,20 +32,58 @@ pub(crate) struct Meter {
 }
 
 pub(crate) struct MeterTask {
-    pub(crate) config: BillingConfig,
+    config: BillingConfig,
     /// The spool writer, when billing is enabled. Disk writes happen there,
     /// in order, so sampling never waits for an fsync.
-    pub(crate) writer: Option<mpsc::Sender<Write>>,
+    writer: Option<mpsc::Sender<Write>>,
     /// Meters the previous run left, not yet claimed by a VM event.
-    pub(crate) known: HashMap<String, MeterRow>,
-    pub(crate) meters: HashMap<String, Meter>,
-    pub(crate) buffer: Vec<SampleRow>,
-    pub(crate) dirty: HashMap<String, MeterRow>,
-    pub(crate) latest: Arc<Mutex<HashMap<String, VmUsage>>>,
-    pub(crate) active: Active,
+    known: HashMap<String, MeterRow>,
+    meters: HashMap<String, Meter>,
+    buffer: Vec<SampleRow>,
+    dirty: HashMap<String, MeterRow>,
+    latest: Arc<Mutex<HashMap<String, VmUsage>>>,
+    active: Active,
+    stats: Arc<Stats>,
+}
+
+/// Hands `w` to the writer. A full queue (the spool's disk is slow or
+/// failing) makes the meter task wait here, counted: sampling pauses
+/// instead of samples piling up in memory, and the pause is reported as a
+/// gap once sampling resumes.
+pub(crate) async fn hand(writer: &mpsc::Sender<Write>, stats: &Stats, w: Write) {
+    match writer.try_send(w) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(w)) => {
+            Stats::bump(&stats.sampler_waits);
+            let _ = writer.send(w).await;
+        }
+        // The writer is gone (shutting down): nothing can be written.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
 }
 
 impl MeterTask {
+    pub(crate) fn new(
+        config: BillingConfig,
+        writer: Option<mpsc::Sender<Write>>,
+        known: HashMap<String, MeterRow>,
+        latest: &Arc<Mutex<HashMap<String, VmUsage>>>,
+        active: &Active,
+        stats: &Arc<Stats>,
+    ) -> Self {
+        MeterTask {
+            config,
+            writer,
+            known,
+            meters: HashMap::new(),
+            buffer: Vec::new(),
+            dirty: HashMap::new(),
+            latest: latest.clone(),
+            active: active.clone(),
+            stats: stats.clone(),
+        }
+    }
+
     pub(crate) async fn run(mut self, inbox: Arc<Inbox<Msg>>) {
         let mut sample = tokio::time::interval(self.config.sample_interval);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -85,7 +123,7 @@ impl MeterTask {
         self.known.remove(&id);
         self.flush().await;
         if let Some(w) = &self.writer {
-            let _ = w.send(Write::Removed { vm: id }).await;
+            hand(w, &self.stats, Write::Removed { vm: id }).await;
         }
     }
 
@@ -98,18 +136,15 @@ impl MeterTask {
         t2: i64,
     ) {
         if let Some(w) = &self.writer {
-            // A full queue (the spool's disk is slow) makes the meter task
-            // wait here: sampling pauses, and the pause is reported as a gap.
-            let _ = w
-                .send(Write::Event {
-                    kind,
-                    vm: vm.to_owned(),
-                    name: name.to_owned(),
-                    customer: customer.to_owned(),
-                    t1,
-                    t2,
-                })
-                .await;
+            let ev = Write::Event {
+                kind,
+                vm: vm.to_owned(),
+                name: name.to_owned(),
+                customer: customer.to_owned(),
+                t1,
+                t2,
+            };
+            hand(w, &self.stats, ev).await;
         }
     }
 
@@ -285,6 +320,7 @@ impl MeterTask {
             .unwrap_or_else(|p| p.into_inner())
             .extend(fresh);
         for (id, name, customer, from, to) in gaps {
+            Stats::bump(&self.stats.sampler_stalls);
             warn!(vm_id = %id, stalled_ms = (to - from) / 1_000_000, "billing sampler stalled; reporting a gap");
             self.event("gap", &id, (&name, &customer), from, to).await;
         }
@@ -300,7 +336,7 @@ impl MeterTask {
         }
         let samples = std::mem::take(&mut self.buffer);
         let meters: Vec<MeterRow> = self.dirty.drain().map(|(_, m)| m).collect();
-        let _ = w.send(Write::Append { samples, meters }).await;
+        hand(w, &self.stats, Write::Append { samples, meters }).await;
     }
 }
 
