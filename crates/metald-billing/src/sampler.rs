@@ -178,14 +178,17 @@ impl MeterTask {
                 let (next_seq, last_ts) = match self.known.remove(&ev.id) {
                     Some(row) if row.running == 1 => {
                         // Metered before metald restarted: continue, and
-                        // report the time nothing was sampled.
+                        // report the time nothing was sampled, once (the
+                        // first sample must not report it again as a stall).
                         let gap = self.config.sample_interval.as_nanos() as i64 * 3;
                         if now - row.last_ts > gap {
                             warn!(vm_id = %ev.id, "billing samples missing while metald was down; reporting a gap");
                             self.event("gap", &ev.id, (&ev.name, &ev.customer), row.last_ts, now)
                                 .await;
+                            (row.last_seq + 1, now)
+                        } else {
+                            (row.last_seq + 1, row.last_ts)
                         }
-                        (row.last_seq + 1, row.last_ts)
                     }
                     other => {
                         self.event("started", &ev.id, (&ev.name, &ev.customer), now, 0)
