@@ -183,8 +183,13 @@ fn now_ns() -> i64 {
 }
 
 fn metald_with_billing(port: u16) -> Daemon {
+    metald_with_billing_and(port, &[])
+}
+
+/// metald sending to the receiver on `port`, with more flags.
+fn metald_with_billing_and(port: u16, extra: &[&str]) -> Daemon {
     let endpoint = format!("http://127.0.0.1:{port}");
-    Daemon::start_with(&[
+    let mut args = vec![
         "--auth-mode",
         "dev",
         "--billing-enabled",
@@ -195,7 +200,9 @@ fn metald_with_billing(port: u16) -> Daemon {
         "1s",
         "--billing-heartbeat-interval",
         "1s",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start_with(&args)
 }
 
 async fn boot(d: &Daemon, assets: &Assets, ids: &[&str], extra_args: &str) {
@@ -606,21 +613,7 @@ async fn sigterm_with_shutdown_on_exit_delivers_every_stop_and_no_gap() {
     let assets = Assets::load();
     let recv = Receiver::default();
     let (port, _server) = serve(&recv, 0).await;
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let mut d = Daemon::start_with(&[
-        "--auth-mode",
-        "dev",
-        "--billing-enabled",
-        "true",
-        "--billing-endpoint",
-        &endpoint,
-        "--billing-batch-interval",
-        "1s",
-        "--billing-heartbeat-interval",
-        "1s",
-        "--shutdown-vms-on-exit",
-        "true",
-    ]);
+    let mut d = metald_with_billing_and(port, &["--shutdown-vms-on-exit", "true"]);
     let ids = ["term-a", "term-b"];
     boot(&d, &assets, &ids, "").await;
     until(
@@ -690,21 +683,9 @@ async fn sigterm_leaving_vms_running_keeps_every_sample_taken_and_reports_one_ga
     let assets = Assets::load();
     let recv = Receiver::default();
     let (port, _server) = serve(&recv, 0).await;
-    let endpoint = format!("http://127.0.0.1:{port}");
     // Samples reach the spool only on a sync, an hour apart here: whatever
     // was taken before the stop must be written by the stop itself.
-    let mut d = Daemon::start_with(&[
-        "--auth-mode",
-        "dev",
-        "--billing-enabled",
-        "true",
-        "--billing-endpoint",
-        &endpoint,
-        "--billing-batch-interval",
-        "1s",
-        "--billing-sync-interval",
-        "1h",
-    ]);
+    let mut d = metald_with_billing_and(port, &["--billing-sync-interval", "1h"]);
     let id = "kept";
     boot(&d, &assets, &[id], "").await;
     let start = Instant::now();
