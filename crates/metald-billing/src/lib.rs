@@ -31,6 +31,16 @@
 //! dropped and reported as gaps). The meter task publishes the latest
 //! usage per VM (GetVmInfo) and the list of metered VMs (heartbeats) under
 //! a mutex holding one entry per VM.
+//!
+//! Nothing queued in memory is ever dropped: a full queue makes its
+//! producer wait (the service never does: the inbox replaces instead), and
+//! what the sampler could not sample meanwhile is reported as a gap. Each
+//! wait, retry, drop and parked row is counted in [`Stats`].
+//!
+//! Stopping ([`BillingTasks::shutdown`]) follows the arrows: the inbox is
+//! closed, the meter task takes what is left in it and hands its last
+//! samples and notices over, the writer commits them and ends, then the
+//! sender makes one last round.
 
 mod delivery;
 mod inbox;
