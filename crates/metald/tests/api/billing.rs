@@ -699,6 +699,9 @@ async fn sigterm_leaving_vms_running_keeps_every_sample_taken_and_reports_one_ga
     let stopped_at = now_ns();
     let status = d.stop(Signal::TERM);
     assert!(status.success(), "metald stops cleanly: {status:?}");
+    // metald stays down for a second (a shorter absence than three sample
+    // intervals is no gap): ten samples are not taken.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     d.restart();
     let restarted_at = now_ns();
     until(&recv, "the gap notice", Duration::from_secs(30), |r| {
