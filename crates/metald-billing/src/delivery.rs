@@ -154,13 +154,14 @@ impl Sender {
     }
 
     /// Until the next round: the batch interval, or sooner when a VM that
-    /// backed off may be tried again.
+    /// backed off may be tried again (never less than the first backoff).
     fn next_pause(&self) -> Duration {
         let now = Instant::now();
         locked(&self.waiting)
             .values()
             .map(|(_, at)| at.saturating_duration_since(now))
             .fold(self.config.batch_interval, Duration::min)
+            .max(FIRST_BACKOFF.min(self.config.batch_interval))
     }
 
     /// One try at everything spooled, backoffs ignored (metald is
@@ -193,6 +194,8 @@ impl Sender {
             }
             owners.insert(vm, (name, customer));
         }
+        // A VM with nothing left to send has nothing to back off.
+        locked(&self.waiting).retain(|vm, _| order.contains(vm));
         let now = Instant::now();
         for vm in order {
             if !all
@@ -489,6 +492,31 @@ pub(crate) async fn heartbeats(config: BillingConfig, client: Client, active: Ac
         };
         if let Err(e) = call("SendHeartbeat", client.send_heartbeat(req)).await {
             debug!(error = %e, "billing heartbeat failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_jitters_in_the_upper_half() {
+        let cap = Duration::from_secs(4);
+        for attempt in 1..40 {
+            let full = (FIRST_BACKOFF * 2u32.pow((attempt - 1).min(10))).min(cap);
+            let waits: Vec<Duration> = (0..50).map(|_| backoff(attempt, cap)).collect();
+            assert!(
+                waits.iter().all(|w| *w >= full / 2 && *w <= full),
+                "attempt {attempt}: {waits:?} outside {:?}..={full:?}",
+                full / 2
+            );
+            if full >= Duration::from_secs(1) {
+                assert!(
+                    waits.iter().any(|w| *w != waits[0]),
+                    "attempt {attempt}: waits are jittered"
+                );
+            }
         }
     }
 }
