@@ -413,9 +413,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(_) => warn!("in-flight requests did not finish within the drain timeout"),
     }
     reconciler.abort();
-    for t in billing_tasks.tasks {
-        t.abort();
-    }
     if config.shutdown_vms_on_exit {
         match service.shutdown_all().await {
             Ok(n) => info!(vms = n, "shut VMs down (UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT)"),
@@ -424,6 +421,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         info!("VMs keep running; the next metald adopts them");
     }
+    // Billing last, so it still sees the VMs stop: their final samples and
+    // stop notices are written (fsync) and, if the billing service answers,
+    // sent. Bounded like the drain; what is cut off is reported as a gap by
+    // the next start.
+    billing_tasks.shutdown(config.drain_timeout).await;
     // Checkpoints the write-ahead log into the database file.
     store.close().await;
     info!("stopped cleanly");
