@@ -265,6 +265,9 @@ pub struct Config {
     #[arg(long, env = "UNKEY_METALD_RECONCILE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub reconcile_interval: Duration,
 
+    #[command(flatten)]
+    pub quotas: crate::quotas::QuotaArgs,
+
     /// Shut every VM down (gracefully, within the VM shutdown timeout) when
     /// metald stops. By default VMs keep running and the next metald adopts
     /// them.

@@ -5,6 +5,7 @@
 
 mod config;
 mod network;
+mod quotas;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -348,7 +349,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ServiceConfig {
             default_shutdown_timeout: config.vm_shutdown_timeout,
             assets,
-            ..ServiceConfig::default()
+            quotas: config.quotas.book()?,
+            host: Some(config.quotas.host()?),
         },
     );
     // Before serving: resume interrupted plans, adopt
@@ -377,6 +379,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     };
+
+    let quota_watch = config.quotas.clone().watch(service.clone())?;
 
     let addr = SocketAddr::new(config.address, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -413,6 +417,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(_) => warn!("in-flight requests did not finish within the drain timeout"),
     }
     reconciler.abort();
+    quota_watch.abort();
     if config.shutdown_vms_on_exit {
         match service.shutdown_all().await {
             Ok(n) => info!(vms = n, "shut VMs down (UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT)"),

@@ -11,6 +11,7 @@ mod host_safety;
 mod lifecycle;
 mod listing;
 mod network;
+mod quotas;
 mod readme;
 mod restart;
 mod supervision;
