@@ -123,6 +123,14 @@ struct Layout {
 }
 
 impl Layout {
+    /// Refuses a socket path Firecracker cannot bind. Jailed, it binds the
+    /// path as seen in its chroot (`/run/firecracker.socket`), and metald
+    /// connects through `/proc/self/fd`, so the jail's host path may be
+    /// longer than a socket path can be.
+    fn check_socket(&self) -> Result<(), String> {
+        launch::check_socket_path(Path::new(&self.inside(&self.socket)))
+    }
+
     fn inside(&self, host: &Path) -> String {
         match &self.chroot {
             Some(root) => Path::new("/")
@@ -383,7 +391,7 @@ impl Vmm for FirecrackerBackend {
     async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
         let dir = self.vm_dir(id);
         let layout = self.layout(id);
-        launch::check_socket_path(&layout.socket).map_err(BootError::Refused)?;
+        layout.check_socket().map_err(BootError::Refused)?;
         launch::fresh_dir(&dir)?;
         let spawned = match self.prepare(id, spec, &layout).await {
             Ok(p) => self.spawn(id, &dir, &layout, p),
@@ -586,5 +594,25 @@ mod tests {
         assert_eq!(l.inside(&l.fifo), "/metrics.fifo");
         assert_eq!(l.inside(&l.log_fifo), "/log.fifo");
         assert_eq!(l.inside(&l.socket), "/run/firecracker.socket");
+    }
+
+    #[test]
+    fn a_jailed_socket_is_checked_as_firecracker_binds_it() {
+        let root = PathBuf::from(format!("/{}/jail/root", "d".repeat(120)));
+        let jailed = Layout {
+            socket: root.join("run/firecracker.socket"),
+            log_fifo: root.join("log.fifo"),
+            fifo: root.join("metrics.fifo"),
+            dir: root.clone(),
+            chroot: Some(root.clone()),
+        };
+        assert!(jailed.socket.as_os_str().len() > launch::MAX_SOCKET_PATH);
+        assert_eq!(jailed.check_socket(), Ok(()));
+        // Without the jailer, Firecracker binds the host path itself.
+        let plain = Layout {
+            chroot: None,
+            ..jailed
+        };
+        assert!(plain.check_socket().is_err());
     }
 }
