@@ -321,8 +321,22 @@ fn vmm_state(kind: Kind, socket: &str) -> String {
     }
 }
 
-/// One request to a VMM API socket with curl, as an operator would.
+/// One request to a VMM API socket with curl, as an operator would. A
+/// jail's socket can have a host path longer than a socket address holds:
+/// curl then goes through a short symlink to it.
 fn curl(socket: &str, method: &str, path: &str) -> Value {
+    let short = tempfile::Builder::new()
+        .prefix("mtbk")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let socket = if socket.len() > 107 {
+        let link = short.path().join("s");
+        std::os::unix::fs::symlink(socket, &link).unwrap();
+        link.to_string_lossy().into_owned()
+    } else {
+        socket.to_owned()
+    };
+    let socket = socket.as_str();
     let out = std::process::Command::new("curl")
         .args([
             "-sS",

@@ -75,16 +75,45 @@ async fn info(d: &Daemon, id: &str) -> Value {
     d.ok(T, "GetVmInfo", json!({"vm_id": id})).await
 }
 
-/// The guest's state as Firecracker itself reports it (`GET /`).
+/// The guest's state as Firecracker itself reports it (`GET /`). A jail's
+/// socket path can be longer than a socket address holds: it is reached
+/// through a handle on it.
 fn vmm_state(socket: &Path) -> String {
     use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    use std::os::fd::AsRawFd;
+    let fd = rustix::fs::open(
+        socket,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let mut s =
+        std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    // Firecracker keeps the connection open: read the head, then exactly
+    // the body its Content-Length announces.
+    let mut r = std::io::BufReader::new(s);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     v["state"].as_str().unwrap_or("?").to_owned()
 }
 
