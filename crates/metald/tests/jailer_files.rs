@@ -149,6 +149,37 @@ async fn a_writable_drive_is_cloned_or_refused_and_the_original_never_changes() 
             "the VM's own clone"
         );
         assert_ne!(m.ino(), before.ino());
+        // Each Firecracker process gets a clone of its own: what was
+        // written to one is gone at the next boot, which clones the
+        // untouched original again.
+        use std::os::unix::fs::FileExt;
+        let head = |p: &Path| {
+            let mut b = [0u8; 8];
+            std::fs::File::open(p)
+                .unwrap()
+                .read_exact_at(&mut b, 0)
+                .unwrap();
+            b
+        };
+        let original = head(&data);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&clone)
+            .unwrap()
+            .write_all_at(b"scribble", 0)
+            .unwrap();
+        d.ok(T, "ShutdownVm", json!({"vm_id": "rw", "force": true}))
+            .await;
+        keeps_owner_and_mode(&data, &before);
+        assert_eq!(head(&data), original, "the original is never written");
+        d.ok(T, "BootVm", json!({"vm_id": "rw"})).await;
+        let again = std::fs::metadata(&clone).unwrap();
+        assert_eq!(
+            (again.uid(), again.mode() & 0o777),
+            (uid, 0o600),
+            "a new clone"
+        );
+        assert_eq!(head(&clone), original, "a fresh clone of the original");
     } else {
         let (code, message) = booted.expect_err("no clone without reflinks");
         assert_eq!(code, "failed_precondition", "{message}");
@@ -163,14 +194,19 @@ async fn a_writable_drive_is_cloned_or_refused_and_the_original_never_changes() 
             "no jail left"
         );
     }
-    let after = std::fs::metadata(&data).unwrap();
+    keeps_owner_and_mode(&data, &before);
+    d.ok(T, "DeleteVm", json!({"vm_id": "rw", "force": true}))
+        .await;
+    keeps_owner_and_mode(&data, &before);
+}
+
+fn keeps_owner_and_mode(data: &Path, before: &std::fs::Metadata) {
+    let after = std::fs::metadata(data).unwrap();
     assert_eq!(
         (after.uid(), after.gid(), after.mode()),
         (before.uid(), before.gid(), before.mode()),
         "the tenant's file keeps its owner and mode"
     );
-    d.ok(T, "DeleteVm", json!({"vm_id": "rw", "force": true}))
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
