@@ -325,18 +325,16 @@ fn vmm_state(kind: Kind, socket: &str) -> String {
 /// jail's socket can have a host path longer than a socket address holds:
 /// curl then goes through a short symlink to it.
 fn curl(socket: &str, method: &str, path: &str) -> Value {
-    let short = tempfile::Builder::new()
-        .prefix("mtbk")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let socket = if socket.len() > 107 {
-        let link = short.path().join("s");
-        std::os::unix::fs::symlink(socket, &link).unwrap();
-        link.to_string_lossy().into_owned()
-    } else {
-        socket.to_owned()
-    };
-    let socket = socket.as_str();
+    let short = (socket.len() > 107).then(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("mtbk")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::os::unix::fs::symlink(socket, dir.path().join("s")).unwrap();
+        dir
+    });
+    let link = short.as_ref().map(|d| d.path().join("s"));
+    let socket = link.as_deref().map_or(socket, |l| l.to_str().unwrap());
     let out = std::process::Command::new("curl")
         .args([
             "-sS",
