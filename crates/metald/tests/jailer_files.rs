@@ -21,8 +21,19 @@ fn binary(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| panic!("{var}: set it to the binary's path"))
 }
 
+fn cgroup_parent(tag: &str) -> String {
+    format!("metald-jailfiles-{tag}")
+}
+
+/// Removes the (empty) parent cgroups the jailer made for test `tag`.
+fn remove_parent_cgroups(tag: &str) {
+    for c in ["cpu", "memory", ""] {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(cgroup_parent(tag)));
+    }
+}
+
 fn jailed_daemon(tag: &str, uid_start: &str) -> Daemon {
-    let parent = format!("metald-jailfiles-{tag}");
+    let parent = cgroup_parent(tag);
     Daemon::start_with(&[
         "--auth-mode",
         "dev",
@@ -198,6 +209,7 @@ async fn a_writable_drive_is_cloned_or_refused_and_the_original_never_changes() 
     d.ok(T, "DeleteVm", json!({"vm_id": "rw", "force": true}))
         .await;
     keeps_owner_and_mode(&data, &before);
+    remove_parent_cgroups("rw");
 }
 
 fn keeps_owner_and_mode(data: &Path, before: &std::fs::Metadata) {
@@ -244,4 +256,5 @@ async fn a_socket_link_planted_in_a_jail_is_not_followed() {
         d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
             .await;
     }
+    remove_parent_cgroups("link");
 }
