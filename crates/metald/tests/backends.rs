@@ -321,8 +321,20 @@ fn vmm_state(kind: Kind, socket: &str) -> String {
     }
 }
 
-/// One request to a VMM API socket with curl, as an operator would.
+/// One request to a VMM API socket with curl, as an operator would. A
+/// jail's socket can have a host path longer than a socket address holds:
+/// curl then goes through a short symlink to it.
 fn curl(socket: &str, method: &str, path: &str) -> Value {
+    let short = (socket.len() > 107).then(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("mtbk")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::os::unix::fs::symlink(socket, dir.path().join("s")).unwrap();
+        dir
+    });
+    let link = short.as_ref().map(|d| d.path().join("s"));
+    let socket = link.as_deref().map_or(socket, |l| l.to_str().unwrap());
     let out = std::process::Command::new("curl")
         .args([
             "-sS",
@@ -479,39 +491,35 @@ fn assert_gone(d: &Daemon, b: &Backend, id: &str, pids: &[i32]) {
         let jails = keyed(&d.data_dir.join("jailer/firecracker"), id);
         assert!(jails.is_empty(), "jail is left: {jails:?}");
     }
-    let parents: Vec<PathBuf> = cgroup_dirs(id)
-        .iter()
-        .filter_map(|c| c.parent().map(Path::to_path_buf))
-        .collect();
-    for cg in parents.iter().flat_map(|p| keyed(p, id)) {
-        assert!(!cg.exists(), "cgroup {} is left", cg.display());
+    for parent in cgroup_parents(id) {
+        let left = keyed(&parent, id);
+        assert!(left.is_empty(), "cgroups are left: {left:?}");
         // The trial's own parent goes too (the jailer or metald made it).
-        if let Some(parent) = cg.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
+        let _ = std::fs::remove_dir(parent);
     }
 }
 
-/// Where a VM's cgroups are, on a v1 (cpu, memory) or v2 host.
-fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+/// Where the cgroups of trial `id`'s VMs are (one directory per VM, named
+/// by its key), on a v1 (cpu, memory) or v2 host.
+fn cgroup_parents(id: &str) -> Vec<PathBuf> {
     ["cpu", "memory", ""]
         .iter()
-        .map(|c| {
-            Path::new("/sys/fs/cgroup")
-                .join(c)
-                .join(cgroup_parent(id))
-                .join(id)
-        })
+        .map(|c| Path::new("/sys/fs/cgroup").join(c).join(cgroup_parent(id)))
         .collect()
 }
 
-/// Asserts the VMM runs in the VM's own cgroups.
-fn assert_in_cgroups(id: &str, pid: i32) {
-    let homes: Vec<PathBuf> = cgroup_dirs(id)
+/// Where a VM's cgroups are: under its trial's parent, named by its key.
+fn cgroup_dirs(id: &str, key: &str) -> Vec<PathBuf> {
+    cgroup_parents(id).iter().map(|p| p.join(key)).collect()
+}
+
+/// Asserts the VMM runs in the cgroups of VM `key` (of trial `id`).
+fn assert_in_cgroups(id: &str, key: &str, pid: i32) {
+    let homes: Vec<PathBuf> = cgroup_dirs(id, key)
         .into_iter()
         .filter(|d| d.join("cgroup.procs").exists())
         .collect();
-    assert!(!homes.is_empty(), "no cgroup for {id}");
+    assert!(!homes.is_empty(), "no cgroup for {key}");
     for d in homes {
         let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
         assert!(
@@ -550,7 +558,7 @@ fn full_lifecycle(b: Backend) -> Result<(), Failed> {
             b.kind,
             Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
         ) {
-            assert_in_cgroups(v["backendInfo"]["vm_key"].as_str().unwrap(), pid_of(&v));
+            assert_in_cgroups(id, v["backendInfo"]["vm_key"].as_str().unwrap(), pid_of(&v));
         }
         if let Kind::Firecracker { jailed: true } = b.kind {
             let pid = pid_of(&v);
@@ -745,11 +753,16 @@ fn orphans_swept(b: Backend) -> Result<(), Failed> {
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
-        let ghost: Vec<PathBuf> = cgroup_dirs(id)
+        let ghost: Vec<PathBuf> = cgroup_parents(id)
             .into_iter()
             .filter(|c| c.exists())
-            .map(|c| c.with_file_name("ghost-vm"))
+            .map(|c| c.join("ghost-vm"))
             .collect();
+        let has_cgroups = matches!(
+            b.kind,
+            Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
+        );
+        assert_eq!(!ghost.is_empty(), has_cgroups, "the VM's cgroup parents");
         for g in &ghost {
             std::fs::create_dir(g).unwrap();
         }

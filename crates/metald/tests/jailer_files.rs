@@ -21,8 +21,19 @@ fn binary(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| panic!("{var}: set it to the binary's path"))
 }
 
+fn cgroup_parent(tag: &str) -> String {
+    format!("metald-jailfiles-{tag}")
+}
+
+/// Removes the (empty) parent cgroups the jailer made for test `tag`.
+fn remove_parent_cgroups(tag: &str) {
+    for c in ["cpu", "memory", ""] {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(cgroup_parent(tag)));
+    }
+}
+
 fn jailed_daemon(tag: &str, uid_start: &str) -> Daemon {
-    let parent = format!("metald-jailfiles-{tag}");
+    let parent = cgroup_parent(tag);
     Daemon::start_with(&[
         "--auth-mode",
         "dev",
@@ -75,16 +86,45 @@ async fn info(d: &Daemon, id: &str) -> Value {
     d.ok(T, "GetVmInfo", json!({"vm_id": id})).await
 }
 
-/// The guest's state as Firecracker itself reports it (`GET /`).
+/// The guest's state as Firecracker itself reports it (`GET /`). A jail's
+/// socket path can be longer than a socket address holds: it is reached
+/// through a handle on it.
 fn vmm_state(socket: &Path) -> String {
     use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    use std::os::fd::AsRawFd;
+    let fd = rustix::fs::open(
+        socket,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let mut s =
+        std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    // Firecracker keeps the connection open: read the head, then exactly
+    // the body its Content-Length announces.
+    let mut r = std::io::BufReader::new(s);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     v["state"].as_str().unwrap_or("?").to_owned()
 }
 
@@ -120,6 +160,37 @@ async fn a_writable_drive_is_cloned_or_refused_and_the_original_never_changes() 
             "the VM's own clone"
         );
         assert_ne!(m.ino(), before.ino());
+        // Each Firecracker process gets a clone of its own: what was
+        // written to one is gone at the next boot, which clones the
+        // untouched original again.
+        use std::os::unix::fs::FileExt;
+        let head = |p: &Path| {
+            let mut b = [0u8; 8];
+            std::fs::File::open(p)
+                .unwrap()
+                .read_exact_at(&mut b, 0)
+                .unwrap();
+            b
+        };
+        let original = head(&data);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&clone)
+            .unwrap()
+            .write_all_at(b"scribble", 0)
+            .unwrap();
+        d.ok(T, "ShutdownVm", json!({"vm_id": "rw", "force": true}))
+            .await;
+        keeps_owner_and_mode(&data, &before);
+        assert_eq!(head(&data), original, "the original is never written");
+        d.ok(T, "BootVm", json!({"vm_id": "rw"})).await;
+        let again = std::fs::metadata(&clone).unwrap();
+        assert_eq!(
+            (again.uid(), again.mode() & 0o777),
+            (uid, 0o600),
+            "a new clone"
+        );
+        assert_eq!(head(&clone), original, "a fresh clone of the original");
     } else {
         let (code, message) = booted.expect_err("no clone without reflinks");
         assert_eq!(code, "failed_precondition", "{message}");
@@ -134,14 +205,20 @@ async fn a_writable_drive_is_cloned_or_refused_and_the_original_never_changes() 
             "no jail left"
         );
     }
-    let after = std::fs::metadata(&data).unwrap();
+    keeps_owner_and_mode(&data, &before);
+    d.ok(T, "DeleteVm", json!({"vm_id": "rw", "force": true}))
+        .await;
+    keeps_owner_and_mode(&data, &before);
+    remove_parent_cgroups("rw");
+}
+
+fn keeps_owner_and_mode(data: &Path, before: &std::fs::Metadata) {
+    let after = std::fs::metadata(data).unwrap();
     assert_eq!(
         (after.uid(), after.gid(), after.mode()),
         (before.uid(), before.gid(), before.mode()),
         "the tenant's file keeps its owner and mode"
     );
-    d.ok(T, "DeleteVm", json!({"vm_id": "rw", "force": true}))
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,4 +256,5 @@ async fn a_socket_link_planted_in_a_jail_is_not_followed() {
         d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
             .await;
     }
+    remove_parent_cgroups("link");
 }

@@ -3,15 +3,26 @@
 //! inside the VM's network namespace and in per-VM cgroups.
 //!
 //! The jailer makes the chroot, its device nodes and the cgroups, and
-//! hands the chroot to the VM's uid; metald puts the guest's files in
-//! first ([`super::jailfiles`]: never changing a file it did not create)
-//! and removes the whole jail and the cgroups when the VM is deleted. A
+//! hands the chroot to the VM's uid; metald makes the jail and puts the
+//! guest's files, the FIFOs and `run/` in first (`prepare_jail`, with
+//! [`super::jailfiles`]: never changing a file it did not create), picks
+//! the VM's uid and builds the jailer's command line. metald removes the
+//! whole jail and the cgroups when the VM is deleted. A
 //! marker file in the jail names the VM, so a jail is never removed for
 //! another.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use metald_core::ports::BootError;
 use metald_core::vm::{VmId, VmSpec};
+use tracing::warn;
+
+use super::jailfiles::JailDir;
+use super::prepare::{
+    GuestFiles, INITRD, KERNEL, LOG_FIFO, METRICS_FIFO, Prepared, drive_field, drive_name,
+};
+use super::{FirecrackerBackend, JailRecord, LOG_LEVEL, Layout};
+use crate::{launch, process};
 
 /// Settings of jailer mode.
 #[derive(Debug, Clone)]
@@ -115,6 +126,173 @@ impl JailerConfig {
             version: self.cgroup_version,
             parent: self.parent_cgroup.clone(),
         }
+    }
+}
+
+impl FirecrackerBackend {
+    /// Makes a fresh jail for `id` holding the guest's files and FIFOs,
+    /// picks the VM's uid and hands it what the VMM writes, and returns the
+    /// jailer's command. Everything is in place before the jailer hands the
+    /// jail to that uid.
+    pub(super) async fn prepare_jail(
+        &self,
+        jc: &JailerConfig,
+        jail: &Jail,
+        id: &VmId,
+        spec: &VmSpec,
+        netns: Option<&str>,
+        layout: &Layout,
+    ) -> Result<Prepared<'_>, BootError> {
+        if !jail.owned_by(id) {
+            warn!(vm_id = %id, jail = %jail.dir.display(), "jail id taken by another VM");
+            return Err(BootError::Failed(format!(
+                "the VM's jail id {} is already used by another VM",
+                jail.id
+            )));
+        }
+        // The cgroups stay: the jailer reuses and rewrites them.
+        jail.remove(id).map_err(BootError::Failed)?;
+        std::fs::create_dir_all(&jail.root)
+            .and_then(|()| std::fs::write(jail.dir.join(OWNER_FILE), id.as_str()))
+            .map_err(|e| {
+                BootError::Failed(launch::host_failure(
+                    "create the VM's jail",
+                    format_args!("{}: {e}", jail.dir.display()),
+                ))
+            })?;
+        let files = self.place_files(spec, &jail.root).await?;
+        let root = JailDir::open(&jail.root)?;
+        root.make_dir("run")?;
+        root.make_fifo(LOG_FIFO)?;
+        root.make_fifo(METRICS_FIFO)?;
+
+        let guard = self.uid_lock.lock().await;
+        let uid = self.free_uid(jc, id).map_err(BootError::Failed)?;
+        let owner = (uid, uid);
+        let writable = spec
+            .disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.read_only)
+            .map(|(i, _)| drive_name(i));
+        for name in ["run".to_owned(), LOG_FIFO.into(), METRICS_FIFO.into()]
+            .into_iter()
+            .chain(writable)
+        {
+            root.hand_over(&name, owner)?;
+        }
+        let rec = JailRecord {
+            jail_id: jail.id.clone(),
+            uid,
+        };
+        serde_json::to_vec(&rec)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(self.vm_dir(id).join("jail.json"), b))
+            .map_err(|e| BootError::Failed(launch::host_failure("record the VM's jail", e)))?;
+        Ok(Prepared {
+            cmd: self.jailer_command(jc, &jail.id, uid, spec, netns, layout),
+            owner: Some(owner),
+            files,
+            uid_guard: Some(guard),
+        })
+    }
+
+    /// Puts kernel, initrd and drives into the jail (off the async
+    /// runtime: a copy may be large).
+    async fn place_files(&self, spec: &VmSpec, root: &Path) -> Result<GuestFiles, BootError> {
+        let root = root.to_path_buf();
+        let kernel = spec.kernel.clone();
+        let initrd = spec.initrd.clone();
+        let disks: Vec<(PathBuf, bool, String)> = spec
+            .disks
+            .iter()
+            .map(|d| (d.path.clone(), d.read_only, drive_field(&d.id)))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let jail = JailDir::open(&root)?;
+            jail.place_read_only(&kernel, KERNEL, "config.boot.kernel_path")?;
+            if let Some(p) = &initrd {
+                jail.place_read_only(p, INITRD, "config.boot.initrd_path")?;
+            }
+            let mut drives = Vec::new();
+            for (i, (path, read_only, field)) in disks.iter().enumerate() {
+                let name = drive_name(i);
+                if *read_only {
+                    jail.place_read_only(path, &name, field)?;
+                } else {
+                    jail.place_writable(path, &name, field)?;
+                }
+                drives.push(format!("/{name}"));
+            }
+            Ok(GuestFiles {
+                kernel: format!("/{KERNEL}"),
+                initrd: initrd.map(|_| format!("/{INITRD}")),
+                drives,
+            })
+        })
+        .await
+        .map_err(|e| BootError::Failed(launch::host_failure("place the VM's files", e)))?
+    }
+
+    fn jailer_command(
+        &self,
+        jc: &JailerConfig,
+        jail_id: &str,
+        uid: u32,
+        spec: &VmSpec,
+        netns: Option<&str>,
+        layout: &Layout,
+    ) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&jc.binary);
+        cmd.arg("--id")
+            .arg(jail_id)
+            .arg("--exec-file")
+            .arg(&self.config.binary)
+            .arg("--uid")
+            .arg(uid.to_string())
+            .arg("--gid")
+            .arg(uid.to_string())
+            .arg("--chroot-base-dir")
+            .arg(&jc.chroot_base)
+            .arg("--cgroup-version")
+            .arg(jc.cgroup_version.to_string())
+            .arg("--parent-cgroup")
+            .arg(&jc.parent_cgroup)
+            .args(cgroup_args(jc.cgroup_version, spec));
+        if let Some(ns) = netns {
+            cmd.arg("--netns").arg(Path::new("/run/netns").join(ns));
+        }
+        cmd.arg("--")
+            .arg("--api-sock")
+            .arg("/run/firecracker.socket")
+            .arg("--log-path")
+            .arg(layout.inside(&layout.log_fifo))
+            .args(["--level", LOG_LEVEL]);
+        cmd
+    }
+
+    /// The lowest uid of the range no other jailed VM on this host holds.
+    fn free_uid(&self, config: &JailerConfig, me: &VmId) -> Result<u32, String> {
+        // Held only while the VM's recorded VMM runs: a stopped VM frees
+        // its uid.
+        let taken: Vec<u32> = launch::vm_dirs(&self.config.state_dir)
+            .into_iter()
+            .filter(|id| id != me)
+            .filter(|id| {
+                launch::recorded_spawn(&self.vm_dir(id))
+                    .is_some_and(|r| process::is_alive(r.pid, r.start_time))
+            })
+            .filter_map(|id| self.jail_record(&id).map(|r| r.uid))
+            .collect();
+        let end = config.uid_start.saturating_add(config.uid_count);
+        (config.uid_start..end)
+            .find(|u| !taken.contains(u))
+            .ok_or_else(|| {
+                format!(
+                    "every uid of the jailer range {}..{end} is held by a running VM",
+                    config.uid_start
+                )
+            })
     }
 }
 

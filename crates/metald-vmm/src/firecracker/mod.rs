@@ -2,6 +2,13 @@
 //! over its API socket with typed requests ([`api`]), optionally run
 //! through the `jailer` ([`jailer`]).
 //!
+//! By job: `prepare.rs` (the command and FIFOs, the spawn), [`jailer`]
+//! (the jail, its files, the uid and the jailer's command line),
+//! `layout.rs` (where the socket and FIFOs are), `configure.rs` (the API
+//! calls that configure and start the guest), `find.rs` (finding this
+//! backend's processes, jails and cgroups on the host), [`metrics`] and
+//! [`logfifo`] (what metald reads from the FIFOs).
+//!
 //! A VM's files live in `<state_dir>/<vm_id>/`: `vmm.json` (spawn record),
 //! `console.log` (the guest's serial console: Firecracker's stdout),
 //! `stderr.log`, `firecracker.log` (Firecracker's own log, copied there
@@ -23,9 +30,11 @@
 //! | delete      | SIGKILL, remove the VM directory, jail and cgroups       |
 
 pub mod api;
+mod configure;
 mod find;
 pub mod jailer;
 pub mod jailfiles;
+mod layout;
 pub mod logfifo;
 pub mod metrics;
 mod prepare;
@@ -50,10 +59,9 @@ use crate::http::Endpoint;
 use crate::launch;
 use crate::logcap::LogCap;
 use crate::process::{self, Children};
-use crate::ratelimit::RateLimiter;
-use api::{ActionType, ApiError, Client};
+use api::{ActionType, Client};
 use jailer::{Jail, JailerConfig};
-use prepare::{GuestFiles, LOG_FIFO, METRICS_FIFO};
+use layout::Layout;
 
 /// The backend's name in `UNKEY_METALD_BACKEND` and `backend_info`.
 pub const NAME: &str = "firecracker";
@@ -105,40 +113,6 @@ pub struct FirecrackerBackend {
 struct Pipes {
     metrics: Option<metrics::Reader>,
     _log: Option<logfifo::Copier>,
-}
-
-/// Where a VM's Firecracker reads and writes, as the host sees them and as
-/// Firecracker sees them (the same without the jailer).
-struct Layout {
-    socket: PathBuf,
-    /// Firecracker's `--log-path`, a FIFO.
-    log_fifo: PathBuf,
-    /// The metrics FIFO.
-    fifo: PathBuf,
-    /// The directory holding the FIFOs and the socket: the jail root, or
-    /// the VM directory.
-    dir: PathBuf,
-    /// Prefix turning a host path in the chroot into Firecracker's view.
-    chroot: Option<PathBuf>,
-}
-
-impl Layout {
-    fn inside(&self, host: &Path) -> String {
-        match &self.chroot {
-            Some(root) => Path::new("/")
-                .join(host.strip_prefix(root).unwrap_or(host))
-                .to_string_lossy()
-                .into_owned(),
-            None => host.to_string_lossy().into_owned(),
-        }
-    }
-}
-
-fn refused(e: ApiError) -> BootError {
-    match e {
-        ApiError::Refused { .. } => BootError::Refused(e.to_string()),
-        ApiError::Call(m) => BootError::Failed(m),
-    }
 }
 
 impl FirecrackerBackend {
@@ -231,104 +205,6 @@ impl FirecrackerBackend {
             .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
-    fn layout(&self, id: &VmId) -> Layout {
-        match self.jail(id) {
-            Some(jail) => Layout {
-                socket: jail.socket(),
-                log_fifo: jail.root.join(LOG_FIFO),
-                fifo: jail.root.join(METRICS_FIFO),
-                dir: jail.root.clone(),
-                chroot: Some(jail.root),
-            },
-            None => {
-                let dir = self.vm_dir(id);
-                Layout {
-                    socket: dir.join("firecracker.sock"),
-                    log_fifo: dir.join(LOG_FIFO),
-                    fifo: dir.join(METRICS_FIFO),
-                    dir,
-                    chroot: None,
-                }
-            }
-        }
-    }
-
-    /// Configures a Firecracker that answers on its socket and starts the
-    /// guest.
-    async fn configure_and_start(
-        &self,
-        spec: &VmSpec,
-        layout: &Layout,
-        files: GuestFiles,
-        fc: &Client,
-    ) -> Result<(), BootError> {
-        fc.put(
-            "/machine-config",
-            &api::MachineConfig {
-                vcpu_count: spec.vcpus,
-                mem_size_mib: spec.memory_bytes >> 20,
-                smt: false,
-            },
-        )
-        .await
-        .map_err(refused)?;
-        fc.put(
-            "/boot-source",
-            &api::BootSource {
-                kernel_image_path: files.kernel,
-                initrd_path: files.initrd,
-                boot_args: Some(launch::kernel_cmdline(spec, DEFAULT_KERNEL_ARGS)),
-            },
-        )
-        .await
-        .map_err(refused)?;
-        // The root device first, as Firecracker expects (VmSpec sorts so).
-        for (d, path) in spec.disks.iter().zip(files.drives) {
-            let drive = api::Drive {
-                drive_id: d.id.clone(),
-                path_on_host: path,
-                is_root_device: d.is_root,
-                is_read_only: d.read_only,
-                rate_limiter: RateLimiter::from_options(&d.options).map_err(BootError::Refused)?,
-            };
-            fc.put(&format!("/drives/{}", d.id), &drive)
-                .await
-                .map_err(refused)?;
-        }
-        for (i, n) in spec.nics.iter().enumerate() {
-            let Some(att) = &n.attachment else { continue };
-            let iface = api::NetworkInterface {
-                iface_id: format!("eth{i}"),
-                host_dev_name: att.tap.clone(),
-                guest_mac: Some(att.mac.clone()),
-                rx_rate_limiter: api::RateLimiter::bytes_per_sec(n.rx_bytes_per_sec),
-                tx_rate_limiter: api::RateLimiter::bytes_per_sec(n.tx_bytes_per_sec),
-            };
-            fc.put(&format!("/network-interfaces/eth{i}"), &iface)
-                .await
-                .map_err(refused)?;
-        }
-        fc.put(
-            "/metrics",
-            &api::Metrics {
-                metrics_path: layout.inside(&layout.fifo),
-            },
-        )
-        .await
-        .map_err(refused)?;
-        fc.action(ActionType::InstanceStart)
-            .await
-            .map_err(refused)?;
-        let info = fc.info().await.map_err(refused)?;
-        if info.state != "Running" {
-            return Err(BootError::Failed(format!(
-                "firecracker reports {:?} after InstanceStart, expected Running",
-                info.state
-            )));
-        }
-        Ok(())
-    }
-
     /// Starts reading the VM's metrics and log FIFOs (reached without
     /// following links: the jailed VMM owns their directory), and keeps
     /// its logs under the cap.
@@ -383,7 +259,7 @@ impl Vmm for FirecrackerBackend {
     async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
         let dir = self.vm_dir(id);
         let layout = self.layout(id);
-        launch::check_socket_path(&layout.socket).map_err(BootError::Refused)?;
+        layout.check_socket().map_err(BootError::Refused)?;
         launch::fresh_dir(&dir)?;
         let spawned = match self.prepare(id, spec, &layout).await {
             Ok(p) => self.spawn(id, &dir, &layout, p),
@@ -567,24 +443,5 @@ impl Vmm for FirecrackerBackend {
             let _ = tokio::time::timeout(Duration::from_millis(200), next).await;
         }
         Some(totals.get())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layout_maps_jail_paths_to_firecrackers_view() {
-        let l = Layout {
-            socket: "/j/root/run/firecracker.socket".into(),
-            log_fifo: "/j/root/log.fifo".into(),
-            fifo: "/j/root/metrics.fifo".into(),
-            dir: "/j/root".into(),
-            chroot: Some("/j/root".into()),
-        };
-        assert_eq!(l.inside(&l.fifo), "/metrics.fifo");
-        assert_eq!(l.inside(&l.log_fifo), "/log.fifo");
-        assert_eq!(l.inside(&l.socket), "/run/firecracker.socket");
     }
 }
