@@ -15,6 +15,14 @@ const TAIL: u64 = 4096;
 /// What the kernel prints when it powers the machine off.
 const POWER_DOWN: &str = "reboot: Power down";
 
+/// [`powered_off`] for the `console.log` every backend keeps in a VM's
+/// directory, read on the blocking pool.
+pub async fn vm_powered_off(vm_dir: std::path::PathBuf) -> bool {
+    tokio::task::spawn_blocking(move || powered_off(&vm_dir.join("console.log")))
+        .await
+        .unwrap_or(false)
+}
+
 /// Whether the last line of `console` that the kernel could have written
 /// says the guest powered off.
 pub fn powered_off(console: &Path) -> bool {

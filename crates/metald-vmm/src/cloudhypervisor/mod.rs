@@ -388,6 +388,24 @@ impl Vmm for CloudHypervisorBackend {
         Ok(status)
     }
 
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        launch::check_backend(rt, NAME)?;
+        let info = Client::new(&rt.socket)
+            .info()
+            .await
+            .map_err(|e| e.to_string())?;
+        match info.state.as_str() {
+            "Running" => Ok(GuestStatus::Running),
+            "Paused" => Ok(GuestStatus::Paused),
+            "Shutdown" => Ok(GuestStatus::Halted),
+            other => Err(format!("guest is in Cloud Hypervisor state {other:?}")),
+        }
+    }
+
+    async fn powered_off(&self, id: &VmId) -> bool {
+        crate::guest_end::vm_powered_off(self.vm_dir(id)).await
+    }
+
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
         self.children.wait_exit(rt.pid, rt.start_time)
     }
@@ -407,21 +425,23 @@ impl Vmm for CloudHypervisorBackend {
 
     async fn scan(&self) -> HostResources {
         let state_dir = self.config.state_dir.clone();
-        let mut dirs = launch::vm_dirs(&self.config.state_dir);
-        // A cgroup left by a crash is found by its name, the VM id.
-        if let Some(cg) = &self.config.cgroups {
-            dirs.extend(
-                cgroup::names(cg)
-                    .iter()
-                    .filter_map(|n| VmId::parse(n, "cgroup").ok()),
-            );
-            dirs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-            dirs.dedup();
-        }
-        HostResources {
-            processes: launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
-            dirs,
-        }
+        launch::off_runtime(|| {
+            let mut dirs = launch::vm_dirs(&self.config.state_dir);
+            // A cgroup left by a crash is found by its name, the VM id.
+            if let Some(cg) = &self.config.cgroups {
+                dirs.extend(
+                    cgroup::names(cg)
+                        .iter()
+                        .filter_map(|n| VmId::parse(n, "cgroup").ok()),
+                );
+                dirs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                dirs.dedup();
+            }
+            HostResources {
+                processes: launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
+                dirs,
+            }
+        })
     }
 
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {

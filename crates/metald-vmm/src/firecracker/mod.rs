@@ -241,8 +241,12 @@ impl FirecrackerBackend {
         let jail_id = self.jail_record(id).map(|r| r.jail_id);
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
         if let (Some(jc), Some(jail)) = (&self.config.jailer, self.jail(id)) {
-            jail.remove(id)?;
-            cgroup::remove(&jc.cgroups(), jail_id.as_deref().unwrap_or(&jail.id))
+            let jail_id = jail_id.unwrap_or_else(|| jail.id.clone());
+            let owner = id.clone();
+            tokio::task::spawn_blocking(move || jail.remove(&owner))
+                .await
+                .map_err(|e| launch::host_failure("remove the VM's jail", e))??;
+            cgroup::remove(&jc.cgroups(), &jail_id)
                 .await
                 .map_err(|e| launch::host_failure("remove the VM's cgroups", e))?;
         }
@@ -382,6 +386,24 @@ impl Vmm for FirecrackerBackend {
         Ok(status)
     }
 
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        launch::check_backend(rt, NAME)?;
+        let info = self
+            .client(&rt.socket)
+            .info()
+            .await
+            .map_err(|e| e.to_string())?;
+        match info.state.as_str() {
+            "Running" => Ok(GuestStatus::Running),
+            "Paused" => Ok(GuestStatus::Paused),
+            other => Err(format!("guest is in Firecracker state {other:?}")),
+        }
+    }
+
+    async fn powered_off(&self, id: &VmId) -> bool {
+        crate::guest_end::vm_powered_off(self.vm_dir(id)).await
+    }
+
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
         self.children.wait_exit(rt.pid, rt.start_time)
     }
@@ -401,7 +423,7 @@ impl Vmm for FirecrackerBackend {
     }
 
     async fn scan(&self) -> HostResources {
-        self.find_on_host()
+        launch::off_runtime(|| self.find_on_host())
     }
 
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {

@@ -116,6 +116,25 @@ pub fn kernel_cmdline(spec: &VmSpec, default: &str) -> String {
     cmdline
 }
 
+/// Runs blocking file-system work (a `/proc` scan, a tree removal) off
+/// the async workers where the runtime allows it, so one slow disk cannot
+/// stall the API; on a single-threaded runtime (unit tests) it runs as is.
+pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// [`remove_dir`] on the blocking pool: a jail holding copied images can
+/// take seconds to remove.
+pub async fn remove_dir_off_runtime(dir: &Path) -> Result<(), String> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || remove_dir(&dir))
+        .await
+        .map_err(|e| host_failure("remove the VM's files", e))?
+}
+
 /// Removes a directory tree; a missing one is not an error.
 pub fn remove_dir(dir: &Path) -> Result<(), String> {
     match std::fs::remove_dir_all(dir) {

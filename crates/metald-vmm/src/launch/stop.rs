@@ -8,7 +8,7 @@ use std::time::Duration;
 use metald_core::ports::{StopMode, VmmRuntime};
 use tracing::warn;
 
-use super::{recorded_spawn, remove_dir};
+use super::{recorded_spawn, remove_dir_off_runtime};
 use crate::process::{self, Children};
 
 /// Stops the VMM in `rt`: in graceful mode asks the guest to power off
@@ -67,5 +67,5 @@ pub async fn kill_and_remove(
     for (pid, start_time) in known {
         children.kill_and_forget(pid, start_time).await?;
     }
-    remove_dir(dir)
+    remove_dir_off_runtime(dir).await
 }

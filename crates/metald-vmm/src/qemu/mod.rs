@@ -277,10 +277,7 @@ impl Vmm for QemuBackend {
     }
 
     async fn powered_off(&self, id: &VmId) -> bool {
-        let console = self.vm_dir(id).join("console.log");
-        tokio::task::spawn_blocking(move || crate::guest_end::powered_off(&console))
-            .await
-            .unwrap_or(false)
+        crate::guest_end::vm_powered_off(self.vm_dir(id)).await
     }
 
     async fn release(&self, id: &VmId, rt: &VmmRuntime) {
@@ -294,10 +291,10 @@ impl Vmm for QemuBackend {
         // A QEMU of this metald names the VM (`-name metald-<id>`) and has
         // its QMP socket under this state directory.
         let state_dir = self.config.state_dir.to_string_lossy().into_owned();
-        HostResources {
+        launch::off_runtime(|| HostResources {
             processes: launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
             dirs: launch::vm_dirs(&self.config.state_dir),
-        }
+        })
     }
 
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {

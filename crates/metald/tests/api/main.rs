@@ -4,6 +4,7 @@
 //! command prepares them).
 
 mod billing;
+mod blocking;
 mod bounds;
 mod chaos;
 mod harness;
