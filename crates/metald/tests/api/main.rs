@@ -6,6 +6,7 @@
 mod billing;
 mod bounds;
 mod chaos;
+mod front_door;
 mod harness;
 mod host_safety;
 mod lifecycle;
