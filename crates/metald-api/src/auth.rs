@@ -360,4 +360,91 @@ mod tests {
             );
         }
     }
+
+    fn with_rules(iss: Option<&str>, aud: Option<&str>, leeway: u64) -> Authenticator {
+        auth(false).with_rules(JwtRules {
+            issuer: iss.map(Into::into),
+            audience: aud.map(Into::into),
+            leeway: Duration::from_secs(leeway),
+        })
+    }
+
+    fn check(a: &Authenticator, t: &str) -> Result<CustomerId, Error> {
+        a.authenticate(Some(&format!("Bearer {t}")))
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_only_when_configured() {
+        let exp = now() + 60;
+        let t = |c: serde_json::Value| hs(c, b"s3cret");
+        let good = t(json!({"sub": "c", "exp": exp, "iss": "idp", "aud": ["x", "metald"]}));
+        let a = with_rules(Some("idp"), Some("metald"), 0);
+        assert!(check(&a, &good).is_ok());
+        for (bad, needle) in [
+            (
+                t(json!({"sub": "c", "exp": exp, "iss": "evil", "aud": "metald"})),
+                "iss",
+            ),
+            (
+                t(json!({"sub": "c", "exp": exp, "iss": "idp", "aud": "other"})),
+                "aud",
+            ),
+            (t(json!({"sub": "c", "exp": exp, "aud": "metald"})), "iss"),
+            (t(json!({"sub": "c", "exp": exp, "iss": "idp"})), "aud"),
+        ] {
+            let e = check(&a, &bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        // Unconfigured, a token carrying aud or iss is not refused for it.
+        assert!(check(&with_rules(None, None, 0), &good).is_ok());
+    }
+
+    #[test]
+    fn leeway_absorbs_small_clock_skew_only() {
+        let a = with_rules(None, None, 30);
+        let just_expired = hs(json!({"sub": "c", "exp": now() - 10}), b"s3cret");
+        let long_expired = hs(json!({"sub": "c", "exp": now() - 120}), b"s3cret");
+        let early = hs(
+            json!({"sub": "c", "exp": now() + 60, "nbf": now() + 10}),
+            b"s3cret",
+        );
+        assert!(check(&a, &just_expired).is_ok());
+        assert!(check(&a, &early).is_ok());
+        let e = check(&a, &long_expired).unwrap_err().to_string();
+        assert!(e.contains("expired"), "{e}");
+    }
+
+    #[test]
+    fn jwks_keys_are_picked_by_kid() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"jwks-secret-key!");
+        let path = dir.path().join("jwks.json");
+        std::fs::write(
+            &path,
+            json!({"keys": [{"kty": "oct", "k": k, "kid": "h1", "alg": "HS256"}]}).to_string(),
+        )
+        .unwrap();
+        let a = Authenticator::with_jwks(
+            AuthConfig {
+                dev_tokens: false,
+                jwt: None,
+                customer_claim: "sub".into(),
+            },
+            Some(Jwks::load(&path).unwrap()),
+        )
+        .unwrap();
+        let signed = |kid: Option<&str>| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = kid.map(Into::into);
+            let claims = json!({"sub": "c", "exp": now() + 60});
+            encode(&h, &claims, &EncodingKey::from_secret(b"jwks-secret-key!")).unwrap()
+        };
+        assert_eq!(check(&a, &signed(Some("h1"))).unwrap().as_str(), "c");
+        let e = check(&a, &signed(Some("h9"))).unwrap_err().to_string();
+        assert!(e.contains("\"h9\" is not a known key"), "{e}");
+        let e = check(&a, &signed(None)).unwrap_err().to_string();
+        assert!(e.contains("no kid"), "{e}");
+        assert!(check(&a, "dev_customer_x").is_err(), "dev tokens stay off");
+    }
 }

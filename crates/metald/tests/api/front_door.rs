@@ -436,18 +436,25 @@ const BIG: usize = 8 << 20;
 /// Sends an HTTP/1.1 request announcing an 8 MB body, only its first KiB,
 /// and returns the answer read while the rest is still unsent.
 async fn answer_before_the_body(d: &Daemon, auth: Option<&str>) -> String {
+    let headers: Vec<_> = auth.iter().map(|a| ("Authorization", *a)).collect();
+    partial_post(d, &headers, BIG).await
+}
+
+/// Posts CreateVm announcing `announced` body bytes, sends 1 KiB of them
+/// (or all, if fewer), and returns the answer (within 10 s).
+async fn partial_post(d: &Daemon, headers: &[(&str, &str)], announced: usize) -> String {
     let addr = d.url.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let mut head = format!(
         "POST /vmprovisioner.v1.VmService/CreateVm HTTP/1.1\r\nHost: {addr}\r\n\
-         Content-Type: application/json\r\nContent-Length: {BIG}\r\n"
+         Content-Type: application/json\r\nContent-Length: {announced}\r\n"
     );
-    if let Some(a) = auth {
-        head.push_str(&format!("Authorization: {a}\r\n"));
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(&[b' '; 1024]).await.unwrap();
+    s.write_all(&vec![b' '; announced.min(1024)]).await.unwrap();
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
     let read = async {
@@ -559,4 +566,25 @@ async fn a_customer_over_its_rate_is_refused_while_another_is_not() {
     for _ in 0..3 {
         d.ok("dev_customer_b", "ListVms", json!({})).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_body_meets_the_deadline() {
+    let d = Daemon::start_with(&["--auth-mode", "dev", "--request-timeout-max", "2s"]);
+    let token = ("Authorization", "Bearer dev_customer_a");
+    // The server's maximum ends a body that never completes.
+    let start = Instant::now();
+    let a = partial_post(&d, &[token], 4096).await;
+    let took = start.elapsed();
+    assert!(a.contains("deadline_exceeded"), "{a}");
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    // A client's shorter deadline is honoured.
+    let start = Instant::now();
+    let a = partial_post(&d, &[token, ("Connect-Timeout-Ms", "300")], 4096).await;
+    assert!(a.contains("deadline_exceeded"), "{a}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
 }
