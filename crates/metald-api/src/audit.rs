@@ -18,6 +18,31 @@ use crate::tls::PeerIdentity;
 /// The tracing target of audit lines.
 pub const TARGET: &str = "metald::audit";
 
+/// The state-changing RPCs, by their method names.
+const STATE_CHANGING: [&str; 7] = [
+    "CreateVm",
+    "DeleteVm",
+    "BootVm",
+    "ShutdownVm",
+    "PauseVm",
+    "ResumeVm",
+    "RebootVm",
+];
+
+/// Records a state-changing RPC the door refused before its body was read
+/// (so no VM is known); other paths are not audited. `customer` is empty
+/// when the refusal was for the credentials.
+pub fn refused(path: &str, customer: &str, peer: Option<&PeerIdentity>, e: &ConnectError) {
+    let Some(rpc) = path
+        .strip_prefix("/vmprovisioner.v1.VmService/")
+        .filter(|m| STATE_CHANGING.contains(m))
+    else {
+        return;
+    };
+    let peer = peer.map(|p| p.id.as_str()).unwrap_or("");
+    tracing::info!(target: TARGET, customer, peer, rpc, vm_id = "", outcome = e.code.as_str(), error_id = "", "audit");
+}
+
 /// One state-changing RPC being served.
 pub struct Audit {
     pub who: CustomerId,

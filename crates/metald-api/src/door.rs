@@ -27,6 +27,7 @@ use connectrpc::protocol::{Protocol, RequestProtocol};
 use http::{HeaderValue, StatusCode, header};
 use metald_core::CustomerId;
 
+use crate::audit;
 use crate::auth::{Authenticator, Caller};
 use crate::ratelimit::RateLimiter;
 use crate::status::to_connect;
@@ -77,9 +78,13 @@ pub async fn check(State(door): State<Arc<Door>>, mut req: Request, next: Next) 
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""));
-    let customer = match door.customer(authorization, req.extensions().get::<PeerIdentity>()) {
+    let peer = req.extensions().get::<PeerIdentity>();
+    let customer = match door.customer(authorization, peer) {
         Ok(c) => c,
-        Err(e) => return reject(proto, e),
+        Err(e) => {
+            audit::refused(req.uri().path(), "", peer, &e);
+            return reject(proto, e);
+        }
     };
     let announced = req
         .headers()
@@ -92,12 +97,18 @@ pub async fn check(State(door): State<Arc<Door>>, mut req: Request, next: Next) 
             announced.unwrap_or_default(),
             door.max_body_bytes
         ));
+        let peer = req.extensions().get::<PeerIdentity>();
+        audit::refused(req.uri().path(), customer.as_str(), peer, &e);
         return reject(proto, e);
     }
     if let Some(rate) = &door.rate
         && let Err(wait) = rate.take(customer.as_str())
     {
-        return too_many(proto, rate.rate(), wait);
+        let r = too_many(proto, rate.rate(), wait);
+        let e = ConnectError::resource_exhausted("request rate limit");
+        let peer = req.extensions().get::<PeerIdentity>();
+        audit::refused(req.uri().path(), customer.as_str(), peer, &e);
+        return r;
     }
     req.extensions_mut().insert(Caller(customer));
     match tokio::time::timeout(door.request_timeout_max, next.run(req)).await {

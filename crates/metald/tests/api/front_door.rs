@@ -122,19 +122,16 @@ where
 fn tls_daemon(dir: &Path, server: &(String, String), client_ca: Option<&str>) -> Daemon {
     let cert = write(dir, "cert.pem", &server.0);
     let key = write(dir, "key.pem", &server.1);
-    let mut args = vec![
-        "--auth-mode".to_owned(),
-        "dev".into(),
-        "--tls-cert-file".into(),
-        cert.display().to_string(),
-        "--tls-key-file".into(),
-        key.display().to_string(),
-    ];
+    let mut args = format!(
+        "--auth-mode dev --tls-cert-file {} --tls-key-file {}",
+        cert.display(),
+        key.display()
+    );
     if let Some(ca) = client_ca {
-        args.push("--tls-client-ca-file".into());
-        args.push(write(dir, "client-ca.pem", ca).display().to_string());
+        let ca = write(dir, "client-ca.pem", ca);
+        args.push_str(&format!(" --tls-client-ca-file {}", ca.display()));
     }
-    let d = Daemon::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let d = Daemon::start_with(&args.split(' ').collect::<Vec<_>>());
     assert!(d.url.starts_with("https://"), "{}", d.url);
     d
 }
@@ -362,17 +359,10 @@ fn claims(sub: &str, iss: &str, aud: Option<&str>) -> serde_json::Value {
 }
 
 fn jwt_daemon(dir: &Path, keys: &[&JwtSigner]) -> Daemon {
-    let file = jwks(dir, keys);
-    Daemon::start_with(&[
-        "--auth-mode",
-        "jwt",
-        "--jwt-jwks-file",
-        &file.display().to_string(),
-        "--jwt-issuer",
-        "https://issuer.metald.test",
-        "--jwt-audience",
-        "metald",
-    ])
+    let file = jwks(dir, keys).display().to_string();
+    let args =
+        format!("--auth-mode jwt --jwt-jwks-file {file} --jwt-issuer {ISS} --jwt-audience metald");
+    Daemon::start_with(&args.split(' ').collect::<Vec<_>>())
 }
 
 const ISS: &str = "https://issuer.metald.test";
@@ -489,6 +479,19 @@ async fn an_unauthenticated_8mb_body_is_answered_before_it_is_sent() {
     assert!(
         a.contains("resource_exhausted") && a.contains("1048576"),
         "{a}"
+    );
+    let log = strip_ansi(&d.log());
+    let audited = |outcome: &str| {
+        log.lines().any(|l| {
+            l.contains("metald::audit")
+                && l.contains("rpc=\"CreateVm\"")
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+    };
+    assert!(audited("unauthenticated"), "refusals are audited:\n{log}");
+    assert!(
+        audited("resource_exhausted"),
+        "refusals are audited:\n{log}"
     );
 
     // gRPC over h2c: the refusal comes while the body stream stays open.
