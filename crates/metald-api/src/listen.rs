@@ -195,8 +195,11 @@ impl Conn {
         tokio::pin!(conn);
         let mut stop = self.stop.clone();
         let mut draining = false;
+        // Once closed for idleness, a peer that does not take part in the
+        // close (HTTP/2 waits for a ping answer) is dropped after this.
+        let mut give_up: Option<Instant> = None;
         loop {
-            let deadline = activity.deadline(&self.limits);
+            let deadline = give_up.unwrap_or_else(|| activity.deadline(&self.limits));
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
@@ -208,10 +211,15 @@ impl Conn {
                     conn.as_mut().graceful_shutdown();
                     draining = true;
                 }
-                _ = tokio::time::sleep_until(deadline), if !draining => {
+                _ = tokio::time::sleep_until(deadline), if give_up.is_some() || !draining => {
+                    if give_up.is_some() {
+                        tracing::debug!("closing peer did not finish; dropping it");
+                        break;
+                    }
                     if activity.deadline(&self.limits) <= Instant::now() {
                         conn.as_mut().graceful_shutdown();
                         draining = true;
+                        give_up = Some(Instant::now() + self.limits.header_read_timeout);
                     }
                 }
             }
@@ -292,5 +300,77 @@ impl Activity {
         }
         let last = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
         self.opened + last + limits.idle_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    type Served = tokio::task::JoinHandle<std::io::Result<()>>;
+
+    async fn server(
+        limits: ConnectionLimits,
+    ) -> (std::net::SocketAddr, watch::Sender<bool>, Served) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, rx) = watch::channel(false);
+        let served = tokio::spawn(serve_connections(listener, app, None, limits, rx));
+        (addr, stop, served)
+    }
+
+    fn short() -> ConnectionLimits {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(600),
+            ..ConnectionLimits::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http2_client_that_never_asks_is_let_go() {
+        let (addr, _stop, _) = server(short()).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // The HTTP/2 preface and an empty SETTINGS frame, then silence.
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        let closed = async { while s.read(&mut buf).await.unwrap_or(0) > 0 {} };
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("closed");
+        assert!(start.elapsed() >= Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_and_a_stop_drains() {
+        let (addr, stop, served) = server(short()).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::get(format!("http://{addr}/"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+        let start = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("the server closed the idle connection")
+            .unwrap()
+            .unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("serving ends once asked to stop")
+            .unwrap()
+            .unwrap();
     }
 }
