@@ -373,4 +373,47 @@ mod tests {
             .unwrap()
             .unwrap();
     }
+
+    #[tokio::test]
+    async fn http2_settings_carry_the_stream_and_header_limits() {
+        let limits = ConnectionLimits {
+            max_concurrent_streams: 7,
+            max_header_bytes: 12345,
+            ..ConnectionLimits::default()
+        };
+        let (addr, _stop, _) = server(limits).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[3], 0x4, "the server's first frame is SETTINGS");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.unwrap();
+        let settings: std::collections::HashMap<u16, u32> = payload
+            .chunks(6)
+            .map(|c| {
+                let id = u16::from_be_bytes([c[0], c[1]]);
+                (id, u32::from_be_bytes([c[2], c[3], c[4], c[5]]))
+            })
+            .collect();
+        assert_eq!(settings.get(&0x3), Some(&7), "MAX_CONCURRENT_STREAMS");
+        assert_eq!(settings.get(&0x6), Some(&12345), "MAX_HEADER_LIST_SIZE");
+    }
+
+    #[tokio::test]
+    async fn oversized_http1_headers_are_refused() {
+        let (addr, _stop, _) = server(ConnectionLimits::default()).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let big = "a".repeat(100 << 10);
+        let req = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+        // metald may stop reading (and close) before all of it is written.
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    }
 }
