@@ -155,6 +155,7 @@ fn api_server(
     config: &Config,
     service: VmService,
     auth: Arc<Authenticator>,
+    tls: Option<Arc<Tls>>,
 ) -> anyhow::Result<ApiServer> {
     let rate = match config.rate_limit_rps {
         Some(rps) => {
@@ -171,7 +172,7 @@ fn api_server(
     Ok(ApiServer {
         service,
         auth,
-        tls: api_tls(config)?,
+        tls,
         rate,
         request_timeout_max: config.request_timeout_max,
         connections: ConnectionLimits {
@@ -389,6 +390,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let _lock = lock_data_dir(&config.data_dir)?;
     let auth = Arc::new(authenticator(&config)?);
+    // Before any VM is touched: a bad certificate stops start-up at once.
+    let tls = api_tls(&config)?;
     let assets =
         metald_core::assets::AssetPolicy::new(&config.asset_roots(), &config.allowed_block_devices)
             .map_err(|e| {
@@ -467,7 +470,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding UNKEY_METALD_ADDRESS:UNKEY_METALD_PORT = {addr}"))?;
     let local = listener.local_addr()?;
-    let api = api_server(&config, service.clone(), auth)?;
+    let api = api_server(&config, service.clone(), auth, tls)?;
     let scheme = if api.tls.is_some() { "https" } else { "http" };
     info!(%local, data_dir = %config.data_dir.display(), "metald serving");
     // A plain line on stdout tells scripts and tests the API is up and where.
