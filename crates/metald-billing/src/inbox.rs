@@ -45,17 +45,21 @@ impl<T> Inbox<T> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records `vm`'s newest change; never blocks on the meter task.
-    pub(crate) fn put(&self, vm: String, change: T) {
-        {
+    /// Records `vm`'s newest change; never blocks on the meter task. True
+    /// when it replaced an older change not yet taken.
+    pub(crate) fn put(&self, vm: String, change: T) -> bool {
+        let replaced = {
             let mut p = self.lock();
             let seq = p.next;
             p.next += 1;
-            if p.by_vm.insert(vm, (seq, change)).is_some() {
+            let replaced = p.by_vm.insert(vm, (seq, change)).is_some();
+            if replaced {
                 p.coalesced += 1;
             }
-        }
+            replaced
+        };
         self.notify.notify_one();
+        replaced
     }
 
     /// Every pending change, oldest first; waits while there is none.

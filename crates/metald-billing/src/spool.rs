@@ -196,7 +196,7 @@ impl Spool {
             if waiting >= self.max_outbox {
                 let merged = sqlx::query(
                     "UPDATE outbox SET t1 = MIN(t1, $2), t2 = MAX(t2, $3) WHERE id = \
-                     (SELECT MAX(id) FROM outbox WHERE kind = 'gap' AND vm_id = $1)",
+                     (SELECT MAX(id) FROM outbox WHERE kind = 'gap' AND vm_id = $1 AND parked = 0)",
                 )
                 .bind(vm_id)
                 .bind(t1)
@@ -224,10 +224,10 @@ impl Spool {
         .map(drop)
     }
 
-    /// Notifications waiting, oldest first.
+    /// Notifications waiting (not parked), oldest first.
     pub async fn events(&self) -> R<Vec<EventRow>> {
         sqlx::query_as(
-            "SELECT id, kind, vm_id, vm_name, customer_id, t1, t2 FROM outbox ORDER BY id",
+            "SELECT id, kind, vm_id, vm_name, customer_id, t1, t2 FROM outbox WHERE parked = 0 ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -246,7 +246,8 @@ impl Spool {
     /// VMs with unsent samples: key, name and customer.
     pub async fn vms_with_samples(&self) -> R<Vec<(String, String, String)>> {
         let rows = sqlx::query(
-            "SELECT DISTINCT s.vm_id, m.vm_name, m.customer_id FROM samples s JOIN meters m ON m.vm_id = s.vm_id ORDER BY s.vm_id",
+            "SELECT DISTINCT s.vm_id, m.vm_name, m.customer_id FROM samples s JOIN meters m ON m.vm_id = s.vm_id \
+             WHERE s.parked = 0 ORDER BY s.vm_id",
         )
         .fetch_all(&self.pool)
         .await
@@ -268,7 +269,7 @@ impl Spool {
     pub async fn samples(&self, vm_id: &str, until: i64, limit: i64) -> R<Vec<SampleRow>> {
         sqlx::query_as(
             "SELECT vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, net_rx, net_tx FROM samples \
-             WHERE vm_id = $1 AND ts <= $2 ORDER BY seq LIMIT $3",
+             WHERE vm_id = $1 AND ts <= $2 AND parked = 0 ORDER BY seq LIMIT $3",
         )
         .bind(vm_id)
         .bind(until)
@@ -282,7 +283,7 @@ impl Spool {
     pub async fn samples_between(&self, vm_id: &str, first: i64, last: i64) -> R<Vec<SampleRow>> {
         sqlx::query_as(
             "SELECT vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, net_rx, net_tx FROM samples \
-             WHERE vm_id = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq",
+             WHERE vm_id = $1 AND seq >= $2 AND seq <= $3 AND parked = 0 ORDER BY seq",
         )
         .bind(vm_id)
         .bind(first)
@@ -304,6 +305,47 @@ impl Spool {
             .map(drop)
     }
 
+    /// Keeps a VM's samples `first..=last` on disk but sends them no more
+    /// (the billing service refused them for good); returns how many.
+    pub async fn park_samples(&self, vm_id: &str, first: i64, last: i64) -> R<u64> {
+        sqlx::query("UPDATE samples SET parked = 1 WHERE vm_id = $1 AND seq >= $2 AND seq <= $3")
+            .bind(vm_id)
+            .bind(first)
+            .bind(last)
+            .execute(&self.pool)
+            .await
+            .map_err(e("parking samples"))
+            .map(|r| r.rows_affected())
+    }
+
+    /// Keeps a notice on disk but sends it no more.
+    pub async fn park_event(&self, id: i64) -> R<()> {
+        sqlx::query("UPDATE outbox SET parked = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(e("parking a notification"))
+            .map(drop)
+    }
+
+    /// Parked rows: (samples, notices).
+    pub async fn parked(&self) -> R<(i64, i64)> {
+        let samples = sqlx::query_scalar("SELECT COUNT(*) FROM samples WHERE parked = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e("counting parked samples"))?;
+        let notices = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE parked = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e("counting parked notifications"))?;
+        Ok((samples, notices))
+    }
+
+    /// Closes the database (checkpointing the write-ahead log).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// Marks a VM whose row is gone from metald.db.
     pub async fn mark_removed(&self, vm_id: &str) -> R<()> {
         sqlx::query("UPDATE meters SET removed = 1 WHERE vm_id = $1")
@@ -314,13 +356,14 @@ impl Spool {
             .map(drop)
     }
 
-    /// Drops the meter rows of removed VMs with nothing left to deliver;
+    /// Drops the meter rows of removed VMs with nothing left to deliver
+    /// (parked rows stay, without their meter);
     /// returns how many.
     pub async fn prune(&self) -> R<u64> {
         sqlx::query(
             "DELETE FROM meters WHERE removed = 1 \
-             AND NOT EXISTS (SELECT 1 FROM samples s WHERE s.vm_id = meters.vm_id) \
-             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.vm_id = meters.vm_id)",
+             AND NOT EXISTS (SELECT 1 FROM samples s WHERE s.vm_id = meters.vm_id AND s.parked = 0) \
+             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.vm_id = meters.vm_id AND o.parked = 0)",
         )
         .execute(&self.pool)
         .await
@@ -328,7 +371,8 @@ impl Spool {
         .map(|r| r.rows_affected())
     }
 
-    /// How many samples wait.
+    /// How many samples the spool holds (parked ones included: they take
+    /// room on disk too).
     pub async fn len(&self) -> R<i64> {
         sqlx::query_scalar("SELECT COUNT(*) FROM samples")
             .fetch_one(&self.pool)

@@ -43,6 +43,10 @@ pub enum Error {
     /// The state store failed.
     #[error("store: {0}")]
     Store(String),
+    /// A quota or the host's capacity does not allow the request; the
+    /// message names the quota, its limit and the current use.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// metald is shutting down or a dependency is unreachable.
     #[error("{0}")]
     Unavailable(String),

@@ -4,7 +4,9 @@
 //!
 //! One interface per VM for now: its namespace holds one TAP the VMM uses.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
 
 use serde::{Deserialize, Serialize};
 
@@ -97,91 +99,92 @@ pub fn check_nics(nics: &[NicInput]) -> Result<Vec<NicSpec>> {
     }
     let mut out: Vec<NicSpec> = Vec::new();
     for (i, n) in nics.iter().enumerate() {
-        let f = |name: &str| format!("config.network[{i}].{name}");
-        let id = if n.id.is_empty() {
-            format!("eth{i}")
-        } else {
-            n.id.clone()
-        };
-        if id.len() > 32
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        let nic = check_nic(i, n)?;
+        if out.iter().any(|o| o.id == nic.id) {
             return Err(Error::invalid(
-                f("id"),
-                "must be 1..=32 characters of letters, digits, '-' and '_'",
+                format!("config.network[{i}].id"),
+                format!("duplicate interface id {:?}", nic.id),
             ));
         }
-        if out.iter().any(|o| o.id == id) {
-            return Err(Error::invalid(
-                f("id"),
-                format!("duplicate interface id {id:?}"),
-            ));
-        }
-        let mac = if n.mac.is_empty() {
-            None
-        } else {
-            Some(check_mac(&n.mac).map_err(|r| Error::invalid(f("mac_address"), r))?)
-        };
-        let (want_v4, want_v6) = match n.mode {
-            0 | 1 => (true, true),
-            2 => (true, false),
-            3 => (false, true),
-            m => {
-                return Err(Error::invalid(
-                    f("mode"),
-                    format!("unknown network mode {m}"),
-                ));
-            }
-        };
-        let ipv4 = match n.ipv4_address.as_str() {
-            "" => None,
-            a => Some(a.parse::<Ipv4Addr>().map_err(|_| {
-                Error::invalid(
-                    f("ipv4_config.address"),
-                    format!("{a:?} is not an IPv4 address"),
-                )
-            })?),
-        };
-        let ipv6 = match n.ipv6_address.as_str() {
-            "" => None,
-            a => Some(a.parse::<Ipv6Addr>().map_err(|_| {
-                Error::invalid(
-                    f("ipv6_config.address"),
-                    format!("{a:?} is not an IPv6 address"),
-                )
-            })?),
-        };
-        if ipv4.is_some() && !want_v4 {
-            return Err(Error::invalid(
-                f("ipv4_config.address"),
-                "given, but the mode is IPv6 only",
-            ));
-        }
-        if ipv6.is_some() && !want_v6 {
-            return Err(Error::invalid(
-                f("ipv6_config.address"),
-                "given, but the mode is IPv4 only",
-            ));
-        }
-        let rate = |v: i64, name: &str| -> Result<u64> {
-            u64::try_from(v)
-                .map_err(|_| Error::invalid(f(name), format!("must not be negative, got {v}")))
-        };
-        out.push(NicSpec {
-            id,
-            mac,
-            ipv4,
-            ipv6,
-            want_v4,
-            want_v6,
-            rx_bytes_per_sec: rate(n.rx_bandwidth, "rx_rate_limit.bandwidth")?,
-            tx_bytes_per_sec: rate(n.tx_bandwidth, "tx_rate_limit.bandwidth")?,
-            attachment: None,
-        });
+        out.push(nic);
     }
     Ok(out)
+}
+
+/// Judges interface `i` on its own.
+fn check_nic(i: usize, n: &NicInput) -> Result<NicSpec> {
+    let f = |name: &str| format!("config.network[{i}].{name}");
+    let id = if n.id.is_empty() {
+        format!("eth{i}")
+    } else {
+        n.id.clone()
+    };
+    if id.len() > 32
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Error::invalid(
+            f("id"),
+            "must be 1..=32 characters of letters, digits, '-' and '_'",
+        ));
+    }
+    let mac = if n.mac.is_empty() {
+        None
+    } else {
+        Some(check_mac(&n.mac).map_err(|r| Error::invalid(f("mac_address"), r))?)
+    };
+    let (want_v4, want_v6) = match n.mode {
+        0 | 1 => (true, true),
+        2 => (true, false),
+        3 => (false, true),
+        m => {
+            return Err(Error::invalid(
+                f("mode"),
+                format!("unknown network mode {m}"),
+            ));
+        }
+    };
+    let ipv4 = address::<Ipv4Addr>(&n.ipv4_address, &f("ipv4_config.address"), "IPv4")?;
+    let ipv6 = address::<Ipv6Addr>(&n.ipv6_address, &f("ipv6_config.address"), "IPv6")?;
+    if ipv4.is_some() && !want_v4 {
+        return Err(Error::invalid(
+            f("ipv4_config.address"),
+            "given, but the mode is IPv6 only",
+        ));
+    }
+    if ipv6.is_some() && !want_v6 {
+        return Err(Error::invalid(
+            f("ipv6_config.address"),
+            "given, but the mode is IPv4 only",
+        ));
+    }
+    let rate = |v: i64, name: &str| -> Result<u64> {
+        u64::try_from(v)
+            .map_err(|_| Error::invalid(f(name), format!("must not be negative, got {v}")))
+    };
+    Ok(NicSpec {
+        id,
+        mac,
+        ipv4,
+        ipv6,
+        want_v4,
+        want_v6,
+        rx_bytes_per_sec: rate(n.rx_bandwidth, "rx_rate_limit.bandwidth")?,
+        tx_bytes_per_sec: rate(n.tx_bandwidth, "tx_rate_limit.bandwidth")?,
+        attachment: None,
+    })
+}
+
+/// An optional address field: empty is none.
+fn address<A: std::str::FromStr>(raw: &str, field: &str, family: &str) -> Result<Option<A>> {
+    match raw {
+        "" => Ok(None),
+        a => a
+            .parse::<A>()
+            .map(Some)
+            .map_err(|_| Error::invalid(field, format!("{a:?} is not an {family} address"))),
+    }
 }
 
 /// A unicast MAC written `aa:bb:cc:dd:ee:ff`, returned lowercase.
@@ -190,7 +193,8 @@ fn check_mac(raw: &str) -> std::result::Result<String, String> {
     let bytes: Option<Vec<u8>> = parts
         .iter()
         .map(|p| {
-            if p.len() == 2 {
+            // Two hex digits exactly: from_str_radix alone takes "+f".
+            if p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 u8::from_str_radix(p, 16).ok()
             } else {
                 None
@@ -213,59 +217,56 @@ fn check_mac(raw: &str) -> std::result::Result<String, String> {
     }
 }
 
+/// The subnet `net/prefix` (a prefix past the family's length is clamped).
+fn subnet(net: IpAddr, prefix: u8) -> IpNet {
+    let max = if net.is_ipv4() { 32 } else { 128 };
+    IpNet::new(net, prefix.min(max))
+        .unwrap_or_else(|_| unreachable!("prefix clamped"))
+        .trunc()
+}
+
 /// Every host address of `net/prefix` a VM may get: not the network
 /// address, not the gateway (the first host), not the broadcast address.
 pub fn v4_candidates(net: Ipv4Addr, prefix: u8) -> impl Iterator<Item = Ipv4Addr> {
-    let base = u32::from(net) & u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
-    let size = 1u64 << (32 - prefix as u32);
-    (2..size.saturating_sub(1)).map(move |i| Ipv4Addr::from(base + i as u32))
+    let n = subnet(IpAddr::V4(net), prefix);
+    let IpNet::V4(v4) = n else {
+        unreachable!("an IPv4 subnet")
+    };
+    v4.hosts()
+        .filter(move |a| !candidates_exclude(n.network(), n.prefix_len(), IpAddr::V4(*a)))
 }
 
 /// Host addresses of an IPv6 prefix in order, skipping `::` and the
 /// gateway (`::1`); at most 2^24 are offered.
 pub fn v6_candidates(net: Ipv6Addr, prefix: u8) -> impl Iterator<Item = Ipv6Addr> {
-    let base = u128::from(net) & u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
-    let host_bits = 128 - prefix as u32;
-    let size: u128 = if host_bits >= 24 {
-        1 << 24
-    } else {
-        1 << host_bits
+    let n = subnet(IpAddr::V6(net), prefix);
+    let IpNet::V6(v6) = n else {
+        unreachable!("an IPv6 subnet")
     };
-    (2..size).map(move |i| Ipv6Addr::from(base + i))
+    v6.hosts()
+        .take(1 << 24)
+        .filter(move |a| !candidates_exclude(n.network(), n.prefix_len(), IpAddr::V6(*a)))
 }
 
 /// Whether `addr` lies in `net/prefix` (same family).
-pub fn contains(net: std::net::IpAddr, prefix: u8, addr: std::net::IpAddr) -> bool {
-    use std::net::IpAddr::{V4, V6};
-    match (net, addr) {
-        (V4(n), V4(a)) => {
-            let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (V6(n), V6(a)) => {
-            let mask = u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
+pub fn contains(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
+    subnet(net, prefix).contains(&addr)
 }
 
 /// Whether `addr` is one of the subnet addresses no VM may have: the
 /// network address, the gateway (first host) or, for IPv4, the broadcast.
-pub fn candidates_exclude(net: std::net::IpAddr, prefix: u8, addr: std::net::IpAddr) -> bool {
-    use std::net::IpAddr::{V4, V6};
-    match (net, addr) {
-        (V4(_), V4(a)) => {
-            let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
-            let host = u32::from(a) & !mask;
-            host <= 1 || host == !mask
-        }
-        (V6(_), V6(a)) => {
-            let mask = u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
-            (u128::from(a) & !mask) <= 1
-        }
-        _ => true,
+pub fn candidates_exclude(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
+    let n = subnet(net, prefix);
+    if !n.contains(&addr) {
+        return true;
     }
+    let gateway = match n.network() {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a).wrapping_add(1))),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a).wrapping_add(1))),
+    };
+    addr == n.network()
+        || addr == gateway
+        || (n.prefix_len() < 31 && net.is_ipv4() && addr == n.broadcast())
 }
 
 #[cfg(test)]
@@ -289,6 +290,13 @@ mod tests {
             (
                 NicInput {
                     mac: "zz:00:00:00:00:01".into(),
+                    ..nic()
+                },
+                "config.network[0].mac_address",
+            ),
+            (
+                NicInput {
+                    mac: "02:00:00:00:00:+1".into(),
                     ..nic()
                 },
                 "config.network[0].mac_address",
@@ -347,6 +355,30 @@ mod tests {
         assert_eq!(v4.len(), 5);
         let mut v6 = v6_candidates("fd00:1::".parse().unwrap(), 64);
         assert_eq!(v6.next(), Some("fd00:1::2".parse().unwrap()));
+        assert_eq!(v6_candidates("fd00:1::".parse().unwrap(), 120).count(), 254);
+    }
+
+    #[test]
+    fn membership_and_reserved_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (n4, n6) = (ip("10.9.0.0"), ip("fd00:1::"));
+        assert!(contains(n4, 24, ip("10.9.0.200")));
+        assert!(!contains(n4, 24, ip("10.9.1.2")));
+        assert!(!contains(n4, 24, ip("fd00:1::2")), "families never mix");
+        assert!(contains(n6, 64, ip("fd00:1::ffff")));
+        assert!(!contains(n6, 64, ip("fd00:2::2")));
+        for reserved in ["10.9.0.0", "10.9.0.1", "10.9.0.255", "10.9.1.2"] {
+            assert!(candidates_exclude(n4, 24, ip(reserved)), "{reserved}");
+        }
+        assert!(!candidates_exclude(n4, 24, ip("10.9.0.2")));
+        for reserved in ["fd00:1::", "fd00:1::1"] {
+            assert!(candidates_exclude(n6, 64, ip(reserved)), "{reserved}");
+        }
+        assert!(!candidates_exclude(
+            n6,
+            64,
+            ip("fd00:1::ffff:ffff:ffff:ffff")
+        ));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::net::{NicAttachment, NicSpec};
+use crate::plan::PlanRecord;
 use crate::state::VmState;
 use crate::vm::{CustomerId, VmId, VmSpec};
 
@@ -51,55 +52,14 @@ pub struct VmRecord {
     pub runtime: Option<VmmRuntime>,
     /// Why the VM last failed or stopped, for GetVmInfo.
     pub last_error: Option<String>,
-    /// A multi-step operation that has begun and not yet finished. Written
-    /// before its first side effect, cleared by its last write; a metald
-    /// that finds one on start-up finishes or rolls back the operation.
-    pub pending: Option<Pending>,
+    /// The plan in progress ([`crate::plan`]): written before its first
+    /// side effect, cleared by its last write; a metald that finds one
+    /// resumes it.
+    pub plan: Option<PlanRecord>,
     /// Unix seconds.
     pub created_at: i64,
     /// Unix seconds.
     pub modified_at: i64,
-}
-
-/// Lifecycle work in progress, as recorded in the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Pending {
-    /// The VM is being created (addresses leased, network attached).
-    /// Interrupted: rolled back (network detached, leases and row removed).
-    Create,
-    /// A VMM is being started. Interrupted: rolled back (any process
-    /// killed, files removed, state left as it was).
-    Boot,
-    /// The VMM is being stopped. Interrupted: finished (killed, state
-    /// `shutdown`).
-    Shutdown,
-    /// The VM is being removed. Interrupted: finished (killed, files and
-    /// row removed).
-    Delete,
-}
-
-impl Pending {
-    /// Stable name used in the store.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pending::Create => "create",
-            Pending::Boot => "boot",
-            Pending::Shutdown => "shutdown",
-            Pending::Delete => "delete",
-        }
-    }
-
-    /// Inverse of [`Pending::as_str`].
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Pending::Create,
-            Pending::Boot,
-            Pending::Shutdown,
-            Pending::Delete,
-        ]
-        .into_iter()
-        .find(|p| p.as_str() == s)
-    }
 }
 
 /// A page of a customer's VMs.
@@ -136,9 +96,13 @@ pub trait Store: Send + Sync + 'static {
         customer: &CustomerId,
         name: &VmId,
     ) -> Result<Option<VmRecord>, StoreError>;
-    /// Replaces spec, state, runtime, last error, pending operation and
-    /// modified time.
+    /// Replaces spec, state, runtime, last error, plan record and modified
+    /// time, durably (on disk when it returns).
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// Records how far the VM's plan got, without waiting for the disk: a
+    /// progress write lost to a power cut only makes a resumed plan check
+    /// a step that is done already.
+    async fn progress(&self, id: &VmId, plan: Option<PlanRecord>) -> Result<(), StoreError>;
     /// Removes the VM's row. Removing a missing row is not an error.
     async fn remove(&self, id: &VmId) -> Result<(), StoreError>;
     /// A customer's VMs in creation order, starting after `cursor`,
@@ -193,6 +157,16 @@ pub trait Network: Send + Sync + 'static {
     /// Interfaces metald created on this host, by naming scheme and
     /// ownership mark, for the orphan sweep.
     async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError>;
+    /// Devices of metald's naming scheme that carry no ownership mark (a
+    /// crash between making and marking them) and belong to none of the
+    /// interfaces in `known`, by name.
+    async fn strays(&self, _known: &[(VmId, usize)]) -> Result<Vec<String>, PortError> {
+        Ok(Vec::new())
+    }
+    /// Removes a stray found by [`Network::strays`] if it still is one.
+    async fn remove_stray(&self, _name: &str) -> Result<(), PortError> {
+        Ok(())
+    }
 }
 
 /// What a VMM reports about a guest it runs.
@@ -200,6 +174,9 @@ pub trait Network: Send + Sync + 'static {
 pub enum GuestStatus {
     Running,
     Paused,
+    /// The VMM answers but its guest no longer runs and will not again
+    /// (QEMU's `shutdown`, `guest-panicked`, `internal-error`).
+    Halted,
 }
 
 /// How a VMM process ended.
@@ -315,12 +292,28 @@ pub trait Vmm: Send + Sync + 'static {
     /// the process is not (or no longer) this VM's VMM.
     async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError>;
 
+    /// What the VMM says about its guest right now, for reads and the
+    /// reconciler to catch drift (a guest paused or resumed outside metald,
+    /// or halted while the VMM runs). An error means "unknown": the row is
+    /// left as it is.
+    async fn status(&self, _rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        Err("this backend does not report its guest's state".into())
+    }
+
     /// Resolves when the VMM process exits.
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit>;
 
     /// Whether the recorded process still runs (same pid, same start time,
     /// not a zombie). Cheap: reads `/proc`.
     fn is_alive(&self, rt: &VmmRuntime) -> bool;
+
+    /// For a VMM whose exit status metald could not learn (one adopted
+    /// after a restart is not metald's child): whether the guest's own last
+    /// words say it powered off cleanly. Written by the guest, so it only
+    /// ever decides between `shutdown` and `failed` for that guest's VM.
+    async fn powered_off(&self, _id: &VmId) -> bool {
+        false
+    }
 
     /// Removes what a VMM leaves behind after it exited on its own (its
     /// control socket). Keeps the console log for the post-mortem.

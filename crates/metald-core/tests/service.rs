@@ -8,10 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use metald_core::assets::AssetPolicy;
 use metald_core::net::{NicAttachment, NicInput, NicSpec};
+use metald_core::plan::{Plan, PlanRecord};
 use metald_core::ports::{
-    HostResources, Network, Pending, PortError, Store, Subnets, VmRecord, VmmExit,
+    GuestStatus, HostResources, Network, PortError, Store, Subnets, VmRecord, VmmExit,
 };
-use metald_core::service::ServiceConfig;
+use metald_core::service::{Ports, ServiceConfig};
 use metald_core::vm::VmSpecInput;
 use metald_core::{CustomerId, Error, VmId, VmService, VmSpec, VmState};
 use metald_store::SqliteStore;
@@ -38,7 +39,7 @@ async fn world() -> World {
             .unwrap(),
     );
     let vmm = Arc::new(FakeVmm::default());
-    let svc = VmService::new(store.clone(), vmm.clone(), config(dir.path()));
+    let svc = VmService::new(Ports::new(store.clone(), vmm.clone()), config(dir.path()));
     let spec = VmSpec::new(VmSpecInput {
         vcpu_count: 1,
         memory_bytes: 128 << 20,
@@ -71,13 +72,7 @@ fn me() -> CustomerId {
     CustomerId::parse("acme").unwrap()
 }
 
-fn row(
-    w: &World,
-    name: &str,
-    state: VmState,
-    pid: Option<i32>,
-    pending: Option<Pending>,
-) -> VmRecord {
+fn row(w: &World, name: &str, state: VmState, pid: Option<i32>, plan: Option<Plan>) -> VmRecord {
     VmRecord {
         id: id(name),
         name: id(name),
@@ -86,14 +81,14 @@ fn row(
         state,
         runtime: pid.map(FakeVmm::rt),
         last_error: None,
-        pending,
+        plan: plan.map(PlanRecord::start),
         created_at: 0,
         modified_at: 0,
     }
 }
 
 #[tokio::test]
-async fn start_up_finishes_or_rolls_back_interrupted_operations_and_adopts_the_rest() {
+async fn start_up_finishes_interrupted_plans_and_adopts_the_rest() {
     let w = world().await;
     let (alive_a, alive_b, alive_c) = (w.vmm.spawn(), w.vmm.spawn(), w.vmm.spawn());
     for r in [
@@ -102,15 +97,15 @@ async fn start_up_finishes_or_rolls_back_interrupted_operations_and_adopts_the_r
             "deleting",
             VmState::Running,
             Some(alive_a),
-            Some(Pending::Delete),
+            Some(Plan::Delete),
         ),
-        row(&w, "booting", VmState::Created, None, Some(Pending::Boot)),
+        row(&w, "booting", VmState::Created, None, Some(Plan::Boot)),
         row(
             &w,
             "stopping",
             VmState::Running,
             Some(alive_b),
-            Some(Pending::Shutdown),
+            Some(Plan::Shutdown),
         ),
         row(&w, "lost", VmState::Running, Some(4242), None),
         row(&w, "kept", VmState::Paused, Some(alive_c), None),
@@ -119,13 +114,8 @@ async fn start_up_finishes_or_rolls_back_interrupted_operations_and_adopts_the_r
     }
     let report = w.svc.recover().await.unwrap();
     assert_eq!(
-        (
-            report.adopted,
-            report.failed,
-            report.finished,
-            report.rolled_back
-        ),
-        (1, 1, 2, 1),
+        (report.adopted, report.failed, report.finished),
+        (1, 1, 3),
         "{report:?}"
     );
     assert!(
@@ -134,11 +124,12 @@ async fn start_up_finishes_or_rolls_back_interrupted_operations_and_adopts_the_r
     );
     let booting = w.store.get(&id("booting")).await.unwrap().unwrap();
     assert_eq!(
-        (booting.state, booting.pending),
-        (VmState::Created, None),
-        "interrupted boot rolled back"
+        (booting.state, booting.plan),
+        (VmState::Running, None),
+        "interrupted boot finished"
     );
-    assert!(booting.last_error.unwrap().contains("interrupted"));
+    let pid = booting.runtime.unwrap().pid;
+    assert!(w.vmm.st().alive.contains(&pid));
     assert_eq!(
         w.store.get(&id("stopping")).await.unwrap().unwrap().state,
         VmState::Shutdown
@@ -272,10 +263,7 @@ async fn a_refused_boot_keeps_the_vm_and_clears_the_pending_mark() {
     let err = w.svc.boot(&me(), &id("refused")).await.unwrap_err();
     assert!(err.to_string().contains("refused the config"), "{err}");
     let r = w.store.find(&me(), &id("refused")).await.unwrap().unwrap();
-    assert_eq!(
-        (r.state, r.pending, r.runtime),
-        (VmState::Created, None, None)
-    );
+    assert_eq!((r.state, r.plan, r.runtime), (VmState::Created, None, None));
     assert!(r.last_error.unwrap().contains("boot failed"));
     let other = CustomerId::parse("globex").unwrap();
     assert!(
@@ -435,18 +423,19 @@ impl Network for FlakyNet {
 }
 
 #[tokio::test]
-async fn a_create_that_could_not_undo_itself_is_rolled_back_by_the_periodic_reconciler() {
+async fn a_create_that_could_not_undo_itself_is_undone_by_the_periodic_reconciler() {
     let w = world().await;
     let net = Arc::new(FlakyNet {
         fail: Mutex::new(2),
         detached: Mutex::new(Vec::new()),
     });
     let svc = VmService::new(
-        w.store.clone(),
-        w.vmm.clone(),
+        Ports {
+            network: Some(net.clone()),
+            ..Ports::new(w.store.clone(), w.vmm.clone())
+        },
         config(w.spec.kernel.parent().unwrap()),
-    )
-    .with_network(net.clone());
+    );
     let spec = VmSpec::new(VmSpecInput {
         vcpu_count: 1,
         memory_bytes: 128 << 20,
@@ -464,9 +453,9 @@ async fn a_create_that_could_not_undo_itself_is_rolled_back_by_the_periodic_reco
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Backend(_)), "{e:?}");
-    // The rollback's detach failed: the row and its lease stay, marked.
+    // The undo's detach failed: the row and its lease stay, marked.
     let row = w.store.find(&me(), &id("wired")).await.unwrap().unwrap();
-    assert_eq!(row.pending, Some(Pending::Create));
+    assert_eq!(row.plan.map(|p| p.plan), Some(Plan::Cleanup));
     assert!(!w.store.leases().await.unwrap().is_empty());
 
     // Detach still fails on the first pass: the row waits for the next.
@@ -494,7 +483,7 @@ async fn a_vm_that_cannot_be_settled_does_not_stop_start_up_and_is_retried() {
             "wedged-delete",
             VmState::Running,
             Some(alive_a),
-            Some(Pending::Delete),
+            Some(Plan::Delete),
         ),
         // Its VMM is gone, and cleaning up after it fails.
         row(&w, "wedged-lost", VmState::Running, Some(4242), None),
@@ -519,8 +508,9 @@ async fn a_vm_that_cannot_be_settled_does_not_stop_start_up_and_is_retried() {
             .await
             .unwrap()
             .unwrap()
-            .pending,
-        Some(Pending::Delete),
+            .plan
+            .map(|p| p.plan),
+        Some(Plan::Delete),
         "the delete is still owed"
     );
     assert_eq!(
@@ -535,4 +525,43 @@ async fn a_vm_that_cannot_be_settled_does_not_stop_start_up_and_is_retried() {
     let r = w.svc.reconcile(false).await.unwrap();
     assert_eq!(r.settled, 1, "{r:?}");
     assert!(w.store.get(&id("wedged-delete")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_guest_paused_resumed_or_halted_outside_metald_is_reported_and_corrected() {
+    let w = world().await;
+    let mut pids = Vec::new();
+    for name in ["a", "b"] {
+        w.svc
+            .create(&me(), Some(id(name)), "", w.spec.clone())
+            .await
+            .unwrap();
+        let vm = w.svc.boot(&me(), &id(name)).await.unwrap();
+        pids.push(vm.runtime.unwrap().pid);
+    }
+    let state = |name: &'static str| {
+        let svc = w.svc.clone();
+        async move { svc.get(&me(), &id(name)).await.unwrap().record.state }
+    };
+    // A VMM that does not answer leaves the row as it is.
+    assert_eq!(state("a").await, VmState::Running);
+    w.vmm.st().status.insert(pids[0], GuestStatus::Paused);
+    assert_eq!(state("a").await, VmState::Paused, "paused outside metald");
+    w.vmm.st().status.insert(pids[0], GuestStatus::Running);
+    assert_eq!(state("a").await, VmState::Running, "resumed outside metald");
+    w.vmm.st().status.insert(pids[0], GuestStatus::Halted);
+    let d = w.svc.get(&me(), &id("a")).await.unwrap();
+    assert_eq!((d.record.state, d.record.runtime), (VmState::Failed, None));
+    assert!(
+        !w.vmm.st().alive.contains(&pids[0]),
+        "the halted guest's VMM is stopped"
+    );
+    // The reconciler corrects a row no one reads.
+    w.vmm.st().status.insert(pids[1], GuestStatus::Paused);
+    let r = w.svc.reconcile(false).await.unwrap();
+    assert_eq!(r.drifted, 1, "{r:?}");
+    let b = w.store.find(&me(), &id("b")).await.unwrap().unwrap();
+    assert_eq!(b.state, VmState::Paused);
+    let r = w.svc.reconcile(false).await.unwrap();
+    assert_eq!(r.drifted, 0, "nothing left to correct");
 }

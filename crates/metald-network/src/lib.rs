@@ -82,6 +82,7 @@ mod names;
 mod netns;
 mod nl;
 mod plumbing;
+mod strays;
 mod tap;
 mod tc;
 
@@ -260,6 +261,27 @@ impl Host {
     /// mark and is not reported.
     pub async fn scan(&self) -> Result<Vec<Owned>, String> {
         plumbing::scan(self.inner.clone()).await
+    }
+
+    /// Namespaces of metald's naming scheme that carry no mark (a crash
+    /// between creating a namespace and marking its bridge), except the
+    /// namespaces of `expected` (VM id, interface index) pairs, which may be
+    /// being made right now.
+    pub async fn unmarked_namespaces(
+        &self,
+        expected: &[(String, usize)],
+    ) -> Result<Vec<String>, String> {
+        let expected = expected
+            .iter()
+            .map(|(vm, i)| names::names(vm, *i).netns)
+            .collect();
+        strays::list(self.inner.clone(), expected).await
+    }
+
+    /// Deletes an unmarked namespace found by
+    /// [`Host::unmarked_namespaces`], if it is still unmarked.
+    pub async fn remove_unmarked_namespace(&self, name: &str) -> Result<(), String> {
+        strays::remove(self.inner.clone(), name).await
     }
 }
 

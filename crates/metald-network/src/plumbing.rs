@@ -242,6 +242,8 @@ pub(crate) async fn create_interface(
     .map_err(|e| format!("{what}: {e}"))
 }
 
+/// Makes (or completes) one interface, as a sequence of idempotent
+/// phases; the calling thread ends up inside the VM's namespace.
 async fn create_on_thread(
     inner: &Inner,
     spec: &InterfaceSpec,
@@ -269,59 +271,8 @@ async fn create_on_thread(
     // From here on this thread is inside the VM's namespace.
     *created = netns::enter_or_create(&n.netns)?;
     let ns = nl::connect()?;
-
-    // The namespace bridge carries the namespace's ownership mark.
-    let br0 = match nl::get(&ns, NS_BRIDGE).await? {
-        Some(l) => {
-            check_owner(&l, &mark, &format!("bridge in namespace {}", n.netns))?;
-            if l.kind != Some(InfoKind::Bridge) {
-                return Err(format!("{NS_BRIDGE} in {} is not a bridge", n.netns));
-            }
-            l
-        }
-        None => {
-            nl::add(&ns, NS_BRIDGE, LinkBridge::new(NS_BRIDGE).build()).await?;
-            nl::get(&ns, NS_BRIDGE)
-                .await?
-                .ok_or_else(|| format!("{NS_BRIDGE} vanished right after creation"))?
-        }
-    };
-    if br0.alias.is_none() {
-        nl::change(
-            &ns,
-            NS_BRIDGE,
-            LinkUnspec::new_with_index(br0.index).alias(&mark).build(),
-        )
-        .await?;
-    }
-
-    // The veth pair: reused only when both ends are there.
-    let veth0 = nl::get(&ns, GUEST_VETH).await?;
-    if host_veth.is_none() || veth0.is_none() {
-        if let Some(l) = &veth0 {
-            nl::del(&ns, l).await?;
-        }
-        if let Some(l) = &host_veth {
-            nl::del(host, l).await?;
-        }
-        // One request: host end here, peer created straight in the namespace.
-        let ns_file = File::open(netns::netns_path(&n.netns))
-            .map_err(|e| format!("opening namespace {}: {e}", n.netns))?;
-        let peer = LinkUnspec::new_with_name(GUEST_VETH)
-            .setns_by_fd(ns_file.as_raw_fd())
-            .build();
-        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(n.host_veth.clone())
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        nl::add(
-            host,
-            &format!("veth pair {}/{GUEST_VETH}", n.host_veth),
-            msg,
-        )
-        .await?;
-        drop(ns_file);
-    }
+    let br0 = ns_bridge(&ns, &n.netns, &mark).await?;
+    veth_pair(host, &ns, n, host_veth.as_ref()).await?;
     nl::change(
         host,
         &n.host_veth,
@@ -336,29 +287,103 @@ async fn create_on_thread(
         .await?
         .ok_or_else(|| format!("{} vanished right after creation", n.host_veth))?;
     h_set_isolated(host, &host_veth, inner.config.isolate_vms).await?;
+    let tap_existed = tap_and_ports(&ns, spec, &br0).await?;
+    if tap_existed {
+        tc::batch(&tc::clear_lines(TAP), true)?;
+    }
+    tc::batch(
+        &tc::apply_lines(TAP, spec.rx_rate_bytes_per_sec, spec.tx_rate_bytes_per_sec),
+        false,
+    )
+}
 
-    // The TAP, made by this thread and therefore in the namespace.
-    let tap_existed = match nl::get(&ns, TAP).await? {
+/// The namespace bridge, carrying the namespace's ownership mark.
+async fn ns_bridge(ns: &Handle, netns: &str, mark: &str) -> Result<Link, String> {
+    let br0 = match nl::get(ns, NS_BRIDGE).await? {
+        Some(l) => {
+            check_owner(&l, mark, &format!("bridge in namespace {netns}"))?;
+            if l.kind != Some(InfoKind::Bridge) {
+                return Err(format!("{NS_BRIDGE} in {netns} is not a bridge"));
+            }
+            l
+        }
+        None => {
+            nl::add(ns, NS_BRIDGE, LinkBridge::new(NS_BRIDGE).build()).await?;
+            nl::get(ns, NS_BRIDGE)
+                .await?
+                .ok_or_else(|| format!("{NS_BRIDGE} vanished right after creation"))?
+        }
+    };
+    if br0.alias.is_none() {
+        nl::change(
+            ns,
+            NS_BRIDGE,
+            LinkUnspec::new_with_index(br0.index).alias(mark).build(),
+        )
+        .await?;
+    }
+    Ok(br0)
+}
+
+/// The veth pair: reused only when both ends are there.
+async fn veth_pair(
+    host: &Handle,
+    ns: &Handle,
+    n: &NetNames,
+    host_veth: Option<&Link>,
+) -> Result<(), String> {
+    let veth0 = nl::get(ns, GUEST_VETH).await?;
+    if host_veth.is_some() && veth0.is_some() {
+        return Ok(());
+    }
+    if let Some(l) = &veth0 {
+        nl::del(ns, l).await?;
+    }
+    if let Some(l) = host_veth {
+        nl::del(host, l).await?;
+    }
+    // One request: host end here, peer created straight in the namespace.
+    let ns_file = File::open(netns::netns_path(&n.netns))
+        .map_err(|e| format!("opening namespace {}: {e}", n.netns))?;
+    let peer = LinkUnspec::new_with_name(GUEST_VETH)
+        .setns_by_fd(ns_file.as_raw_fd())
+        .build();
+    let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(n.host_veth.clone())
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    nl::add(
+        host,
+        &format!("veth pair {}/{GUEST_VETH}", n.host_veth),
+        msg,
+    )
+    .await
+}
+
+/// The TAP (made by this thread and therefore in the namespace), the ifb
+/// of a tx cap, and every port up on the namespace bridge. Whether the TAP
+/// existed already (its tc state is then cleared first).
+async fn tap_and_ports(ns: &Handle, spec: &InterfaceSpec, br0: &Link) -> Result<bool, String> {
+    let netns = &spec.names.netns;
+    let tap_existed = match nl::get(ns, TAP).await? {
         Some(l) if l.kind == Some(InfoKind::Tun) => true,
-        Some(_) => return Err(format!("{TAP} in {} is not a TAP", n.netns)),
+        Some(_) => return Err(format!("{TAP} in {netns} is not a TAP")),
         None => {
             tap::create_persistent(TAP)?;
             false
         }
     };
-
     // ifb0 exists exactly when there is a tx cap.
-    let ifb = nl::get(&ns, IFB).await?;
+    let ifb = nl::get(ns, IFB).await?;
     match (&ifb, spec.tx_rate_bytes_per_sec > 0) {
-        (None, true) => nl::add(&ns, IFB, LinkIfb::new(IFB).up().build()).await?,
-        (Some(_), true) => nl::up(&ns, IFB).await?,
-        (Some(l), false) => nl::del(&ns, l).await?,
+        (None, true) => nl::add(ns, IFB, LinkIfb::new(IFB).up().build()).await?,
+        (Some(_), true) => nl::up(ns, IFB).await?,
+        (Some(l), false) => nl::del(ns, l).await?,
         (None, false) => {}
     }
-
     for port in [GUEST_VETH, TAP] {
         nl::change(
-            &ns,
+            ns,
             port,
             LinkUnspec::new_with_name(port)
                 .controller(br0.index)
@@ -367,23 +392,15 @@ async fn create_on_thread(
         )
         .await?;
     }
-    nl::up(&ns, NS_BRIDGE).await?;
-    nl::up(&ns, "lo").await?;
-
+    nl::up(ns, NS_BRIDGE).await?;
+    nl::up(ns, "lo").await?;
     // The namespace's own devices need no IPv6 (the guest's v6 is bridged
     // through at layer 2); this keeps them from doing DAD/MLD/RS chatter.
     // Best effort: /proc/sys/net follows this thread's namespace.
     for dev in [NS_BRIDGE, GUEST_VETH, TAP, IFB] {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
     }
-
-    if tap_existed {
-        tc::batch(&tc::clear_lines(TAP), true)?;
-    }
-    tc::batch(
-        &tc::apply_lines(TAP, spec.rx_rate_bytes_per_sec, spec.tx_rate_bytes_per_sec),
-        false,
-    )
+    Ok(tap_existed)
 }
 
 async fn h_set_isolated(host: &Handle, link: &Link, isolated: bool) -> Result<(), String> {

@@ -11,7 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use metald_core::ports::{Pending, Store, StoreError, VmPage, VmRecord, VmmRuntime};
+use metald_core::plan::PlanRecord;
+use metald_core::ports::{Store, StoreError, VmPage, VmRecord, VmmRuntime};
 use metald_core::{CustomerId, VmId, VmSpec, VmState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -44,6 +45,9 @@ macro_rules! vm_columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection with `synchronous=NORMAL`, for plan progress: its
+    /// commits reach the disk with the next durable write of the pool.
+    progress: SqlitePool,
 }
 
 impl SqliteStore {
@@ -74,13 +78,18 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_SIZE)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| db_err(format_args!("opening {}", path.display()), e))?;
         MIGRATOR.run(&pool).await.map_err(|e| {
             StoreError::Other(format!("migrating database {}: {e}", path.display()))
         })?;
-        Ok(SqliteStore { pool })
+        let progress = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.synchronous(SqliteSynchronous::Normal))
+            .await
+            .map_err(|e| db_err(format_args!("opening {}", path.display()), e))?;
+        Ok(SqliteStore { pool, progress })
     }
 
     /// Closes every connection and waits until they are closed. The last one
@@ -88,6 +97,7 @@ impl SqliteStore {
     /// leaves a single self-contained database file. Later calls on this
     /// store (or its clones) fail.
     pub async fn close(&self) {
+        self.progress.close().await;
         self.pool.close().await;
     }
 }
@@ -131,12 +141,10 @@ impl VmRow {
             .map(serde_json::from_str)
             .transpose()
             .map_err(|e| bad("runtime", &e))?;
-        let pending = self
+        let plan = self
             .pending_op
             .as_deref()
-            .map(|p| {
-                Pending::parse(p).ok_or_else(|| bad("pending operation", &format_args!("{p:?}")))
-            })
+            .map(|p| PlanRecord::decode(p).ok_or_else(|| bad("plan", &format_args!("{p:?}"))))
             .transpose()?;
         Ok(VmRecord {
             id,
@@ -146,7 +154,7 @@ impl VmRow {
             state,
             runtime,
             last_error: self.last_error,
-            pending,
+            plan,
             created_at: self.created_at,
             modified_at: self.modified_at,
         })
@@ -209,7 +217,7 @@ impl Store for SqliteStore {
         .bind(spec)
         .bind(runtime)
         .bind(vm.last_error.as_deref())
-        .bind(vm.pending.map(Pending::as_str))
+        .bind(vm.plan.map(PlanRecord::encode))
         .bind(vm.created_at)
         .bind(vm.modified_at)
         .bind(vm.name.as_str())
@@ -260,8 +268,8 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    /// Replaces state, runtime, last error, pending operation and modified
-    /// time; the spec,
+    /// Replaces state, runtime, last error, plan record and modified time;
+    /// the spec,
     /// owner and creation time are fixed at insert. Updating a VM that is
     /// not stored is an error: the service only updates VMs it just loaded
     /// under the VM's lock, so a missing row means a record (possibly a
@@ -278,7 +286,7 @@ impl Store for SqliteStore {
         .bind(vm.state.as_str())
         .bind(runtime)
         .bind(vm.last_error.as_deref())
-        .bind(vm.pending.map(Pending::as_str))
+        .bind(vm.plan.map(PlanRecord::encode))
         .bind(vm.modified_at)
         .bind(vm.id.as_str())
         .bind(spec)
@@ -291,6 +299,21 @@ impl Store for SqliteStore {
                 vm.id.as_str()
             )));
         }
+        Ok(())
+    }
+
+    async fn progress(&self, id: &VmId, plan: Option<PlanRecord>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vms SET pending_op = $1 WHERE vm_id = $2")
+            .bind(plan.map(PlanRecord::encode))
+            .bind(id.as_str())
+            .execute(&self.progress)
+            .await
+            .map_err(|e| {
+                db_err(
+                    format_args!("recording progress of vm {:?}", id.as_str()),
+                    e,
+                )
+            })?;
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use metald_core::ports::{Pending, Store, StoreError, VmRecord, VmmRuntime};
+use metald_core::plan::{Plan, PlanRecord};
+use metald_core::ports::{Store, StoreError, VmRecord, VmmRuntime};
 use metald_core::{CustomerId, DiskSpec, VmId, VmSpec, VmState};
 use metald_store::SqliteStore;
 
@@ -39,7 +40,7 @@ fn record(id: &str, customer: &str) -> VmRecord {
         state: VmState::Created,
         runtime: None,
         last_error: None,
-        pending: None,
+        plan: None,
         created_at: 1_700_000_000,
         modified_at: 1_700_000_000,
     }
@@ -83,9 +84,18 @@ async fn records_round_trip_and_ids_are_unique() {
         socket: "/s/qmp.sock".into(),
     });
     vm.last_error = Some("earlier failure".into());
-    vm.pending = Some(Pending::Shutdown);
+    vm.plan = Some(PlanRecord::start(Plan::Shutdown));
     vm.modified_at += 5;
     store.update(&vm).await.unwrap();
+    assert_eq!(store.get(&vm.id).await.unwrap(), Some(vm.clone()));
+
+    // Progress touches the plan record only.
+    let on = Some(PlanRecord {
+        plan: Plan::Delete,
+        next: 3,
+    });
+    store.progress(&vm.id, on).await.unwrap();
+    vm.plan = on;
     assert_eq!(store.get(&vm.id).await.unwrap(), Some(vm.clone()));
 
     store.remove(&vm.id).await.unwrap();

@@ -17,6 +17,7 @@ pub mod bounded;
 pub mod cgroup;
 pub mod cloudhypervisor;
 pub mod firecracker;
+pub mod guest_end;
 pub mod http;
 pub mod launch;
 pub mod logcap;

@@ -14,7 +14,7 @@ use metald_api::{
     ApiServer, AuthConfig, Authenticator, ConnectionLimits, JwtKey, JwtRules, RateLimiter, Tls,
     TlsFiles,
 };
-use metald_core::service::ServiceConfig;
+use metald_core::service::{Ports, ServiceConfig};
 use metald_core::{VmService, ports::Vmm};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -407,17 +407,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metald_billing::Billing::start(billing_config(&config)?, &config.data_dir)
             .await
             .map_err(anyhow::Error::msg)?;
-    let service = VmService::with_observers(
-        Arc::new(store.clone()),
-        vmm,
-        ServiceConfig {
-            default_shutdown_timeout: config.vm_shutdown_timeout,
-            assets,
-        },
-        vec![billing.clone()],
-    )
-    .with_usage(billing);
-    let service = if config.network_enabled {
+    let network: Option<Arc<dyn metald_core::ports::Network>> = if config.network_enabled {
         let host = metald_network::Host::setup(metald_network::NetworkConfig {
             bridge: config.network_bridge.clone(),
             ipv4_subnet: config.network_ipv4_subnet,
@@ -433,12 +423,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
         })?;
         info!(bridge = %config.network_bridge, v4 = %config.network_ipv4_subnet, v6 = %config.network_ipv6_subnet, "VM networking ready");
-        service.with_network(Arc::new(network::HostNetwork::new(host)))
+        Some(Arc::new(network::HostNetwork::new(host)))
     } else {
         info!("VM networking disabled (UNKEY_METALD_NETWORK_ENABLED=false)");
-        service
+        None
     };
-    // Before serving: finish or roll back interrupted operations, adopt
+    let service = VmService::new(
+        Ports {
+            store: Arc::new(store.clone()),
+            vmm,
+            network,
+            usage: Some(billing.clone()),
+            observers: vec![billing.clone()],
+        },
+        ServiceConfig {
+            default_shutdown_timeout: config.vm_shutdown_timeout,
+            assets,
+            ..ServiceConfig::default()
+        },
+    );
+    // Before serving: resume interrupted plans, adopt
     // surviving VMMs, then clean up whatever no VM claims.
     service.recover().await.context("re-attaching to VMs")?;
     service
@@ -495,9 +499,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(_) => warn!("in-flight requests did not finish within the drain timeout"),
     }
     reconciler.abort();
-    for t in billing_tasks.tasks {
-        t.abort();
-    }
     if config.shutdown_vms_on_exit {
         match service.shutdown_all().await {
             Ok(n) => info!(vms = n, "shut VMs down (UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT)"),
@@ -506,6 +507,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         info!("VMs keep running; the next metald adopts them");
     }
+    // Billing last, so it still sees the VMs stop: their final samples and
+    // stop notices are written (fsync) and, if the billing service answers,
+    // sent. Bounded like the drain; what is cut off is reported as a gap by
+    // the next start.
+    billing_tasks.shutdown(config.drain_timeout).await;
     // Checkpoints the write-ahead log into the database file.
     store.close().await;
     info!("stopped cleanly");

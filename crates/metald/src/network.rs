@@ -112,6 +112,15 @@ impl Network for HostNetwork {
             .filter_map(|o| VmId::parse(&o.vm_id, "vm_id").ok().map(|id| (id, o.index)))
             .collect())
     }
+
+    async fn strays(&self, known: &[(VmId, usize)]) -> Result<Vec<String>, PortError> {
+        let known: Vec<(String, usize)> = known.iter().map(|(v, i)| (v.to_string(), *i)).collect();
+        self.host.unmarked_namespaces(&known).await
+    }
+
+    async fn remove_stray(&self, name: &str) -> Result<(), PortError> {
+        self.host.remove_unmarked_namespace(name).await
+    }
 }
 
 #[cfg(test)]

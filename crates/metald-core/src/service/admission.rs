@@ -18,12 +18,9 @@ impl VmService {
     /// to no other, and a file another VM uses is not attached writable.
     /// Writable disks come only from the customer's own roots, so only the
     /// customer's own VMs can collide, and the answer tells nothing of
-    /// anyone else. The caller holds `disk_claims`.
-    pub(super) async fn check_disk_claims(
-        &self,
-        customer: &CustomerId,
-        new: &Resolved,
-    ) -> Result<()> {
+    /// anyone else. `vms` are the customer's VMs; the caller holds the
+    /// admission lock.
+    pub(super) async fn check_disk_claims(&self, new: &Resolved, vms: &[VmRecord]) -> Result<()> {
         for (i, a) in new.disks.iter().enumerate() {
             if let Some(b) = new.disks[..i]
                 .iter()
@@ -35,21 +32,7 @@ impl VmService {
                 )));
             }
         }
-        let mut others: Vec<VmSpec> = Vec::new();
-        let mut cursor = None;
-        loop {
-            let page = self
-                .inner
-                .store
-                .list(customer, &[], cursor, MAX_PAGE_SIZE)
-                .await
-                .map_err(store_err)?;
-            others.extend(page.vms.into_iter().map(|vm| vm.spec));
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => break,
-            }
-        }
+        let others: Vec<VmSpec> = vms.iter().map(|vm| vm.spec.clone()).collect();
         let mine = new.disks.clone();
         let clash = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::MetadataExt;

@@ -10,12 +10,17 @@
 //!   after each step, so a restarted metald finds every VMM it started.
 
 mod admission;
+mod executor;
 mod ops;
-mod recovery;
+mod quotas;
+mod reconcile;
+mod recover;
+mod steps;
 mod supervision;
 mod wiring;
 
-pub use recovery::{ReconcileReport, RecoveryReport};
+pub use reconcile::ReconcileReport;
+pub use recover::RecoveryReport;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -29,9 +34,10 @@ use crate::error::{Error, Result};
 use crate::locks::{VmLock, VmLocks};
 use crate::net;
 use crate::ports::{
-    BootError, GuestStatus, Network, Observer, Pending, StopMode, Store, StoreError, UsageSource,
-    VmPage, VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
+    BootError, GuestStatus, Network, Observer, StopMode, Store, StoreError, UsageSource, VmPage,
+    VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
 };
+use crate::quota::{CreateRate, HostCapacity, QuotaBook};
 use crate::redact::{error_id, scrub};
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
@@ -53,6 +59,10 @@ pub struct ServiceConfig {
     pub default_shutdown_timeout: Duration,
     /// Which host files a customer's VM may use. The default allows none.
     pub assets: AssetPolicy,
+    /// Every customer's limits (replaced later by [`VmService::set_quotas`]).
+    pub quotas: QuotaBook,
+    /// What the host can run at once; `None`: not checked.
+    pub host: Option<HostCapacity>,
 }
 
 impl Default for ServiceConfig {
@@ -60,6 +70,8 @@ impl Default for ServiceConfig {
         ServiceConfig {
             default_shutdown_timeout: Duration::from_secs(30),
             assets: AssetPolicy::default(),
+            quotas: QuotaBook::default(),
+            host: None,
         }
     }
 }
@@ -84,10 +96,17 @@ struct Inner {
     vmm: Arc<dyn Vmm>,
     config: ServiceConfig,
     locks: Arc<VmLocks>,
-    /// Held from a create's check of its disks against the customer's other
-    /// VMs until its row is stored, so two creates can never both attach
-    /// one file where either writes it.
+    /// The admission lock: held from a create's check of its disks and
+    /// quotas against the customer's other VMs until its row is stored, and
+    /// while a boot is counted against the running quotas, so two requests
+    /// can never both take one file or the last unit of a quota.
     disk_claims: tokio::sync::Mutex<()>,
+    /// Current limits of every customer.
+    quotas: std::sync::RwLock<Arc<QuotaBook>>,
+    /// Per-customer create-rate buckets.
+    create_rate: CreateRate,
+    /// VMs admitted to boot and not yet recorded running.
+    booting: Mutex<HashSet<VmId>>,
     /// What the previous reconcile pass found unclaimed (its age guard).
     suspects: Mutex<HashSet<String>>,
     /// Host networking, when enabled.
@@ -96,6 +115,8 @@ struct Inner {
     usage: Option<Arc<dyn UsageSource>>,
     /// Told about every stored change (billing).
     observers: Vec<Arc<dyn Observer>>,
+    /// Where a test stops a plan as if metald were killed.
+    crash: executor::CrashPoint,
 }
 
 fn now() -> i64 {
@@ -128,56 +149,59 @@ fn boot_err(id: &VmId, e: BootError, resolved: &Resolved, client: &VmSpec) -> Er
     }
 }
 
+/// What the service is built from: the adapters behind every port.
+pub struct Ports {
+    pub store: Arc<dyn Store>,
+    pub vmm: Arc<dyn Vmm>,
+    /// Host networking; `None` when disabled (VMs with interfaces are then
+    /// refused).
+    pub network: Option<Arc<dyn Network>>,
+    /// Latest measured usage per VM, for GetVmInfo.
+    pub usage: Option<Arc<dyn UsageSource>>,
+    /// Told about every stored change (billing).
+    pub observers: Vec<Arc<dyn Observer>>,
+}
+
+impl Ports {
+    /// A store and a backend, and nothing else.
+    pub fn new(store: Arc<dyn Store>, vmm: Arc<dyn Vmm>) -> Self {
+        Ports {
+            store,
+            vmm,
+            network: None,
+            usage: None,
+            observers: Vec::new(),
+        }
+    }
+}
+
 impl VmService {
-    /// Builds the service over a store and a backend.
-    pub fn new(store: Arc<dyn Store>, vmm: Arc<dyn Vmm>, config: ServiceConfig) -> Self {
+    /// Builds the service over its ports.
+    pub fn new(ports: Ports, config: ServiceConfig) -> Self {
+        let Ports {
+            store,
+            vmm,
+            network,
+            usage,
+            observers,
+        } = ports;
+        let quotas = std::sync::RwLock::new(Arc::new(config.quotas.clone()));
         VmService {
             inner: Arc::new(Inner {
+                quotas,
+                create_rate: CreateRate::default(),
+                booting: Mutex::new(HashSet::new()),
                 store,
                 vmm,
                 config,
                 locks: Arc::default(),
                 disk_claims: tokio::sync::Mutex::new(()),
                 suspects: Mutex::new(HashSet::new()),
-                network: None,
-                usage: None,
-                observers: Vec::new(),
+                network,
+                usage,
+                observers,
+                crash: Default::default(),
             }),
-        }
-    }
-
-    /// Builds the service with observers told about every stored change.
-    pub fn with_observers(
-        store: Arc<dyn Store>,
-        vmm: Arc<dyn Vmm>,
-        config: ServiceConfig,
-        observers: Vec<Arc<dyn Observer>>,
-    ) -> Self {
-        let svc = Self::new(store, vmm, config);
-        let mut inner = Arc::into_inner(svc.inner).expect("just built, not shared");
-        inner.observers = observers;
-        VmService {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// Gives the service host networking (before it is cloned or used).
-    pub fn with_network(self, network: Arc<dyn Network>) -> Self {
-        let mut inner =
-            Arc::into_inner(self.inner).expect("with_network before the service is shared");
-        inner.network = Some(network);
-        VmService {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// Gives the service a source of measured usage for GetVmInfo.
-    pub fn with_usage(self, usage: Arc<dyn UsageSource>) -> Self {
-        let mut inner =
-            Arc::into_inner(self.inner).expect("with_usage before the service is shared");
-        inner.usage = Some(usage);
-        VmService {
-            inner: Arc::new(inner),
         }
     }
 
@@ -271,17 +295,10 @@ impl VmService {
         vm.state = state;
         vm.runtime = runtime;
         vm.last_error = error;
-        vm.pending = None;
+        vm.plan = None;
         vm.modified_at = now();
         self.inner.store.update(vm).await.map_err(store_err)?;
         self.changed(vm);
         Ok(())
-    }
-
-    /// The first write of a multi-step operation, before any side effect.
-    async fn mark_pending(&self, vm: &mut VmRecord, op: Pending) -> Result<()> {
-        vm.pending = Some(op);
-        vm.modified_at = now();
-        self.inner.store.update(vm).await.map_err(store_err)
     }
 }

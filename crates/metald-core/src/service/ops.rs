@@ -1,6 +1,8 @@
 //! The use cases behind the RPCs: create, boot, pause, resume, reboot, shutdown, delete, get, list.
 
+use super::executor::PlanArgs;
 use super::*;
+use crate::plan::{Plan, PlanRecord};
 
 impl VmService {
     /// Records a new VM in state `Created`. No process is started until
@@ -24,10 +26,13 @@ impl VmService {
             ));
         }
         let resolved = self.resolve(caller, &spec).await?;
+        self.take_create(caller)?;
         let name = requested_id.unwrap_or_else(VmId::generate);
         let id = VmId::host_key(&name);
         let t = now();
         let has_network = !spec.nics.is_empty();
+        // Without interfaces the insert is the whole create; with them the
+        // row records the create plan, which a restart finishes.
         let mut vm = VmRecord {
             id: id.clone(),
             name: name.clone(),
@@ -36,15 +41,17 @@ impl VmService {
             state: VmState::Created,
             runtime: None,
             last_error: None,
-            pending: has_network.then_some(Pending::Create),
+            plan: has_network.then_some(PlanRecord::start(Plan::Create)),
             created_at: t,
             modified_at: t,
         };
         // The lock keeps the reconciler off the VM while it is wired.
         let _guard = self.lock(&id).await;
         {
-            let _claims = self.inner.disk_claims.lock().await;
-            self.check_disk_claims(caller, &resolved).await?;
+            let _admission = self.inner.disk_claims.lock().await;
+            let vms = self.customer_vms(caller).await?;
+            self.check_create_quota(caller, &vms, &vm.spec)?;
+            self.check_disk_claims(&resolved, &vms).await?;
             match self.inner.store.insert(&vm).await {
                 Ok(()) => {}
                 Err(StoreError::AlreadyExists) => {
@@ -53,54 +60,27 @@ impl VmService {
                 Err(e) => return Err(store_err(e)),
             }
         }
-        if has_network {
-            if let Err(e) = self.wire(&mut vm).await {
-                warn!(vm_id = %id, error = %e, "create failed; rolling back");
-                if let Err(undo) = self.unwire(&id, vm.spec.nics.len()).await {
-                    warn!(vm_id = %id, error = %undo, "rollback of the network failed; the reconciler retries");
-                    return Err(e);
-                }
-                self.inner.store.remove(&id).await.map_err(store_err)?;
-                return Err(e);
-            }
-            let state = vm.state;
-            self.save(&mut vm, state, None, None).await?;
-        }
+        self.execute(&mut vm, &mut PlanArgs::request(StopMode::Force))
+            .await?;
         info!(vm_id = %id, name = %name, customer = %caller, "vm created");
         Ok(vm)
     }
 
-    /// Starts a VMM for the VM and lets the guest run. The row is marked
-    /// `pending boot` first, so a crash mid-way is rolled back on restart.
+    /// Starts a VMM for the VM and lets the guest run (the boot plan: a
+    /// restart mid-way finishes it).
     pub async fn boot(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
         let (_guard, mut vm) = self.lock_owned(caller, name).await?;
-        let id = &vm.id.clone();
         Self::check(&vm, Op::Boot)?;
-        let resolved = self.resolve(caller, &vm.spec).await?;
-        self.mark_pending(&mut vm, Pending::Boot).await?;
-        let vmm = &self.inner.vmm;
-        // No process may exist in Created/Shutdown/Failed; clear anything a
-        // crash could have left before starting a fresh one.
-        let started = match vmm.destroy(id, vm.runtime.as_ref()).await {
-            Ok(()) => vmm.boot(id, &resolved.spec).await,
-            Err(e) => Err(BootError::Failed(e)),
-        };
-        match started {
-            Ok(rt) => {
-                self.save(&mut vm, VmState::Running, Some(rt.clone()), None)
-                    .await?;
-                self.watch(id.clone(), rt);
-                info!(vm_id = %id, "vm booted");
-                Ok(vm)
-            }
-            Err(e) => {
-                let e = boot_err(id, e, &resolved, &vm.spec);
-                let state = vm.state;
-                self.save(&mut vm, state, None, Some(format!("boot failed: {e}")))
-                    .await?;
-                Err(e)
-            }
+        let mut args = PlanArgs::request(StopMode::Force);
+        args.resolved = Some(self.resolve(caller, &vm.spec).await?);
+        let _admitted = self.admit_boot(&vm).await?;
+        self.begin(&mut vm, Plan::Boot).await?;
+        self.execute(&mut vm, &mut args).await?;
+        if let Some(rt) = vm.runtime.clone() {
+            self.watch(vm.id.clone(), rt);
         }
+        info!(vm_id = %vm.id, "vm booted");
+        Ok(vm)
     }
 
     /// Stops the guest's vCPUs.
@@ -113,14 +93,35 @@ impl VmService {
         self.simple(caller, id, Op::Resume).await
     }
 
-    /// Resets the guest.
-    pub async fn reboot(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
-        self.simple(caller, id, Op::Reboot).await
+    /// Resets the guest (the reboot plan: backends that respawn the VMM
+    /// get the files checked again, and a restart mid-respawn finishes it).
+    pub async fn reboot(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
+        let (_guard, mut vm) = self.lock_owned(caller, name).await?;
+        Self::check(&vm, Op::Reboot)?;
+        let before = vm.runtime.clone();
+        self.begin(&mut vm, Plan::Reboot).await?;
+        if let Err(e) = self
+            .execute(&mut vm, &mut PlanArgs::request(StopMode::Force))
+            .await
+        {
+            if Self::crashed(&e) {
+                return Err(e);
+            }
+            // The VMM may have died under the request: report that rather
+            // than a bare backend error.
+            self.refresh(&mut vm).await?;
+            return Err(Self::check(&vm, Op::Reboot).err().unwrap_or(e));
+        }
+        if vm.runtime != before
+            && let Some(rt) = vm.runtime.clone()
+        {
+            self.watch(vm.id.clone(), rt);
+        }
+        Ok(vm)
     }
 
-    /// Pause, resume and reboot: one VMM call on a live process. Nothing is
-    /// marked pending: after a crash, adoption reads the guest's state from
-    /// the VMM itself.
+    /// Pause and resume: one VMM call on a live process, so no plan: after a
+    /// crash, adoption reads the guest's state from the VMM itself.
     pub(super) async fn simple(
         &self,
         caller: &CustomerId,
@@ -128,52 +129,29 @@ impl VmService {
         op: Op,
     ) -> Result<VmRecord> {
         let (_guard, mut vm) = self.lock_owned(caller, name).await?;
-        let id = &vm.id.clone();
         let Outcome::To(to) = Self::check(&vm, op)? else {
-            unreachable!("pause, resume and reboot never delete");
+            unreachable!("pause and resume never delete");
         };
         let rt = vm
             .runtime
             .clone()
             .ok_or_else(|| Error::Backend("no VMM process recorded".into()))?;
         let vmm = &self.inner.vmm;
-        let new_rt = match op {
-            Op::Pause => vmm
-                .pause(&rt)
-                .await
-                .map(|()| rt.clone())
-                .map_err(Error::Backend),
-            Op::Resume => vmm
-                .resume(&rt)
-                .await
-                .map(|()| rt.clone())
-                .map_err(Error::Backend),
-            Op::Reboot => {
-                // Some backends respawn the VMM to reboot: the files are
-                // checked again like at every spawn.
-                let resolved = self.resolve(caller, &vm.spec).await?;
-                vmm.reboot(id, &resolved.spec, &rt)
-                    .await
-                    .map_err(|e| boot_err(id, e, &resolved, &vm.spec))
-            }
-            _ => unreachable!("only pause, resume and reboot come here"),
+        let done = match op {
+            Op::Pause => vmm.pause(&rt).await,
+            Op::Resume => vmm.resume(&rt).await,
+            _ => unreachable!("only pause and resume come here"),
         };
-        let new_rt = match new_rt {
-            Ok(rt) => rt,
-            Err(e) => {
-                // The VMM may have died under the request: report that
-                // rather than a bare backend error.
-                self.refresh(&mut vm).await?;
-                if !vm.state.has_process() {
-                    return Err(Self::check(&vm, op).err().unwrap_or(e));
-                }
-                return Err(e);
+        if let Err(e) = done {
+            // The VMM may have died under the request: report that rather
+            // than a bare backend error.
+            self.refresh(&mut vm).await?;
+            if !vm.state.has_process() {
+                return Err(Self::check(&vm, op).err().unwrap_or(Error::Backend(e)));
             }
-        };
-        self.save(&mut vm, to, Some(new_rt.clone()), None).await?;
-        if new_rt != rt {
-            self.watch(id.clone(), new_rt);
+            return Err(Error::Backend(e));
         }
+        self.save(&mut vm, to, Some(rt), None).await?;
         Ok(vm)
     }
 
@@ -197,60 +175,30 @@ impl VmService {
         Ok(vm)
     }
 
-    /// Stops a VM's VMM and records `Shutdown`; the caller holds its lock.
+    /// Stops a VM's VMM and records `Shutdown` (the shutdown plan: the stop
+    /// sequence); the caller holds its lock.
     pub(super) async fn stop_locked(&self, vm: &mut VmRecord, mode: StopMode) -> Result<()> {
-        self.mark_pending(vm, Pending::Shutdown).await?;
-        if let Some(rt) = vm.runtime.clone()
-            && let Err(e) = self.inner.vmm.shutdown(&rt, mode).await
-        {
-            let eid = error_id();
-            warn!(vm_id = %vm.id, error_id = %eid, error = %e, "shutdown failed");
-            let state = vm.state;
-            let runtime = vm.runtime.clone();
-            let why = format!("shutdown failed (error id {eid})");
-            self.save(vm, state, runtime, Some(why)).await?;
-            return Err(Error::Backend(e));
-        }
-        // The VMM is gone: free what the backend kept for it (metrics
-        // reader, cgroups, exit bookkeeping), as after an exit on its own.
-        if let Some(rt) = &vm.runtime {
-            self.inner.vmm.release(&vm.id, rt).await;
-        }
-        self.save(vm, VmState::Shutdown, None, None).await
+        self.begin(vm, Plan::Shutdown).await?;
+        self.execute(vm, &mut PlanArgs::request(mode)).await?;
+        Ok(())
     }
 
-    /// Removes the VM: stops its VMM (gracefully unless `force`), removes
-    /// every file, then the row. The row is marked `pending delete` first,
-    /// so a crash mid-way is finished on restart; a failure answers an
-    /// error and leaves the VM as it was, for a retry.
+    /// Removes the VM (the delete plan: its VMM stopped, gracefully unless
+    /// `force`, every file, address and interface removed, then the row).
+    /// A restart mid-way finishes it; a failure answers an error and leaves
+    /// the VM as it was, for a retry.
     pub async fn delete(&self, caller: &CustomerId, name: &VmId, force: bool) -> Result<()> {
         let (guard, mut vm) = self.lock_owned(caller, name).await?;
-        let id = &vm.id.clone();
         Self::check(&vm, Op::Delete)?;
-        self.mark_pending(&mut vm, Pending::Delete).await?;
-        if let (Some(rt), false) = (&vm.runtime, force) {
-            let mode = StopMode::Graceful(self.inner.config.default_shutdown_timeout);
-            if let Err(e) = self.inner.vmm.shutdown(rt, mode).await {
-                warn!(vm_id = %id, error = %e, "graceful stop before delete failed; killing");
-            }
-        }
-        let destroyed = match self.inner.vmm.destroy(id, vm.runtime.as_ref()).await {
-            Ok(()) => self.unwire(id, vm.spec.nics.len()).await,
-            Err(e) => Err(Error::Backend(e)),
+        let mode = match force {
+            true => StopMode::Force,
+            false => StopMode::Graceful(self.inner.config.default_shutdown_timeout),
         };
-        if let Err(e) = destroyed {
-            let eid = error_id();
-            warn!(vm_id = %id, error_id = %eid, error = %e, "delete failed");
-            let (state, runtime) = (vm.state, vm.runtime.clone());
-            let why = format!("delete failed (error id {eid})");
-            self.save(&mut vm, state, runtime, Some(why)).await?;
-            return Err(e);
-        }
-        self.inner.store.remove(id).await.map_err(store_err)?;
-        self.removed(id);
+        self.begin(&mut vm, Plan::Delete).await?;
+        self.execute(&mut vm, &mut PlanArgs::request(mode)).await?;
         // The lock's entry goes with its last user (a waiter keeps it).
         drop(guard);
-        info!(vm_id = %id, "vm deleted");
+        info!(vm_id = %vm.id, "vm deleted");
         Ok(())
     }
 
@@ -259,6 +207,7 @@ impl VmService {
     pub async fn get(&self, caller: &CustomerId, name: &VmId) -> Result<VmDetails> {
         let mut record = self.owned(caller, name).await?;
         self.refresh_if_idle(&mut record).await;
+        self.correct_drift_if_idle(&mut record).await;
         let id = &record.id.clone();
         let mut backend_info = self.inner.vmm.describe(id, record.runtime.as_ref()).await;
         // The host-wide key the VM's files, processes and metald's logs are
@@ -267,8 +216,8 @@ impl VmService {
         if let Some(err) = &record.last_error {
             backend_info.insert("last_error".into(), err.clone());
         }
-        if let Some(p) = record.pending {
-            backend_info.insert("pending_operation".into(), p.as_str().into());
+        if let Some(p) = record.plan {
+            backend_info.insert("pending_operation".into(), p.plan.as_str().into());
         }
         let mut usage = match (&self.inner.usage, record.state.has_process()) {
             (Some(u), true) => u.usage(id),

@@ -58,7 +58,9 @@ impl VmService {
     /// after a clean guest power-off), with the reason, and releases what
     /// the VMM left behind.
     pub(super) async fn record_exit(&self, vm: &mut VmRecord, exit: VmmExit) -> Result<()> {
-        let op = if exit.is_clean() {
+        let unknown = exit.code.is_none() && exit.signal.is_none();
+        let said_off = unknown && self.inner.vmm.powered_off(&vm.id).await;
+        let op = if exit.is_clean() || said_off {
             Op::PoweredOff
         } else {
             Op::Crashed
@@ -66,11 +68,12 @@ impl VmService {
         let Some(Outcome::To(to)) = state::next(vm.state, op) else {
             return Ok(());
         };
-        let reason = format!("VMM {}", exit.describe());
+        let reason = match said_off {
+            true => "the guest powered off (its console says so; the VMM was adopted, so its exit status is unknown)".to_owned(),
+            false => format!("VMM {}", exit.describe()),
+        };
         warn!(vm_id = %vm.id, %reason, state = %to, "VMM exited without being asked");
-        if let Some(rt) = &vm.runtime {
-            self.inner.vmm.release(&vm.id, rt).await;
-        }
+        self.stop_unrecorded(vm).await?;
         self.save(vm, to, None, Some(reason)).await
     }
 
@@ -101,6 +104,55 @@ impl VmService {
         }
         if let Err(e) = self.record_exit(&mut vm, exit).await {
             warn!(vm_id = %id, error = %e, "cannot record VMM exit");
+        }
+    }
+
+    /// Brings the row in line with what the VMM says about its guest: a
+    /// guest paused or resumed outside metald is recorded as it is, and one
+    /// that halted while its VMM still answers is stopped and recorded
+    /// `failed`. The caller holds the VM's lock. Whether the row changed.
+    pub(super) async fn correct_drift(&self, vm: &mut VmRecord) -> Result<bool> {
+        let Some(rt) = vm.runtime.clone().filter(|_| vm.state.has_process()) else {
+            return Ok(false);
+        };
+        let Ok(status) = self.inner.vmm.status(&rt).await else {
+            return Ok(false);
+        };
+        let to = match (vm.state, status) {
+            (VmState::Running, GuestStatus::Paused) => VmState::Paused,
+            (VmState::Paused, GuestStatus::Running) => VmState::Running,
+            (_, GuestStatus::Halted) => {
+                warn!(vm_id = %vm.id, "the guest halted while its VMM ran; stopping the VMM");
+                self.stop_unrecorded(vm).await?;
+                let why = "the guest halted while its VMM still ran".to_owned();
+                self.save(vm, VmState::Failed, None, Some(why)).await?;
+                return Ok(true);
+            }
+            _ => return Ok(false),
+        };
+        info!(vm_id = %vm.id, from = %vm.state, to = %to, "the guest's state changed outside metald");
+        self.save(vm, to, Some(rt), None).await?;
+        Ok(true)
+    }
+
+    /// [`Self::correct_drift`] for readers: only when no operation holds
+    /// the VM (one that does writes its own outcome).
+    pub(super) async fn correct_drift_if_idle(&self, vm: &mut VmRecord) {
+        if !vm.state.has_process() {
+            return;
+        }
+        let Some(_guard) = self.try_lock(&vm.id) else {
+            return;
+        };
+        match self.inner.store.get(&vm.id).await {
+            Ok(Some(mut fresh)) => {
+                if let Err(e) = self.correct_drift(&mut fresh).await {
+                    warn!(vm_id = %vm.id, error = %e, "cannot record the guest's state");
+                }
+                *vm = fresh;
+            }
+            Ok(None) => {}
+            Err(e) => warn!(vm_id = %vm.id, error = %e, "cannot reload vm"),
         }
     }
 }

@@ -28,6 +28,12 @@ pub struct Fake {
     /// Destroys of VMs whose key starts with one of these fail (files that
     /// cannot be removed yet, a VMM that survives SIGKILL for a while).
     pub fail_destroy: Vec<String>,
+    /// Processes each VM's boots started, as a real backend records its
+    /// spawns in the VM's directory: destroy kills them even when the row
+    /// lost its runtime.
+    pub spawned: HashMap<String, Vec<i32>>,
+    /// What the VMM of a pid says about its guest; unset: "unknown".
+    pub status: HashMap<i32, GuestStatus>,
 }
 
 #[derive(Default)]
@@ -83,7 +89,13 @@ impl Vmm for FakeVmm {
         if id.as_str().starts_with("refused-") {
             return Err(BootError::Refused("the VMM refused the config".into()));
         }
-        Ok(Self::rt(self.spawn()))
+        let pid = self.spawn();
+        self.st()
+            .spawned
+            .entry(id.to_string())
+            .or_default()
+            .push(pid);
+        Ok(Self::rt(pid))
     }
     async fn pause(&self, _rt: &VmmRuntime) -> Result<(), PortError> {
         Ok(())
@@ -118,17 +130,18 @@ impl Vmm for FakeVmm {
         {
             return Err("cannot remove the VM's files yet".into());
         }
-        if let Some(rt) = rt {
-            if id.as_str().starts_with("stuck-") {
-                self.entered.notify_one();
-                self.gate.notified().await;
-            }
-            let quiet = self.st().quiet;
+        if rt.is_some() && id.as_str().starts_with("stuck-") {
+            self.entered.notify_one();
+            self.gate.notified().await;
+        }
+        let recorded = self.st().spawned.remove(id.as_str()).unwrap_or_default();
+        let quiet = self.st().quiet;
+        for pid in rt.map(|r| r.pid).into_iter().chain(recorded) {
             let killed = VmmExit {
                 code: None,
                 signal: Some(9),
             };
-            self.die(rt.pid, (!quiet).then_some(killed));
+            self.die(pid, (!quiet).then_some(killed));
         }
         self.st().destroyed.push(id.to_string());
         Ok(())
@@ -157,6 +170,13 @@ impl Vmm for FakeVmm {
             })
         }
         .boxed()
+    }
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        let s = self.st();
+        match s.status.get(&rt.pid) {
+            Some(st) if s.alive.contains(&rt.pid) => Ok(*st),
+            _ => Err("no answer".into()),
+        }
     }
     fn is_alive(&self, rt: &VmmRuntime) -> bool {
         self.st().alive.contains(&rt.pid)

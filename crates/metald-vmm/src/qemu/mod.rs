@@ -266,6 +266,23 @@ impl Vmm for QemuBackend {
         process::is_alive(rt.pid, rt.start_time)
     }
 
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+        launch::check_backend(rt, NAME)?;
+        match qmp::status(&rt.socket).await?.as_str() {
+            "running" => Ok(GuestStatus::Running),
+            "paused" | "suspended" => Ok(GuestStatus::Paused),
+            "shutdown" | "guest-panicked" | "internal-error" => Ok(GuestStatus::Halted),
+            other => Err(format!("guest is in QEMU state {other:?}")),
+        }
+    }
+
+    async fn powered_off(&self, id: &VmId) -> bool {
+        let console = self.vm_dir(id).join("console.log");
+        tokio::task::spawn_blocking(move || crate::guest_end::powered_off(&console))
+            .await
+            .unwrap_or(false)
+    }
+
     async fn release(&self, id: &VmId, rt: &VmmRuntime) {
         self.logs.unwatch(id);
         // QEMU removes its socket only on a clean exit.

@@ -1,6 +1,11 @@
 //! Chaos: random lifecycle operations on 10 VMs while metald is SIGKILLed
-//! and restarted at random points. Afterwards, every row matches reality
-//! and nothing exists that no row claims.
+//! and restarted at random points and VMM processes are SIGKILLed from
+//! outside. Afterwards, every row matches reality and nothing exists that
+//! no row claims.
+//!
+//! The size fits the CI budget; the full run (docs/reliability.md) is
+//! `METALD_CHAOS_OPS=500 METALD_CHAOS_KILLS=20 METALD_CHAOS_VMM_KILLS=20
+//! cargo test -p metald --test api chaos -- --nocapture`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -14,8 +19,13 @@ use crate::network::{Lan, leases, netns_list, with_nic};
 
 const T: &str = "dev_customer_chaos";
 const VMS: usize = 10;
-const OPS: usize = 240;
-const KILLS: usize = 12;
+/// A size from the environment, else the CI default.
+fn size(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
 
 /// Even-numbered VMs have a network interface (namespace, veth, TAP,
 /// leases), odd ones none.
@@ -64,15 +74,28 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         "--vm-shutdown-timeout",
         "1s",
     ]);
-    let (mut done, mut kills) = (0, 0);
+    let ops = size("METALD_CHAOS_OPS", 240);
+    let metald_kills = size("METALD_CHAOS_KILLS", 12);
+    let vmm_kills = size("METALD_CHAOS_VMM_KILLS", 6);
+    let (mut done, mut kills, mut vmms_killed) = (0, 0, 0);
     let mut codes: HashMap<String, usize> = HashMap::new();
-    while done < OPS || kills < KILLS {
+    while done < ops || kills < metald_kills || vmms_killed < vmm_kills {
+        // Now and then a VMM dies under metald (a guest OOM, an operator).
+        let vmms = d.vmm_pids();
+        if vmms_killed < vmm_kills && !vmms.is_empty() && (rng.random_bool(0.2) || done >= ops) {
+            let pid = vmms[rng.random_range(0..vmms.len())];
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid).unwrap(),
+                Signal::KILL,
+            );
+            vmms_killed += 1;
+        }
         // A batch of concurrent operations; sometimes metald dies under it.
         let batch: Vec<_> = (0..rng.random_range(1..=4))
             .map(|_| op(&mut rng, &assets))
             .collect();
         done += batch.len();
-        let kill = kills < KILLS && (rng.random_bool(0.25) || done >= OPS);
+        let kill = kills < metald_kills && (rng.random_bool(0.25) || done >= ops);
         let url = d.url.clone();
         let tasks: Vec<_> = batch
             .into_iter()
@@ -108,7 +131,9 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
             d.restart();
         }
     }
-    eprintln!("{done} operations, {kills} SIGKILLs; outcomes {codes:?}");
+    eprintln!(
+        "{done} operations, {kills} SIGKILLs of metald, {vmms_killed} of VMMs; outcomes {codes:?}"
+    );
 
     // One more restart: its start-up pass reconciles everything.
     assert!(d.stop(Signal::TERM).success());

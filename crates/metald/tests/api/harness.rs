@@ -19,15 +19,25 @@ pub struct Assets {
     pub kernel_args: String,
 }
 
+/// `assets.env`: `METALD_ASSETS_ENV`, else the one the README's test
+/// command prepares in the checkout (as a path without `..`, as asset
+/// roots must be).
+fn assets_env() -> PathBuf {
+    std::env::var("METALD_ASSETS_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            root.canonicalize()
+                .unwrap_or(root)
+                .join(".metald/assets/assets.env")
+        })
+}
+
 impl Assets {
     /// Reads `assets.env`; fails loudly when the README's test command was
     /// not used (it prepares the assets first).
     pub fn load() -> Assets {
-        let path = std::env::var("METALD_ASSETS_ENV")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.metald/assets/assets.env")
-            });
+        let path = assets_env();
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
                 "{}: {e}; run scripts/guest-assets.sh (the README's test command does)",
@@ -67,11 +77,7 @@ impl Assets {
 
 /// Where the test guest's files are (the directory of `assets.env`).
 pub fn assets_dir() -> PathBuf {
-    std::env::var("METALD_ASSETS_ENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.metald/assets/assets.env")
-        })
+    assets_env()
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Assets, Daemon, wait_for_console};
+use crate::harness::{Assets, Daemon, vm_key, wait_for_console};
 
 const T: &str = "dev_customer_net";
 
@@ -458,4 +458,49 @@ async fn a_one_megabyte_per_second_limit_holds_for_traffic_to_the_guest() {
     }
     d.ok(T, "DeleteVm", json!({"vm_id": "shaped", "force": true}))
         .await;
+}
+
+/// A namespace of metald's naming scheme whose bridge was never marked (a
+/// crash between making the namespace and marking it) is found by the
+/// reconciler and removed on its second sighting; one named for a VM a row
+/// still claims is never touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unmarked_namespace_a_crash_left_is_swept_and_a_claimed_one_is_kept() {
+    let assets = Assets::load();
+    let lan = Lan::new(8);
+    let stray = format!(
+        "mtd-{:012x}",
+        (u64::from(std::process::id()) << 20) ^ 0x5eed_0bad_cafe
+    );
+    let ok = Command::new("ip")
+        .args(["netns", "add", &stray])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let d = lan.daemon(&["--reconcile-interval", "1s"]);
+    d.call(
+        T,
+        "CreateVm",
+        json!({"vm_id": "kept", "config": with_nic(&assets, "", json!({}))}),
+    )
+    .await
+    .unwrap();
+    let key = vm_key(&d, T, "kept").await;
+    let kept_ns = metald_network::Host::names(&key, 0).netns;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while netns_list().contains(&stray) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unmarked namespace {stray} is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        netns_list().contains(&kept_ns),
+        "a claimed VM's namespace stays"
+    );
+    d.call(T, "DeleteVm", json!({"vm_id": "kept"}))
+        .await
+        .unwrap();
+    assert_no_devices(&lan, &[key]);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rustix::process::{Pid, Signal, kill_process};
 use serde_json::json;
 
-use crate::harness::{Assets, Daemon, processes_mentioning, state_of};
+use crate::harness::{Assets, Daemon, processes_mentioning, state_of, wait_for_console};
 
 const T: &str = "dev_customer_super";
 
@@ -217,4 +217,116 @@ async fn a_reused_pid_is_neither_adopted_nor_killed() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
     d.ok(T, "DeleteVm", json!({"vm_id": id})).await;
+}
+
+/// A guest that powers itself off while its VMM is adopted (not metald's
+/// child, so its exit status is unknown) is reported `shutdown`, as for
+/// metald's own children, not `failed`; a VMM killed from outside after
+/// adoption is still `failed`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adopted_guest_that_powers_off_is_reported_shut_down() {
+    let assets = Assets::load();
+    let mut d = Daemon::start();
+    for id in ["off", "killed"] {
+        d.ok(
+            T,
+            "CreateVm",
+            json!({"vm_id": id, "config": assets.config()}),
+        )
+        .await;
+        d.ok(T, "BootVm", json!({"vm_id": id})).await;
+    }
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "off"})).await;
+    let console = info["backendInfo"]["console_log"]
+        .as_str()
+        .expect("console_log")
+        .to_owned();
+    let socket = info["backendInfo"]["socket"]
+        .as_str()
+        .expect("socket")
+        .to_owned();
+    wait_for_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(120)).await;
+    d.stop(Signal::KILL);
+    d.restart();
+    let pid = vmm_pid("off").expect("adopted");
+    // The ACPI power button, pressed behind metald's back.
+    metald_vmm::qemu::qmp::run(std::path::Path::new(&socket), "system_powerdown", None)
+        .await
+        .expect("QMP answers");
+    wait_dead(pid);
+    let killed = vmm_pid("killed").expect("adopted");
+    kill_process(Pid::from_raw(killed).unwrap(), Signal::KILL).unwrap();
+    wait_dead(killed);
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "off"})).await;
+    assert_eq!(state_of(&info), "VM_STATE_SHUTDOWN", "{info}");
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "killed"})).await;
+    assert_eq!(state_of(&info), "VM_STATE_FAILED", "{info}");
+    for id in ["off", "killed"] {
+        d.ok(T, "DeleteVm", json!({"vm_id": id})).await;
+    }
+}
+
+/// The row's state in metald's database, read behind metald's back.
+fn stored_state(d: &Daemon, id: &str) -> String {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select state from vms where name=?', (sys.argv[2],)).fetchone()[0])",
+        ])
+        .arg(d.data_dir.join("metald.db"))
+        .arg(id)
+        .output()
+        .expect("python3 sqlite3");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A guest paused or resumed outside metald (through QEMU's own monitor) is
+/// reported as it is by the next read, and the reconciler corrects the row
+/// when no one reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_paused_or_resumed_outside_metald_is_reported_as_it_is() {
+    let assets = Assets::load();
+    let d = Daemon::start_with(&["--auth-mode", "dev", "--reconcile-interval", "1s"]);
+    d.ok(
+        T,
+        "CreateVm",
+        json!({"vm_id": "drift", "config": assets.config()}),
+    )
+    .await;
+    let info = d.ok(T, "BootVm", json!({"vm_id": "drift"})).await;
+    assert_eq!(state_of(&info), "VM_STATE_RUNNING");
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "drift"})).await;
+    let socket = std::path::PathBuf::from(info["backendInfo"]["socket"].as_str().unwrap());
+    let qmp = |cmd: &'static str| {
+        let socket = socket.clone();
+        async move {
+            metald_vmm::qemu::qmp::run(&socket, cmd, None)
+                .await
+                .expect("QMP answers")
+        }
+    };
+    qmp("stop").await;
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "drift"})).await;
+    assert_eq!(state_of(&info), "VM_STATE_PAUSED", "the next read tells");
+    qmp("cont").await;
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": "drift"})).await;
+    assert_eq!(state_of(&info), "VM_STATE_RUNNING");
+    // No read now: the reconciler finds the change on its own.
+    qmp("stop").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored_state(&d, "drift") != "paused" {
+        assert!(
+            Instant::now() < deadline,
+            "the reconciler did not record the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let info = d.ok(T, "ResumeVm", json!({"vm_id": "drift"})).await;
+    assert_eq!(
+        state_of(&info),
+        "VM_STATE_RUNNING",
+        "metald drives it again"
+    );
+    d.ok(T, "DeleteVm", json!({"vm_id": "drift", "force": true}))
+        .await;
 }

@@ -1,0 +1,347 @@
+//! The meter task: samples every running or paused VM every
+//! `sample_interval`, keeps each VM's sequence position, and hands
+//! samples and notices to the spool writer in order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use metald_core::ports::VmUsage;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::inbox::Inbox;
+use crate::observer::{Msg, VmEvent};
+use crate::spool::{MeterRow, SampleRow};
+use crate::writer::Write;
+use crate::{BillingConfig, Stats, now_ns, usage};
+
+pub(crate) struct Meter {
+    name: String,
+    customer: String,
+    cpu: usage::CpuTracker,
+    /// CPU time and time of the previous sample, for the CPU percentage.
+    last_cpu: Option<(i64, i64)>,
+    /// When metering of this VMM began (Unix ns).
+    since: i64,
+    /// Host-side veth of the VM's interface, if it has one.
+    veth: Option<String>,
+    pid: i32,
+    start_time: u64,
+    next_seq: i64,
+    last_ts: i64,
+}
+
+pub(crate) struct MeterTask {
+    config: BillingConfig,
+    /// The spool writer, when billing is enabled. Disk writes happen there,
+    /// in order, so sampling never waits for an fsync.
+    writer: Option<mpsc::Sender<Write>>,
+    /// Meters the previous run left, not yet claimed by a VM event.
+    known: HashMap<String, MeterRow>,
+    meters: HashMap<String, Meter>,
+    buffer: Vec<SampleRow>,
+    dirty: HashMap<String, MeterRow>,
+    latest: Arc<Mutex<HashMap<String, VmUsage>>>,
+    active: Active,
+    stats: Arc<Stats>,
+}
+
+/// Hands `w` to the writer. A full queue (the spool's disk is slow or
+/// failing) makes the meter task wait here, counted: sampling pauses
+/// instead of samples piling up in memory, and the pause is reported as a
+/// gap once sampling resumes.
+pub(crate) async fn hand(writer: &mpsc::Sender<Write>, stats: &Stats, w: Write) {
+    match writer.try_send(w) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(w)) => {
+            Stats::bump(&stats.sampler_waits);
+            let _ = writer.send(w).await;
+        }
+        // The writer is gone (shutting down): nothing can be written.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+impl MeterTask {
+    pub(crate) fn new(
+        config: BillingConfig,
+        writer: Option<mpsc::Sender<Write>>,
+        known: HashMap<String, MeterRow>,
+        latest: &Arc<Mutex<HashMap<String, VmUsage>>>,
+        active: &Active,
+        stats: &Arc<Stats>,
+    ) -> Self {
+        MeterTask {
+            config,
+            writer,
+            known,
+            meters: HashMap::new(),
+            buffer: Vec::new(),
+            dirty: HashMap::new(),
+            latest: latest.clone(),
+            active: active.clone(),
+            stats: stats.clone(),
+        }
+    }
+
+    pub(crate) async fn run(mut self, inbox: Arc<Inbox<Msg>>) {
+        let mut sample = tokio::time::interval(self.config.sample_interval);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut sync = tokio::time::interval(self.config.sync_interval);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msgs = inbox.take() => match msgs {
+                    Some(msgs) => {
+                        for msg in msgs {
+                            match msg {
+                                Msg::Changed(ev) => self.changed(ev).await,
+                                Msg::Removed(id) => self.removed(id).await,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                _ = sample.tick() => self.sample().await,
+                _ = sync.tick() => self.flush().await,
+            }
+        }
+        self.flush().await;
+    }
+
+    /// The VM's row is gone: stop metering it, and let the spool prune its
+    /// meter once everything of it is delivered.
+    async fn removed(&mut self, id: String) {
+        let ev = VmEvent {
+            id: id.clone(),
+            name: String::new(),
+            customer: String::new(),
+            process: None,
+            veth: None,
+        };
+        self.changed(ev).await;
+        self.known.remove(&id);
+        self.flush().await;
+        if let Some(w) = &self.writer {
+            hand(w, &self.stats, Write::Removed { vm: id }).await;
+        }
+    }
+
+    async fn event(
+        &self,
+        kind: &'static str,
+        vm: &str,
+        (name, customer): (&str, &str),
+        t1: i64,
+        t2: i64,
+    ) {
+        if let Some(w) = &self.writer {
+            let ev = Write::Event {
+                kind,
+                vm: vm.to_owned(),
+                name: name.to_owned(),
+                customer: customer.to_owned(),
+                t1,
+                t2,
+            };
+            hand(w, &self.stats, ev).await;
+        }
+    }
+
+    fn row(id: &str, m: &Meter, running: bool) -> MeterRow {
+        MeterRow {
+            vm_id: id.to_owned(),
+            vm_name: m.name.clone(),
+            customer_id: m.customer.clone(),
+            pid: m.pid as i64,
+            start_time: m.start_time as i64,
+            running: running as i64,
+            last_seq: m.next_seq - 1,
+            last_ts: m.last_ts,
+        }
+    }
+
+    async fn changed(&mut self, ev: VmEvent) {
+        let now = now_ns();
+        match ev.process {
+            Some((pid, start_time)) => {
+                if let Some(m) = self.meters.get_mut(&ev.id) {
+                    // Same VM, possibly a new VMM process (a backend that
+                    // reboots by restarting): the stream continues.
+                    m.pid = pid;
+                    m.start_time = start_time;
+                    m.veth = ev.veth;
+                    let row = Self::row(&ev.id, m, true);
+                    self.dirty.insert(ev.id, row);
+                    return;
+                }
+                let (next_seq, last_ts) = match self.known.remove(&ev.id) {
+                    Some(row) if row.running == 1 => {
+                        // Metered before metald restarted: continue, and
+                        // report the time nothing was sampled, once (the
+                        // first sample must not report it again as a stall).
+                        let gap = self.config.sample_interval.as_nanos() as i64 * 3;
+                        if now - row.last_ts > gap {
+                            warn!(vm_id = %ev.id, "billing samples missing while metald was down; reporting a gap");
+                            self.event("gap", &ev.id, (&ev.name, &ev.customer), row.last_ts, now)
+                                .await;
+                            (row.last_seq + 1, now)
+                        } else {
+                            (row.last_seq + 1, row.last_ts)
+                        }
+                    }
+                    other => {
+                        self.event("started", &ev.id, (&ev.name, &ev.customer), now, 0)
+                            .await;
+                        (other.map(|r| r.last_seq + 1).unwrap_or(0), now)
+                    }
+                };
+                let m = Meter {
+                    name: ev.name,
+                    customer: ev.customer,
+                    cpu: usage::CpuTracker::default(),
+                    last_cpu: None,
+                    since: now,
+                    veth: ev.veth,
+                    pid,
+                    start_time,
+                    next_seq,
+                    last_ts,
+                };
+                self.dirty
+                    .insert(ev.id.clone(), Self::row(&ev.id, &m, true));
+                self.meters.insert(ev.id, m);
+                self.publish_active();
+            }
+            None => {
+                if let Some(m) = self.meters.remove(&ev.id) {
+                    // Samples before the stop go out before the stop.
+                    self.dirty
+                        .insert(ev.id.clone(), Self::row(&ev.id, &m, false));
+                    self.flush().await;
+                    self.event("stopped", &ev.id, (&m.name, &m.customer), now, 0)
+                        .await;
+                    self.latest
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&ev.id);
+                    self.publish_active();
+                } else if let Some(row) = self.known.remove(&ev.id)
+                    && row.running == 1
+                {
+                    // Running when metald went down, stopped now: when it
+                    // stopped in between is unknown.
+                    let owner = (row.vm_name.as_str(), row.customer_id.as_str());
+                    self.event("gap", &ev.id, owner, row.last_ts, now).await;
+                    self.event("stopped", &ev.id, owner, now, 0).await;
+                    self.dirty.insert(ev.id, MeterRow { running: 0, ..row });
+                }
+            }
+        }
+    }
+
+    fn publish_active(&self) {
+        let mut vms: Vec<(String, String)> = self
+            .meters
+            .values()
+            .map(|m| (m.name.clone(), m.customer.clone()))
+            .collect();
+        vms.sort();
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = vms;
+    }
+
+    async fn sample(&mut self) {
+        if self.meters.is_empty() {
+            return;
+        }
+        let targets: Vec<(String, i32, usage::CpuTracker, Option<String>)> = self
+            .meters
+            .iter()
+            .map(|(id, m)| (id.clone(), m.pid, m.cpu.clone(), m.veth.clone()))
+            .collect();
+        let Ok(read) = tokio::task::spawn_blocking(move || {
+            targets
+                .into_iter()
+                .filter_map(|(id, pid, mut cpu, veth)| {
+                    let mut u = usage::read(pid, &mut cpu).ok()?;
+                    if let Some(veth) = veth {
+                        (u.net_rx, u.net_tx) = usage::veth_traffic(&veth);
+                    }
+                    Some((id, u, cpu, now_ns()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            return;
+        };
+        let stall = self.config.sample_interval.as_nanos() as i64 * 3;
+        let mut gaps = Vec::new();
+        let mut fresh = Vec::new();
+        for (id, u, cpu, ts) in read {
+            let Some(m) = self.meters.get_mut(&id) else {
+                continue;
+            };
+            m.cpu = cpu;
+            if m.next_seq > 0 && ts - m.last_ts > stall {
+                // The sampler stalled (host overload): say so.
+                gaps.push((
+                    id.clone(),
+                    m.name.clone(),
+                    m.customer.clone(),
+                    m.last_ts,
+                    ts,
+                ));
+            }
+            let cpu_percent = match m.last_cpu {
+                Some((c, t)) if ts > t => (u.cpu_ns - c) as f64 * 100.0 / (ts - t) as f64,
+                _ => 0.0,
+            };
+            m.last_cpu = Some((u.cpu_ns, ts));
+            fresh.push((
+                id.clone(),
+                VmUsage {
+                    cpu_percent,
+                    memory_bytes: u.memory_bytes,
+                    disk_read_bytes: u.disk_read,
+                    disk_write_bytes: u.disk_write,
+                    net_rx_bytes: u.net_rx,
+                    net_tx_bytes: u.net_tx,
+                    uptime_seconds: (ts - m.since) / 1_000_000_000,
+                },
+            ));
+            if self.writer.is_some() {
+                self.buffer.push(SampleRow::new(&id, m.next_seq, ts, u));
+            }
+            m.next_seq += 1;
+            m.last_ts = ts;
+            let row = Self::row(&id, m, true);
+            self.dirty.insert(id, row);
+        }
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(fresh);
+        for (id, name, customer, from, to) in gaps {
+            Stats::bump(&self.stats.sampler_stalls);
+            warn!(vm_id = %id, stalled_ms = (to - from) / 1_000_000, "billing sampler stalled; reporting a gap");
+            self.event("gap", &id, (&name, &customer), from, to).await;
+        }
+    }
+
+    async fn flush(&mut self) {
+        let Some(w) = &self.writer else {
+            self.dirty.clear();
+            return;
+        };
+        if self.buffer.is_empty() && self.dirty.is_empty() {
+            return;
+        }
+        let samples = std::mem::take(&mut self.buffer);
+        let meters: Vec<MeterRow> = self.dirty.drain().map(|(_, m)| m).collect();
+        hand(w, &self.stats, Write::Append { samples, meters }).await;
+    }
+}
+
+/// Each metered VM as (name, customer).
+pub(crate) type Active = Arc<Mutex<Vec<(String, String)>>>;
