@@ -1,25 +1,26 @@
 //! Who is calling. Every VmService RPC carries `Authorization: Bearer
-//! <token>`; the interceptor turns it into a [`Caller`] placed in the
-//! request's extensions, or answers `unauthenticated`.
+//! <token>`; [`crate::door`] turns it into a [`Caller`] placed in the
+//! request's extensions before the body is read, or answers
+//! `unauthenticated`.
 //!
 //! Two token kinds:
 //! - development tokens `dev_customer_<id>`, accepted only in dev mode;
 //! - JWTs signed with HS256 (shared secret) or RS256/EdDSA (public key),
-//!   with `exp` required and `nbf` checked, naming the customer in a
+//!   or with a key of a JWKS file picked by the token's `kid`; `exp` is
+//!   required, `nbf` checked (both with a leeway for clock skew), `iss`
+//!   and `aud` checked when configured; the customer is named in a
 //!   configurable claim (default `sub`). `alg: none` is never accepted.
-//!
-//! The check runs as a connectrpc interceptor so errors are encoded
-//! correctly for Connect, gRPC and gRPC-Web alike. It runs after the body
-//! is read (bounded by the server's body limit), before it is decoded.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
-use connectrpc::interceptor::{StreamRequest, StreamResponse, UnaryRequest, UnaryResponse};
-use connectrpc::{ConnectError, Interceptor, Next, NextStream, PayloadStream};
+use connectrpc::ConnectError;
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use metald_core::{CustomerId, Error};
 
-use crate::status::to_connect;
+use crate::jwks::Jwks;
 
 /// Prefix of development tokens.
 pub const DEV_TOKEN_PREFIX: &str = "dev_customer_";
@@ -50,10 +51,23 @@ pub struct AuthConfig {
     pub customer_claim: String,
 }
 
+/// Claims every JWT is held to beyond its signature.
+#[derive(Debug, Clone, Default)]
+pub struct JwtRules {
+    /// `iss` must equal this (unset: not checked).
+    pub issuer: Option<String>,
+    /// `aud` must contain this (unset: not checked).
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
 /// Verifies bearer tokens.
 pub struct Authenticator {
     dev_tokens: bool,
-    jwt: Option<(DecodingKey, Validation)>,
+    jwt: Option<(DecodingKey, Algorithm)>,
+    jwks: Option<Arc<Jwks>>,
+    rules: JwtRules,
     customer_claim: String,
 }
 
@@ -62,27 +76,17 @@ impl Authenticator {
     pub fn new(config: AuthConfig) -> Result<Self, String> {
         let jwt = match config.jwt {
             None => None,
-            Some(key) => {
-                let (key, alg) = match key {
-                    JwtKey::Hs256(secret) => (DecodingKey::from_secret(&secret), Algorithm::HS256),
-                    JwtKey::Rs256Pem(pem) => (
-                        DecodingKey::from_rsa_pem(&pem)
-                            .map_err(|e| format!("RSA public key: {e}"))?,
-                        Algorithm::RS256,
-                    ),
-                    JwtKey::EdDsaPem(pem) => (
-                        DecodingKey::from_ed_pem(&pem)
-                            .map_err(|e| format!("Ed25519 public key: {e}"))?,
-                        Algorithm::EdDSA,
-                    ),
-                };
-                let mut validation = Validation::new(alg);
-                validation.validate_exp = true;
-                validation.validate_nbf = true;
-                validation.leeway = 0;
-                validation.set_required_spec_claims(&["exp"]);
-                Some((key, validation))
+            Some(JwtKey::Hs256(secret)) => {
+                Some((DecodingKey::from_secret(&secret), Algorithm::HS256))
             }
+            Some(JwtKey::Rs256Pem(pem)) => Some((
+                DecodingKey::from_rsa_pem(&pem).map_err(|e| format!("RSA public key: {e}"))?,
+                Algorithm::RS256,
+            )),
+            Some(JwtKey::EdDsaPem(pem)) => Some((
+                DecodingKey::from_ed_pem(&pem).map_err(|e| format!("Ed25519 public key: {e}"))?,
+                Algorithm::EdDSA,
+            )),
         };
         if !config.dev_tokens && jwt.is_none() {
             return Err("no way to authenticate: enable dev tokens or configure a JWT key".into());
@@ -90,13 +94,36 @@ impl Authenticator {
         Ok(Authenticator {
             dev_tokens: config.dev_tokens,
             jwt,
+            jwks: None,
+            rules: JwtRules::default(),
             customer_claim: config.customer_claim,
         })
     }
 
+    /// Like [`Authenticator::new`], where the JWT keys may also (or only)
+    /// come from a JWKS file.
+    pub fn with_jwks(config: AuthConfig, jwks: Option<Arc<Jwks>>) -> Result<Self, String> {
+        if jwks.is_none() {
+            return Self::new(config);
+        }
+        let dev_tokens = config.dev_tokens;
+        let mut a = Self::new(AuthConfig {
+            dev_tokens: true,
+            ..config
+        })?;
+        a.dev_tokens = dev_tokens;
+        a.jwks = jwks;
+        Ok(a)
+    }
+
+    /// Holds every JWT to `rules` (issuer, audience, leeway).
+    pub fn with_rules(mut self, rules: JwtRules) -> Self {
+        self.rules = rules;
+        self
+    }
+
     /// The customer an `Authorization` header value speaks for.
     pub fn authenticate(&self, header: Option<&str>) -> Result<CustomerId, Error> {
-        let unauth = |m: &str| Error::Unauthenticated(m.to_owned());
         let header = header.ok_or_else(|| unauth("missing Authorization header"))?;
         let token = header
             .strip_prefix("Bearer ")
@@ -112,14 +139,11 @@ impl Authenticator {
             }
             return CustomerId::parse(id);
         }
-        let Some((key, validation)) = &self.jwt else {
+        if self.jwt.is_none() && self.jwks.is_none() {
             return Err(unauth("invalid token: expected dev_customer_<id>"));
-        };
-        let data =
-            jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(token, key, validation)
-                .map_err(|e| unauth(&format!("invalid token: {e}")))?;
-        let customer = data
-            .claims
+        }
+        let claims = self.verify(token)?;
+        let customer = claims
             .get(&self.customer_claim)
             .and_then(|v| v.as_str())
             .ok_or_else(|| {
@@ -130,57 +154,80 @@ impl Authenticator {
             })?;
         CustomerId::parse(customer)
     }
-}
 
-/// Paths served without a token: health checks and reflection.
-fn is_public(path: Option<&str>) -> bool {
-    path.is_some_and(|p| {
-        p.starts_with("/grpc.health.v1.Health/")
-            || p.starts_with("/grpc.reflection.v1.ServerReflection/")
-            || p.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
-    })
-}
+    /// Checks a JWT's signature (with the key its `kid` names in the JWKS,
+    /// else the configured key) and its claims.
+    fn verify(&self, token: &str) -> Result<HashMap<String, serde_json::Value>, Error> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| jwt_error(&e))?;
+        let (key, algorithms) = match (&header.kid, &self.jwks, &self.jwt) {
+            (Some(kid), Some(jwks), _) => {
+                let k = jwks.key(kid).ok_or_else(|| {
+                    unauth(&format!(
+                        "token's kid {:?} is not a known key",
+                        kid.chars().take(64).collect::<String>()
+                    ))
+                })?;
+                (k.key, k.algorithms)
+            }
+            (_, _, Some((key, alg))) => (key.clone(), vec![*alg]),
+            (None, Some(_), None) => {
+                return Err(unauth("token has no kid naming its key"));
+            }
+            (_, None, None) => return Err(unauth("invalid token")),
+        };
+        let validation = self.validation(algorithms);
+        jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(token, &key, &validation)
+            .map(|d| d.claims)
+            .map_err(|e| jwt_error(&e))
+    }
 
-/// The interceptor that authenticates every non-public RPC.
-pub struct AuthInterceptor(pub std::sync::Arc<Authenticator>);
-
-impl AuthInterceptor {
-    fn check(&self, ctx: &mut connectrpc::RequestContext) -> Result<(), ConnectError> {
-        if is_public(ctx.path()) {
-            return Ok(());
+    fn validation(&self, algorithms: Vec<Algorithm>) -> Validation {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.algorithms = algorithms;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.leeway = self.rules.leeway.as_secs();
+        let mut required = vec!["exp"];
+        match &self.rules.issuer {
+            Some(iss) => {
+                v.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            None => v.iss = None,
         }
-        let header = ctx
-            .header(http::header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap_or(""));
-        let customer = self.0.authenticate(header).map_err(to_connect)?;
-        ctx.extensions_mut().insert(Caller(customer));
-        Ok(())
+        match &self.rules.audience {
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => v.validate_aud = false,
+        }
+        v.set_required_spec_claims(&required);
+        v
     }
 }
 
-#[connectrpc::async_trait]
-impl Interceptor for AuthInterceptor {
-    async fn intercept_unary(
-        &self,
-        mut req: UnaryRequest,
-        next: Next<'_>,
-    ) -> Result<UnaryResponse, ConnectError> {
-        self.check(&mut req.ctx)?;
-        next.run(req).await
-    }
-
-    async fn intercept_streaming(
-        &self,
-        mut req: StreamRequest,
-        inbound: PayloadStream,
-        next: NextStream<'_>,
-    ) -> Result<StreamResponse, ConnectError> {
-        self.check(&mut req.ctx)?;
-        next.run(req, inbound).await
-    }
+fn unauth(m: &str) -> Error {
+    Error::Unauthenticated(m.to_owned())
 }
 
-/// The caller a handler runs for; the interceptor guarantees it is there.
+/// A JWT failure in words a client can act on (no key material, no host
+/// state).
+fn jwt_error(e: &jsonwebtoken::errors::Error) -> Error {
+    let m = match e.kind() {
+        ErrorKind::ExpiredSignature => "token has expired (exp)".to_owned(),
+        ErrorKind::ImmatureSignature => "token is not valid yet (nbf)".to_owned(),
+        ErrorKind::InvalidIssuer => "token's issuer (iss) is not accepted".to_owned(),
+        ErrorKind::InvalidAudience => "token's audience (aud) is not accepted".to_owned(),
+        ErrorKind::InvalidSignature => "token's signature does not verify".to_owned(),
+        ErrorKind::InvalidAlgorithm => "token's algorithm (alg) is not accepted".to_owned(),
+        ErrorKind::MissingRequiredClaim(c) => format!("token lacks the claim {c:?}"),
+        _ => format!("invalid token: {e}"),
+    };
+    unauth(&m)
+}
+
+/// The caller a handler runs for; the door guarantees it is there.
 pub fn caller(ctx: &connectrpc::RequestContext) -> Result<CustomerId, ConnectError> {
     ctx.extensions()
         .get::<Caller>()
@@ -312,5 +359,92 @@ mod tests {
                 "{t}"
             );
         }
+    }
+
+    fn with_rules(iss: Option<&str>, aud: Option<&str>, leeway: u64) -> Authenticator {
+        auth(false).with_rules(JwtRules {
+            issuer: iss.map(Into::into),
+            audience: aud.map(Into::into),
+            leeway: Duration::from_secs(leeway),
+        })
+    }
+
+    fn check(a: &Authenticator, t: &str) -> Result<CustomerId, Error> {
+        a.authenticate(Some(&format!("Bearer {t}")))
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_only_when_configured() {
+        let exp = now() + 60;
+        let t = |c: serde_json::Value| hs(c, b"s3cret");
+        let good = t(json!({"sub": "c", "exp": exp, "iss": "idp", "aud": ["x", "metald"]}));
+        let a = with_rules(Some("idp"), Some("metald"), 0);
+        assert!(check(&a, &good).is_ok());
+        for (bad, needle) in [
+            (
+                t(json!({"sub": "c", "exp": exp, "iss": "evil", "aud": "metald"})),
+                "iss",
+            ),
+            (
+                t(json!({"sub": "c", "exp": exp, "iss": "idp", "aud": "other"})),
+                "aud",
+            ),
+            (t(json!({"sub": "c", "exp": exp, "aud": "metald"})), "iss"),
+            (t(json!({"sub": "c", "exp": exp, "iss": "idp"})), "aud"),
+        ] {
+            let e = check(&a, &bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        // Unconfigured, a token carrying aud or iss is not refused for it.
+        assert!(check(&with_rules(None, None, 0), &good).is_ok());
+    }
+
+    #[test]
+    fn leeway_absorbs_small_clock_skew_only() {
+        let a = with_rules(None, None, 30);
+        let just_expired = hs(json!({"sub": "c", "exp": now() - 10}), b"s3cret");
+        let long_expired = hs(json!({"sub": "c", "exp": now() - 120}), b"s3cret");
+        let early = hs(
+            json!({"sub": "c", "exp": now() + 60, "nbf": now() + 10}),
+            b"s3cret",
+        );
+        assert!(check(&a, &just_expired).is_ok());
+        assert!(check(&a, &early).is_ok());
+        let e = check(&a, &long_expired).unwrap_err().to_string();
+        assert!(e.contains("expired"), "{e}");
+    }
+
+    #[test]
+    fn jwks_keys_are_picked_by_kid() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"jwks-secret-key!");
+        let path = dir.path().join("jwks.json");
+        std::fs::write(
+            &path,
+            json!({"keys": [{"kty": "oct", "k": k, "kid": "h1", "alg": "HS256"}]}).to_string(),
+        )
+        .unwrap();
+        let a = Authenticator::with_jwks(
+            AuthConfig {
+                dev_tokens: false,
+                jwt: None,
+                customer_claim: "sub".into(),
+            },
+            Some(Jwks::load(&path).unwrap()),
+        )
+        .unwrap();
+        let signed = |kid: Option<&str>| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = kid.map(Into::into);
+            let claims = json!({"sub": "c", "exp": now() + 60});
+            encode(&h, &claims, &EncodingKey::from_secret(b"jwks-secret-key!")).unwrap()
+        };
+        assert_eq!(check(&a, &signed(Some("h1"))).unwrap().as_str(), "c");
+        let e = check(&a, &signed(Some("h9"))).unwrap_err().to_string();
+        assert!(e.contains("\"h9\" is not a known key"), "{e}");
+        let e = check(&a, &signed(None)).unwrap_err().to_string();
+        assert!(e.contains("no kid"), "{e}");
+        assert!(check(&a, "dev_customer_x").is_err(), "dev tokens stay off");
     }
 }

@@ -1,17 +1,19 @@
 //! The API port: every `vmprovisioner.v1.VmService` RPC over Connect (JSON
 //! and binary), gRPC and gRPC-Web, plus `grpc.health.v1.Health`, gRPC
 //! reflection and a plain `GET /health`, all on one listener (HTTP/1.1 and
-//! h2c).
+//! HTTP/2; h2c, or TLS with ALPN). Every request first passes the
+//! [`crate::door`]; connections are handled by [`crate::listen`].
 //!
 //! Handlers only decode, call the core service, and encode.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::routing::get;
 use connectrpc::{
-    ConnectError, ConnectRpcService, RequestContext, Response, Router, ServiceRequest,
-    ServiceResult,
+    ConnectError, ConnectRpcService, DeadlinePolicy, RequestContext, Response, Router,
+    ServiceRequest, ServiceResult,
 };
 use metald_core::VmService;
 use metald_core::error::Error;
@@ -19,17 +21,31 @@ use metald_proto::vmprovisioner::v1 as pb;
 use metald_proto::vmprovisioner::v1::VmServiceExt;
 use tokio::net::TcpListener;
 
-use crate::auth::{AuthInterceptor, Authenticator, caller};
+use crate::audit::Audit;
+use crate::auth::{Authenticator, caller};
 use crate::convert;
+use crate::door::{self, Door};
+use crate::listen::{self, ConnectionLimits};
+use crate::ratelimit::RateLimiter;
 use crate::status::to_connect;
+use crate::tls::Tls;
 
 /// Largest request body accepted; VM configs are small.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
 
-/// What the API port needs: the core service and the authenticator.
+/// What the API port needs: the core service, the authenticator, and the
+/// transport's policy.
 pub struct ApiServer {
     pub service: VmService,
     pub auth: Arc<Authenticator>,
+    /// TLS (and mTLS) on the port; `None` serves plaintext (h2c).
+    pub tls: Option<Arc<Tls>>,
+    /// Per-customer request rate; `None` is unlimited.
+    pub rate: Option<RateLimiter>,
+    /// Longest a request may take; a client's shorter deadline is honoured.
+    pub request_timeout_max: Duration,
+    /// Timeouts and limits of each connection.
+    pub connections: ConnectionLimits,
 }
 
 struct VmApi {
@@ -52,20 +68,23 @@ impl pb::VmService for VmApi {
         ctx: RequestContext,
         req: ServiceRequest<'_, pb::CreateVmRequest>,
     ) -> ServiceResult<pb::CreateVmResponse> {
-        let who = caller(&ctx)?;
         let req = req.to_owned_message();
-        let id = convert::optional_vm_id(&req.vm_id).or_else(fail)?;
-        let spec = convert::spec_from_pb(req.config.as_option()).or_else(fail)?;
-        let vm = self
-            .svc
-            .create(&who, id, &req.customer_id, spec)
-            .await
-            .or_else(fail)?;
-        Response::ok(pb::CreateVmResponse {
-            vm_id: vm.name.to_string(),
-            state: state(&vm),
-            ..Default::default()
-        })
+        let audit = Audit::start(&ctx, "CreateVm", &req.vm_id)?;
+        let result = async {
+            let id = convert::optional_vm_id(&req.vm_id)?;
+            let spec = convert::spec_from_pb(req.config.as_option())?;
+            let vm = self
+                .svc
+                .create(&audit.who, id, &req.customer_id, spec)
+                .await?;
+            Ok(pb::CreateVmResponse {
+                vm_id: vm.name.to_string(),
+                state: state(&vm),
+                ..Default::default()
+            })
+        }
+        .await;
+        audit.finish(result, |r| r.vm_id.clone())
     }
 
     async fn delete_vm(
@@ -73,14 +92,18 @@ impl pb::VmService for VmApi {
         ctx: RequestContext,
         req: ServiceRequest<'_, pb::DeleteVmRequest>,
     ) -> ServiceResult<pb::DeleteVmResponse> {
-        let who = caller(&ctx)?;
         let req = req.to_owned_message();
-        let id = convert::vm_id(&req.vm_id).or_else(fail)?;
-        self.svc.delete(&who, &id, req.force).await.or_else(fail)?;
-        Response::ok(pb::DeleteVmResponse {
-            success: true,
-            ..Default::default()
-        })
+        let audit = Audit::start(&ctx, "DeleteVm", &req.vm_id)?;
+        let result = async {
+            let id = convert::vm_id(&req.vm_id)?;
+            self.svc.delete(&audit.who, &id, req.force).await?;
+            Ok(pb::DeleteVmResponse {
+                success: true,
+                ..Default::default()
+            })
+        }
+        .await;
+        audit.finish(result, |_| String::new())
     }
 
     async fn boot_vm(
@@ -88,14 +111,19 @@ impl pb::VmService for VmApi {
         ctx: RequestContext,
         req: ServiceRequest<'_, pb::BootVmRequest>,
     ) -> ServiceResult<pb::BootVmResponse> {
-        let who = caller(&ctx)?;
-        let id = convert::vm_id(&req.to_owned_message().vm_id).or_else(fail)?;
-        let vm = self.svc.boot(&who, &id).await.or_else(fail)?;
-        Response::ok(pb::BootVmResponse {
-            success: true,
-            state: state(&vm),
-            ..Default::default()
-        })
+        let req = req.to_owned_message();
+        let audit = Audit::start(&ctx, "BootVm", &req.vm_id)?;
+        let result = async {
+            let id = convert::vm_id(&req.vm_id)?;
+            let vm = self.svc.boot(&audit.who, &id).await?;
+            Ok(pb::BootVmResponse {
+                success: true,
+                state: state(&vm),
+                ..Default::default()
+            })
+        }
+        .await;
+        audit.finish(result, |_| String::new())
     }
 
     async fn shutdown_vm(
@@ -103,20 +131,23 @@ impl pb::VmService for VmApi {
         ctx: RequestContext,
         req: ServiceRequest<'_, pb::ShutdownVmRequest>,
     ) -> ServiceResult<pb::ShutdownVmResponse> {
-        let who = caller(&ctx)?;
         let req = req.to_owned_message();
-        let id = convert::vm_id(&req.vm_id).or_else(fail)?;
-        let timeout = convert::shutdown_timeout(req.timeout_seconds).or_else(fail)?;
-        let vm = self
-            .svc
-            .shutdown(&who, &id, req.force, timeout)
-            .await
-            .or_else(fail)?;
-        Response::ok(pb::ShutdownVmResponse {
-            success: true,
-            state: state(&vm),
-            ..Default::default()
-        })
+        let audit = Audit::start(&ctx, "ShutdownVm", &req.vm_id)?;
+        let result = async {
+            let id = convert::vm_id(&req.vm_id)?;
+            let timeout = convert::shutdown_timeout(req.timeout_seconds)?;
+            let vm = self
+                .svc
+                .shutdown(&audit.who, &id, req.force, timeout)
+                .await?;
+            Ok(pb::ShutdownVmResponse {
+                success: true,
+                state: state(&vm),
+                ..Default::default()
+            })
+        }
+        .await;
+        audit.finish(result, |_| String::new())
     }
 
     async fn pause_vm(
@@ -124,14 +155,19 @@ impl pb::VmService for VmApi {
         ctx: RequestContext,
         req: ServiceRequest<'_, pb::PauseVmRequest>,
     ) -> ServiceResult<pb::PauseVmResponse> {
-        let who = caller(&ctx)?;
-        let id = convert::vm_id(&req.to_owned_message().vm_id).or_else(fail)?;
-        let vm = self.svc.pause(&who, &id).await.or_else(fail)?;
-        Response::ok(pb::PauseVmResponse {
-            success: true,
-            state: state(&vm),
-            ..Default::default()
-        })
+        let req = req.to_owned_message();
+        let audit = Audit::start(&ctx, "PauseVm", &req.vm_id)?;
+        let result = async {
+            let id = convert::vm_id(&req.vm_id)?;
+            let vm = self.svc.pause(&audit.who, &id).await?;
+            Ok(pb::PauseVmResponse {
+                success: true,
+                state: state(&vm),
+                ..Default::default()
+            })
+        }
+        .await;
+        audit.finish(result, |_| String::new())
     }
 
     async fn resume_vm(
@@ -139,14 +175,19 @@ impl pb::VmService for VmApi {
         ctx: RequestContext,
         req: ServiceRequest<'_, pb::ResumeVmRequest>,
     ) -> ServiceResult<pb::ResumeVmResponse> {
-        let who = caller(&ctx)?;
-        let id = convert::vm_id(&req.to_owned_message().vm_id).or_else(fail)?;
-        let vm = self.svc.resume(&who, &id).await.or_else(fail)?;
-        Response::ok(pb::ResumeVmResponse {
-            success: true,
-            state: state(&vm),
-            ..Default::default()
-        })
+        let req = req.to_owned_message();
+        let audit = Audit::start(&ctx, "ResumeVm", &req.vm_id)?;
+        let result = async {
+            let id = convert::vm_id(&req.vm_id)?;
+            let vm = self.svc.resume(&audit.who, &id).await?;
+            Ok(pb::ResumeVmResponse {
+                success: true,
+                state: state(&vm),
+                ..Default::default()
+            })
+        }
+        .await;
+        audit.finish(result, |_| String::new())
     }
 
     async fn reboot_vm(
@@ -154,14 +195,19 @@ impl pb::VmService for VmApi {
         ctx: RequestContext,
         req: ServiceRequest<'_, pb::RebootVmRequest>,
     ) -> ServiceResult<pb::RebootVmResponse> {
-        let who = caller(&ctx)?;
-        let id = convert::vm_id(&req.to_owned_message().vm_id).or_else(fail)?;
-        let vm = self.svc.reboot(&who, &id).await.or_else(fail)?;
-        Response::ok(pb::RebootVmResponse {
-            success: true,
-            state: state(&vm),
-            ..Default::default()
-        })
+        let req = req.to_owned_message();
+        let audit = Audit::start(&ctx, "RebootVm", &req.vm_id)?;
+        let result = async {
+            let id = convert::vm_id(&req.vm_id)?;
+            let vm = self.svc.reboot(&audit.who, &id).await?;
+            Ok(pb::RebootVmResponse {
+                success: true,
+                state: state(&vm),
+                ..Default::default()
+            })
+        }
+        .await;
+        audit.finish(result, |_| String::new())
     }
 
     async fn get_vm_info(
@@ -231,18 +277,31 @@ pub async fn serve(
     )
     .map_err(|e| std::io::Error::other(format!("reflection descriptors: {e}")))?;
     let router = connectrpc_reflection::install(router, reflector);
+    let max = api.request_timeout_max;
     let connect = ConnectRpcService::new(router)
         .with_limits(limits())
-        .with_interceptor(AuthInterceptor(api.auth));
+        .with_deadline_policy(
+            DeadlinePolicy::new()
+                .with_max(max)
+                .with_default_timeout(max),
+        );
+    let door = Arc::new(Door {
+        auth: api.auth,
+        rate: api.rate,
+        request_timeout_max: max,
+        max_body_bytes: MAX_REQUEST_BYTES,
+    });
     let app = axum::Router::new()
         .route("/health", get(move || async move { health_body(backend) }))
-        .fallback_service(connect);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            health.shutdown();
-        })
-        .await
+        .fallback_service(connect)
+        .layer(axum::middleware::from_fn_with_state(door, door::check));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        health.shutdown();
+        let _ = stop_tx.send(true);
+    });
+    listen::serve_connections(listener, app, api.tls, api.connections, stop_rx).await
 }
 
 fn health_body(backend: &str) -> axum::response::Response {

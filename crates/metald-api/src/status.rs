@@ -8,6 +8,12 @@ use metald_core::Error;
 
 /// The Connect error a client sees for a core error.
 pub fn to_connect(err: Error) -> ConnectError {
+    to_connect_with_id(err).0
+}
+
+/// Like [`to_connect`], also giving the error id the log has the details
+/// under (`internal` and `unavailable` answers only).
+pub fn to_connect_with_id(err: Error) -> (ConnectError, Option<String>) {
     let code = match &err {
         Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
         Error::NotFound(_) => ErrorCode::NotFound,
@@ -26,17 +32,19 @@ pub fn to_connect(err: Error) -> ConnectError {
         ErrorCode::Internal => {
             let id = metald_core::redact::error_id();
             tracing::error!(error_id = %id, error = %err, "internal error");
-            ConnectError::new(
+            let e = ConnectError::new(
                 code,
                 format!("internal error (error id {id}); the details are in metald's log"),
-            )
+            );
+            (e, Some(id))
         }
         ErrorCode::Unavailable => {
             let id = metald_core::redact::error_id();
             tracing::warn!(error_id = %id, error = %err, "unavailable");
-            ConnectError::new(code, format!("{err} (error id {id})"))
+            let e = ConnectError::new(code, format!("{err} (error id {id})"));
+            (e, Some(id))
         }
-        _ => ConnectError::new(code, err.to_string()),
+        _ => (ConnectError::new(code, err.to_string()), None),
     }
 }
 

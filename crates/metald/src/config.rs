@@ -28,6 +28,15 @@ pub enum AuthMode {
     Dev,
 }
 
+/// What part of a client certificate names the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientIdentity {
+    /// The URI SAN `spiffe://<trust domain>/<path>`.
+    Spiffe,
+    /// The subject's common name.
+    Cn,
+}
+
 /// QEMU accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum QemuAccel {
@@ -92,6 +101,26 @@ fn log_cap(s: &str) -> Result<u64, String> {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 100ms, 30s, 1m)"))
+}
+
+/// A duration that must not be zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    duration(s).and_then(|d| {
+        (!d.is_zero())
+            .then_some(d)
+            .ok_or("must be above zero".into())
+    })
+}
+
+/// A positive, finite rate.
+fn rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    (r.is_finite() && r > 0.0)
+        .then_some(r)
+        .ok_or(format!("{s:?} must be above zero"))
 }
 
 /// metald: runs microVMs for many tenants and serves the VM API over
@@ -167,6 +196,78 @@ pub struct Config {
     /// JWT claim that holds the customer id.
     #[arg(long, env = "UNKEY_METALD_JWT_CUSTOMER_CLAIM", default_value = "sub")]
     pub jwt_customer_claim: String,
+
+    /// Issuer every JWT's `iss` must equal (default: not checked).
+    #[arg(long, env = "UNKEY_METALD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Audience every JWT's `aud` must contain (default: not checked).
+    #[arg(long, env = "UNKEY_METALD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// JWKS file of verification keys, picked by the token's `kid`;
+    /// re-read when it changes.
+    #[arg(long, env = "UNKEY_METALD_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+
+    /// Clock skew allowed on a JWT's `exp` and `nbf`.
+    #[arg(long, env = "UNKEY_METALD_JWT_LEEWAY", default_value = "30s", value_parser = duration)]
+    pub jwt_leeway: Duration,
+
+    /// TLS certificate chain (PEM) for the API port; with the key, the
+    /// port speaks only TLS. Re-read when it changes.
+    #[arg(long, env = "UNKEY_METALD_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of the TLS certificate.
+    #[arg(long, env = "UNKEY_METALD_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) client certificates must chain to (mTLS).
+    #[arg(
+        long,
+        env = "UNKEY_METALD_TLS_CLIENT_CA_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// What part of a client certificate names the caller.
+    #[arg(
+        long,
+        env = "UNKEY_METALD_TLS_CLIENT_IDENTITY",
+        value_enum,
+        default_value = "spiffe"
+    )]
+    pub tls_client_identity: ClientIdentity,
+
+    /// Requests per second each customer may make (default: unlimited).
+    #[arg(long, env = "UNKEY_METALD_RATE_LIMIT_RPS", value_parser = rate)]
+    pub rate_limit_rps: Option<f64>,
+
+    /// Requests a customer may make at once above the rate (default: the
+    /// rate rounded up).
+    #[arg(long, env = "UNKEY_METALD_RATE_LIMIT_BURST", requires = "rate_limit_rps",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: Option<u32>,
+
+    /// Longest any request may take; a client's shorter `grpc-timeout` or
+    /// `connect-timeout-ms` is honoured.
+    #[arg(long, env = "UNKEY_METALD_REQUEST_TIMEOUT_MAX", default_value = "5m", value_parser = positive_duration)]
+    pub request_timeout_max: Duration,
+
+    /// A connection with no request in flight for this long is closed.
+    #[arg(long, env = "UNKEY_METALD_IDLE_TIMEOUT", default_value = "5m", value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+
+    /// Longest a client may take to send a request's headers, or to start
+    /// its first request on a new connection.
+    #[arg(long, env = "UNKEY_METALD_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Most HTTP/2 streams one connection may have open at once.
+    #[arg(long, env = "UNKEY_METALD_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http2_max_concurrent_streams: u32,
 
     /// QEMU binary (default: qemu-system-x86_64 on PATH).
     #[arg(long, env = "UNKEY_METALD_QEMU_BINARY")]
@@ -467,93 +568,4 @@ fn inner_message(err: &clap::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_match_the_wire_contract() {
-        let c = Config::try_parse_from(["metald"]).unwrap();
-        assert_eq!(c.port, 8080);
-        assert_eq!(c.address.to_string(), "0.0.0.0");
-        assert_eq!(c.auth_mode, AuthMode::Jwt);
-        assert_eq!(c.backend, Backend::Firecracker);
-        assert_eq!(c.jailer_enabled, None, "unset: refused as root");
-        assert_eq!(c.vm_shutdown_timeout, Duration::from_secs(30));
-        assert_eq!(c.reconcile_interval, Duration::from_secs(30));
-        assert!(!c.shutdown_vms_on_exit, "VMs outlive metald unless asked");
-        assert!(c.billing_enabled);
-        assert_eq!(c.billing_endpoint, "http://localhost:8081");
-        assert_eq!(c.billing_sample_interval, Duration::from_millis(100));
-        assert_eq!(c.billing_batch_interval, Duration::from_secs(60));
-        assert_eq!(c.billing_heartbeat_interval, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn shutdown_vms_on_exit_takes_a_boolean() {
-        let c = Config::try_parse_from(["metald", "--shutdown-vms-on-exit", "true"]).unwrap();
-        assert!(c.shutdown_vms_on_exit);
-        let err =
-            Config::try_parse_from(["metald", "--shutdown-vms-on-exit", "maybe"]).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn console_log_max_takes_sizes_and_names_the_variable() {
-        let c = Config::try_parse_from(["metald"]).unwrap();
-        assert_eq!(c.console_log_max, 1 << 20);
-        for (v, n) in [("512KiB", 512 << 10), ("2M", 2 << 20), ("65536", 65536)] {
-            let c = Config::try_parse_from(["metald", "--console-log-max", v]).unwrap();
-            assert_eq!(c.console_log_max, n, "{v}");
-        }
-        for bad in ["1k", "lots", "1KiB"] {
-            let err = Config::try_parse_from(["metald", "--console-log-max", bad])
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("UNKEY_METALD_CONSOLE_LOG_MAX"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn durations_use_humantime() {
-        let c = Config::try_parse_from([
-            "metald",
-            "--boot-timeout",
-            "1m",
-            "--vm-shutdown-timeout",
-            "100ms",
-        ])
-        .unwrap();
-        assert_eq!(c.boot_timeout, Duration::from_secs(60));
-        assert_eq!(c.vm_shutdown_timeout, Duration::from_millis(100));
-    }
-
-    #[test]
-    fn bad_values_name_the_variable() {
-        for (flag, value, env) in [
-            ("--port", "eighty", "UNKEY_METALD_PORT"),
-            ("--boot-timeout", "soon", "UNKEY_METALD_BOOT_TIMEOUT"),
-            ("--backend", "xen", "UNKEY_METALD_BACKEND"),
-            ("--jailer-enabled", "maybe", "UNKEY_METALD_JAILER_ENABLED"),
-            (
-                "--jailer-uid-start",
-                "many",
-                "UNKEY_METALD_JAILER_UID_START",
-            ),
-            (
-                "--cloud-hypervisor-user",
-                "nobody",
-                "UNKEY_METALD_CLOUD_HYPERVISOR_USER",
-            ),
-            ("--address", "nowhere", "UNKEY_METALD_ADDRESS"),
-        ] {
-            let err = Config::try_parse_from(["metald", flag, value])
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(env), "{flag}: {err}");
-        }
-    }
-}
+mod tests;

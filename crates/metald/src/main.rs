@@ -11,13 +11,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use metald_api::{ApiServer, AuthConfig, Authenticator, JwtKey};
+use metald_api::{
+    ApiServer, AuthConfig, Authenticator, ConnectionLimits, JwtKey, JwtRules, RateLimiter, Tls,
+    TlsFiles,
+};
 use metald_core::service::{Ports, ServiceConfig};
 use metald_core::{VmService, ports::Vmm};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::config::{AuthMode, Backend, Config, JwtAlgorithm, QemuAccel};
+use crate::config::{AuthMode, Backend, ClientIdentity, Config, JwtAlgorithm, QemuAccel};
 
 fn main() {
     let config = match Config::load() {
@@ -77,10 +80,23 @@ fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
             }
         ),
     };
-    if config.auth_mode == AuthMode::Jwt && jwt.is_none() {
+    let jwks = match &config.jwt_jwks_file {
+        Some(f) => {
+            let jwks = metald_api::jwks::Jwks::load(f)
+                .map_err(|e| anyhow::anyhow!("UNKEY_METALD_JWT_JWKS_FILE: {e}"))?;
+            let watched = jwks.clone();
+            metald_api::reload::watch("JWKS", vec![f.clone()], move || {
+                watched.reload().map(|n| format!("{n} keys"))
+            });
+            Some(jwks)
+        }
+        None => None,
+    };
+    if config.auth_mode == AuthMode::Jwt && jwt.is_none() && jwks.is_none() {
         bail!(
-            "UNKEY_METALD_AUTH_MODE=jwt needs a key: set UNKEY_METALD_JWT_SECRET_FILE (HS256) or \
-             UNKEY_METALD_JWT_PUBLIC_KEY_FILE with UNKEY_METALD_JWT_ALGORITHM; or use UNKEY_METALD_AUTH_MODE=dev for development"
+            "UNKEY_METALD_AUTH_MODE=jwt needs a key: set UNKEY_METALD_JWT_SECRET_FILE (HS256), \
+             UNKEY_METALD_JWT_PUBLIC_KEY_FILE with UNKEY_METALD_JWT_ALGORITHM, or UNKEY_METALD_JWT_JWKS_FILE; \
+             or use UNKEY_METALD_AUTH_MODE=dev for development"
         );
     }
     if config.auth_mode == AuthMode::Dev {
@@ -88,12 +104,85 @@ fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
             "development tokens (dev_customer_<id>) are accepted: never run like this in production"
         );
     }
-    Authenticator::new(AuthConfig {
-        dev_tokens: config.auth_mode == AuthMode::Dev,
-        jwt,
-        customer_claim: config.jwt_customer_claim.clone(),
+    let auth = Authenticator::with_jwks(
+        AuthConfig {
+            dev_tokens: config.auth_mode == AuthMode::Dev,
+            jwt,
+            customer_claim: config.jwt_customer_claim.clone(),
+        },
+        jwks,
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(auth.with_rules(JwtRules {
+        issuer: config.jwt_issuer.clone(),
+        audience: config.jwt_audience.clone(),
+        leeway: config.jwt_leeway,
+    }))
+}
+
+/// TLS on the API port, reloaded when its files change; `None` when no
+/// certificate is configured (a warning unless the port is loopback-only).
+fn api_tls(config: &Config) -> anyhow::Result<Option<Arc<Tls>>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
+        if !config.address.is_loopback() {
+            warn!(
+                address = %config.address,
+                "the API port is plaintext on a non-loopback address: set UNKEY_METALD_TLS_CERT_FILE \
+                 and UNKEY_METALD_TLS_KEY_FILE, or put metald behind a TLS-terminating proxy"
+            );
+        }
+        return Ok(None);
+    };
+    let tls = Tls::load(TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: config.tls_client_ca_file.clone(),
+        identity: match config.tls_client_identity {
+            ClientIdentity::Spiffe => metald_api::ClientIdentity::Spiffe,
+            ClientIdentity::Cn => metald_api::ClientIdentity::Cn,
+        },
     })
-    .map_err(anyhow::Error::msg)
+    .map_err(|e| anyhow::anyhow!("UNKEY_METALD_TLS_*: {e}"))?;
+    tls.watch();
+    info!(
+        mtls = config.tls_client_ca_file.is_some(),
+        "TLS on the API port"
+    );
+    Ok(Some(tls))
+}
+
+/// The API server with the transport policy the configuration asks for.
+fn api_server(
+    config: &Config,
+    service: VmService,
+    auth: Arc<Authenticator>,
+    tls: Option<Arc<Tls>>,
+) -> anyhow::Result<ApiServer> {
+    let rate = match config.rate_limit_rps {
+        Some(rps) => {
+            let burst = config
+                .rate_limit_burst
+                .unwrap_or(rps.ceil().max(1.0) as u32);
+            Some(
+                RateLimiter::new(rps, burst)
+                    .map_err(|e| anyhow::anyhow!("UNKEY_METALD_RATE_LIMIT_*: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    Ok(ApiServer {
+        service,
+        auth,
+        tls,
+        rate,
+        request_timeout_max: config.request_timeout_max,
+        connections: ConnectionLimits {
+            idle_timeout: config.idle_timeout,
+            header_read_timeout: config.header_read_timeout,
+            max_concurrent_streams: config.http2_max_concurrent_streams,
+            ..ConnectionLimits::default()
+        },
+    })
 }
 
 fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
@@ -302,6 +391,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let _lock = lock_data_dir(&config.data_dir)?;
     let auth = Arc::new(authenticator(&config)?);
+    // Before any VM is touched: a bad certificate stops start-up at once.
+    let tls = api_tls(&config)?;
     let assets =
         metald_core::assets::AssetPolicy::new(&config.asset_roots(), &config.allowed_block_devices)
             .map_err(|e| {
@@ -387,21 +478,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding UNKEY_METALD_ADDRESS:UNKEY_METALD_PORT = {addr}"))?;
     let local = listener.local_addr()?;
+    let api = api_server(&config, service.clone(), auth, tls)?;
+    let scheme = if api.tls.is_some() { "https" } else { "http" };
     info!(%local, data_dir = %config.data_dir.display(), "metald serving");
     // A plain line on stdout tells scripts and tests the API is up and where.
-    println!("metald listening on http://{local}");
+    println!("metald listening on {scheme}://{local}");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(metald_api::serve(
-        listener,
-        ApiServer {
-            service: service.clone(),
-            auth,
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(metald_api::serve(listener, api, async {
+        let _ = stop_rx.await;
+    }));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

@@ -7,6 +7,7 @@ mod billing;
 mod blocking;
 mod bounds;
 mod chaos;
+mod front_door;
 mod harness;
 mod host_safety;
 mod lifecycle;
