@@ -3,6 +3,7 @@
 //! serves the API until SIGTERM or SIGINT. VMs keep running when metald
 //! stops; the next metald adopts them.
 
+mod backends;
 mod config;
 mod network;
 mod quotas;
@@ -15,12 +16,13 @@ use metald_api::{
     ApiServer, AuthConfig, Authenticator, ConnectionLimits, JwtKey, JwtRules, RateLimiter, Tls,
     TlsFiles,
 };
+use metald_core::VmService;
 use metald_core::service::{Ports, ServiceConfig};
-use metald_core::{VmService, ports::Vmm};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::config::{AuthMode, Backend, ClientIdentity, Config, JwtAlgorithm, QemuAccel};
+use crate::backends::backend;
+use crate::config::{AuthMode, ClientIdentity, Config, JwtAlgorithm};
 
 fn main() {
     let config = match Config::load() {
@@ -185,133 +187,6 @@ fn api_server(
     })
 }
 
-fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
-    match config.backend {
-        Backend::Qemu => {
-            use metald_vmm::qemu::{Accel, QemuBackend, QemuConfig};
-            let binary = match &config.qemu_binary {
-                Some(b) => b.clone(),
-                None => metald_vmm::find_on_path("qemu-system-x86_64").context(
-                    "UNKEY_METALD_QEMU_BINARY: qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86)",
-                )?,
-            };
-            let accel = match config.qemu_accel {
-                QemuAccel::Auto => metald_vmm::qemu::default_accel(),
-                QemuAccel::Kvm => Accel::Kvm,
-                QemuAccel::Tcg => Accel::Tcg,
-            };
-            info!(binary = %binary.display(), ?accel, "using the QEMU backend");
-            let qemu = QemuBackend::new(QemuConfig {
-                binary,
-                accel,
-                state_dir: config.data_dir.join("vms"),
-                boot_timeout: config.boot_timeout,
-                log_max: config.console_log_max,
-            })
-            .map_err(anyhow::Error::msg)?;
-            Ok(Arc::new(qemu))
-        }
-        Backend::Firecracker => {
-            use metald_vmm::firecracker::jailer::JailerConfig;
-            use metald_vmm::firecracker::{FirecrackerBackend, FirecrackerConfig};
-            // The jailer rule first: it holds whether or not the binaries
-            // are installed yet.
-            let root = rustix::process::geteuid().is_root();
-            if root && config.jailer_enabled.is_none() {
-                bail!(
-                    "UNKEY_METALD_JAILER_ENABLED: refusing to run Firecracker as root without the jailer; \
-                     set it to true (recommended) or to false to accept running VMMs as root"
-                );
-            }
-            let binary = binary_or_path(
-                &config.firecracker_binary,
-                "firecracker",
-                "UNKEY_METALD_FIRECRACKER_BINARY",
-            )?;
-            let jailer = match config.jailer_enabled {
-                Some(true) => Some(JailerConfig {
-                    binary: binary_or_path(
-                        &config.jailer_binary,
-                        "jailer",
-                        "UNKEY_METALD_JAILER_BINARY",
-                    )?,
-                    chroot_base: config
-                        .jailer_chroot_dir
-                        .clone()
-                        .unwrap_or_else(|| config.data_dir.join("jailer")),
-                    uid_start: config.jailer_uid_start,
-                    uid_count: config.jailer_uid_count,
-                    cgroup_version: config
-                        .jailer_cgroup_version
-                        .unwrap_or_else(metald_vmm::cgroup::host_version),
-                    parent_cgroup: config.jailer_parent_cgroup.clone(),
-                }),
-                Some(false) if root => {
-                    warn!(
-                        "Firecracker runs as root without the jailer (UNKEY_METALD_JAILER_ENABLED=false)"
-                    );
-                    None
-                }
-                _ => None,
-            };
-            info!(binary = %binary.display(), jailed = jailer.is_some(), "using the Firecracker backend");
-            let fc = FirecrackerBackend::new(FirecrackerConfig {
-                binary,
-                state_dir: config.data_dir.join("vms"),
-                boot_timeout: config.boot_timeout,
-                jailer,
-                log_max: config.console_log_max,
-            })
-            .map_err(anyhow::Error::msg)?;
-            Ok(Arc::new(fc))
-        }
-        Backend::Cloudhypervisor => {
-            use metald_vmm::cgroup::CgroupConfig;
-            use metald_vmm::cloudhypervisor::{CloudHypervisorBackend, CloudHypervisorConfig};
-            let binary = binary_or_path(
-                &config.cloud_hypervisor_binary,
-                "cloud-hypervisor",
-                "UNKEY_METALD_CLOUD_HYPERVISOR_BINARY",
-            )?;
-            let cgroups = config.cgroups_enabled.then(|| CgroupConfig {
-                version: config
-                    .cgroup_version
-                    .unwrap_or_else(metald_vmm::cgroup::host_version),
-                parent: config.cgroup_parent.clone(),
-            });
-            if let Some(v) = cgroups.as_ref().map(|c| c.version)
-                && !matches!(v, 1 | 2)
-            {
-                bail!("UNKEY_METALD_CGROUP_VERSION: must be 1 or 2, got {v}");
-            }
-            info!(binary = %binary.display(), cgroups = cgroups.is_some(), "using the Cloud Hypervisor backend");
-            let ch = CloudHypervisorBackend::new(CloudHypervisorConfig {
-                binary,
-                state_dir: config.data_dir.join("vms"),
-                boot_timeout: config.boot_timeout,
-                cgroups,
-                user: config.cloud_hypervisor_user,
-                log_max: config.console_log_max,
-            })
-            .map_err(anyhow::Error::msg)?;
-            Ok(Arc::new(ch))
-        }
-    }
-}
-
-/// A binary from its setting, else found on PATH.
-fn binary_or_path(
-    setting: &Option<std::path::PathBuf>,
-    name: &str,
-    var: &str,
-) -> anyhow::Result<std::path::PathBuf> {
-    match setting {
-        Some(b) => Ok(b.clone()),
-        None => metald_vmm::find_on_path(name)
-            .with_context(|| format!("{var}: {name} is not on PATH; set {var} to its path")),
-    }
-}
-
 fn billing_config(config: &Config) -> anyhow::Result<metald_billing::BillingConfig> {
     let min = std::time::Duration::from_millis(10);
     for (name, d) in [
@@ -382,6 +257,97 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Host networking for VMs, when enabled.
+async fn host_network(
+    config: &Config,
+) -> anyhow::Result<Option<Arc<dyn metald_core::ports::Network>>> {
+    if config.network_enabled {
+        let host = metald_network::Host::setup(metald_network::NetworkConfig {
+            bridge: config.network_bridge.clone(),
+            ipv4_subnet: config.network_ipv4_subnet,
+            ipv6_subnet: config.network_ipv6_subnet,
+            isolate_vms: config.network_isolate_vms,
+            egress: config.network_egress,
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "UNKEY_METALD_NETWORK_*: setting up bridge {}: {e}",
+                config.network_bridge
+            )
+        })?;
+        info!(bridge = %config.network_bridge, v4 = %config.network_ipv4_subnet, v6 = %config.network_ipv6_subnet, "VM networking ready");
+        Ok(Some(Arc::new(network::HostNetwork::new(host))))
+    } else {
+        info!("VM networking disabled (UNKEY_METALD_NETWORK_ENABLED=false)");
+        Ok(None)
+    }
+}
+
+/// The periodic reconciler.
+fn spawn_reconciler(service: VmService, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = service.reconcile(false).await {
+                warn!(error = %e, "reconcile pass failed");
+            }
+        }
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+    Ok(())
+}
+
+/// The service over its adapters: the backend, the store, billing and the
+/// host network.
+async fn open_service(
+    config: &Config,
+    assets: metald_core::assets::AssetPolicy,
+) -> anyhow::Result<(
+    VmService,
+    metald_store::SqliteStore,
+    metald_billing::BillingTasks,
+)> {
+    let vmm = backend(config)?;
+    let db = config.data_dir.join("metald.db");
+    let store = metald_store::SqliteStore::open(&db)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", db.display()))?;
+    let (billing, billing_tasks) =
+        metald_billing::Billing::start(billing_config(config)?, &config.data_dir)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    let network = host_network(config).await?;
+    let service = VmService::new(
+        Ports {
+            store: Arc::new(store.clone()),
+            vmm,
+            network,
+            usage: Some(billing.clone()),
+            observers: vec![billing.clone()],
+        },
+        ServiceConfig {
+            default_shutdown_timeout: config.vm_shutdown_timeout,
+            assets,
+            quotas: config.quotas.book()?,
+            host: Some(config.quotas.host()?),
+        },
+    );
+    Ok((service, store, billing_tasks))
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
@@ -399,51 +365,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 anyhow::anyhow!("UNKEY_METALD_ASSET_DIRS / UNKEY_METALD_ALLOWED_BLOCK_DEVICES: {e}")
             })?;
     info!(roots = ?config.asset_roots(), "asset roots");
-    let vmm = backend(&config)?;
-    let db = config.data_dir.join("metald.db");
-    let store = metald_store::SqliteStore::open(&db)
-        .await
-        .map_err(|e| anyhow::anyhow!("opening {}: {e}", db.display()))?;
-    let (billing, billing_tasks) =
-        metald_billing::Billing::start(billing_config(&config)?, &config.data_dir)
-            .await
-            .map_err(anyhow::Error::msg)?;
-    let network: Option<Arc<dyn metald_core::ports::Network>> = if config.network_enabled {
-        let host = metald_network::Host::setup(metald_network::NetworkConfig {
-            bridge: config.network_bridge.clone(),
-            ipv4_subnet: config.network_ipv4_subnet,
-            ipv6_subnet: config.network_ipv6_subnet,
-            isolate_vms: config.network_isolate_vms,
-            egress: config.network_egress,
-        })
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "UNKEY_METALD_NETWORK_*: setting up bridge {}: {e}",
-                config.network_bridge
-            )
-        })?;
-        info!(bridge = %config.network_bridge, v4 = %config.network_ipv4_subnet, v6 = %config.network_ipv6_subnet, "VM networking ready");
-        Some(Arc::new(network::HostNetwork::new(host)))
-    } else {
-        info!("VM networking disabled (UNKEY_METALD_NETWORK_ENABLED=false)");
-        None
-    };
-    let service = VmService::new(
-        Ports {
-            store: Arc::new(store.clone()),
-            vmm,
-            network,
-            usage: Some(billing.clone()),
-            observers: vec![billing.clone()],
-        },
-        ServiceConfig {
-            default_shutdown_timeout: config.vm_shutdown_timeout,
-            assets,
-            quotas: config.quotas.book()?,
-            host: Some(config.quotas.host()?),
-        },
-    );
+    let (service, store, billing_tasks) = open_service(&config, assets).await?;
     // Before serving: resume interrupted plans, adopt
     // surviving VMMs, then clean up whatever no VM claims.
     service.recover().await.context("re-attaching to VMs")?;
@@ -455,21 +377,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .announce_all()
         .await
         .context("telling billing which VMs run")?;
-    let reconciler = {
-        let service = service.clone();
-        let every = config.reconcile_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                if let Err(e) = service.reconcile(false).await {
-                    warn!(error = %e, "reconcile pass failed");
-                }
-            }
-        })
-    };
+    let reconciler = spawn_reconciler(service.clone(), config.reconcile_interval);
 
     let quota_watch = config.quotas.clone().watch(service.clone())?;
 
@@ -488,12 +396,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(metald_api::serve(listener, api, async {
         let _ = stop_rx.await;
     }));
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
-    }
+    stop_signal().await?;
     // Stop accepting, let in-flight requests finish (bounded).
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.drain_timeout, server).await {

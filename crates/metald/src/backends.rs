@@ -1,0 +1,143 @@
+//! The VMM backend named by `UNKEY_METALD_BACKEND`, built from its settings.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use metald_core::ports::Vmm;
+use tracing::{info, warn};
+
+use crate::config::{Backend, Config, QemuAccel};
+
+/// The configured backend.
+pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+    match config.backend {
+        Backend::Qemu => qemu(config),
+        Backend::Firecracker => firecracker(config),
+        Backend::Cloudhypervisor => cloud_hypervisor(config),
+    }
+}
+
+fn qemu(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+    use metald_vmm::qemu::{Accel, QemuBackend, QemuConfig};
+    let binary = match &config.qemu_binary {
+        Some(b) => b.clone(),
+        None => metald_vmm::find_on_path("qemu-system-x86_64").context(
+            "UNKEY_METALD_QEMU_BINARY: qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86)",
+        )?,
+    };
+    let accel = match config.qemu_accel {
+        QemuAccel::Auto => metald_vmm::qemu::default_accel(),
+        QemuAccel::Kvm => Accel::Kvm,
+        QemuAccel::Tcg => Accel::Tcg,
+    };
+    info!(binary = %binary.display(), ?accel, "using the QEMU backend");
+    let qemu = QemuBackend::new(QemuConfig {
+        binary,
+        accel,
+        state_dir: config.data_dir.join("vms"),
+        boot_timeout: config.boot_timeout,
+        log_max: config.console_log_max,
+    })
+    .map_err(anyhow::Error::msg)?;
+    Ok(Arc::new(qemu))
+}
+
+fn firecracker(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+    use metald_vmm::firecracker::jailer::JailerConfig;
+    use metald_vmm::firecracker::{FirecrackerBackend, FirecrackerConfig};
+    // The jailer rule first: it holds whether or not the binaries
+    // are installed yet.
+    let root = rustix::process::geteuid().is_root();
+    if root && config.jailer_enabled.is_none() {
+        bail!(
+            "UNKEY_METALD_JAILER_ENABLED: refusing to run Firecracker as root without the jailer; \
+             set it to true (recommended) or to false to accept running VMMs as root"
+        );
+    }
+    let binary = binary_or_path(
+        &config.firecracker_binary,
+        "firecracker",
+        "UNKEY_METALD_FIRECRACKER_BINARY",
+    )?;
+    let jailer = match config.jailer_enabled {
+        Some(true) => Some(JailerConfig {
+            binary: binary_or_path(
+                &config.jailer_binary,
+                "jailer",
+                "UNKEY_METALD_JAILER_BINARY",
+            )?,
+            chroot_base: config
+                .jailer_chroot_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("jailer")),
+            uid_start: config.jailer_uid_start,
+            uid_count: config.jailer_uid_count,
+            cgroup_version: config
+                .jailer_cgroup_version
+                .unwrap_or_else(metald_vmm::cgroup::host_version),
+            parent_cgroup: config.jailer_parent_cgroup.clone(),
+        }),
+        Some(false) if root => {
+            warn!(
+                "Firecracker runs as root without the jailer (UNKEY_METALD_JAILER_ENABLED=false)"
+            );
+            None
+        }
+        _ => None,
+    };
+    info!(binary = %binary.display(), jailed = jailer.is_some(), "using the Firecracker backend");
+    let fc = FirecrackerBackend::new(FirecrackerConfig {
+        binary,
+        state_dir: config.data_dir.join("vms"),
+        boot_timeout: config.boot_timeout,
+        jailer,
+        log_max: config.console_log_max,
+    })
+    .map_err(anyhow::Error::msg)?;
+    Ok(Arc::new(fc))
+}
+
+fn cloud_hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+    use metald_vmm::cgroup::CgroupConfig;
+    use metald_vmm::cloudhypervisor::{CloudHypervisorBackend, CloudHypervisorConfig};
+    let binary = binary_or_path(
+        &config.cloud_hypervisor_binary,
+        "cloud-hypervisor",
+        "UNKEY_METALD_CLOUD_HYPERVISOR_BINARY",
+    )?;
+    let cgroups = config.cgroups_enabled.then(|| CgroupConfig {
+        version: config
+            .cgroup_version
+            .unwrap_or_else(metald_vmm::cgroup::host_version),
+        parent: config.cgroup_parent.clone(),
+    });
+    if let Some(v) = cgroups.as_ref().map(|c| c.version)
+        && !matches!(v, 1 | 2)
+    {
+        bail!("UNKEY_METALD_CGROUP_VERSION: must be 1 or 2, got {v}");
+    }
+    info!(binary = %binary.display(), cgroups = cgroups.is_some(), "using the Cloud Hypervisor backend");
+    let ch = CloudHypervisorBackend::new(CloudHypervisorConfig {
+        binary,
+        state_dir: config.data_dir.join("vms"),
+        boot_timeout: config.boot_timeout,
+        cgroups,
+        user: config.cloud_hypervisor_user,
+        log_max: config.console_log_max,
+    })
+    .map_err(anyhow::Error::msg)?;
+    Ok(Arc::new(ch))
+}
+
+/// A binary from its setting, else found on PATH.
+fn binary_or_path(
+    setting: &Option<std::path::PathBuf>,
+    name: &str,
+    var: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    match setting {
+        Some(b) => Ok(b.clone()),
+        None => metald_vmm::find_on_path(name)
+            .with_context(|| format!("{var}: {name} is not on PATH; set {var} to its path")),
+    }
+}
