@@ -215,9 +215,11 @@ impl MeterTask {
             }
             None => {
                 if let Some(m) = self.meters.remove(&ev.id) {
-                    // Samples before the stop go out before the stop.
-                    self.dirty
-                        .insert(ev.id.clone(), Self::row(&ev.id, &m, false));
+                    // Samples before the stop go out before the stop; the
+                    // row is kept, so a later boot continues the sequence.
+                    let row = Self::row(&ev.id, &m, false);
+                    self.known.insert(ev.id.clone(), row.clone());
+                    self.dirty.insert(ev.id.clone(), row);
                     self.flush().await;
                     self.event("stopped", &ev.id, (&m.name, &m.customer), now, 0)
                         .await;
@@ -234,7 +236,9 @@ impl MeterTask {
                     let owner = (row.vm_name.as_str(), row.customer_id.as_str());
                     self.event("gap", &ev.id, owner, row.last_ts, now).await;
                     self.event("stopped", &ev.id, owner, now, 0).await;
-                    self.dirty.insert(ev.id, MeterRow { running: 0, ..row });
+                    let row = MeterRow { running: 0, ..row };
+                    self.known.insert(ev.id.clone(), row.clone());
+                    self.dirty.insert(ev.id, row);
                 }
             }
         }

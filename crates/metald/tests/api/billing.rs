@@ -30,7 +30,7 @@ struct Got {
 
 /// Everything the receiver was told, after de-duplicating batches by id.
 #[derive(Default, Debug, Clone)]
-struct Recorded {
+pub(crate) struct Recorded {
     started: Vec<(String, String)>,
     stopped: Vec<(String, i64)>,
     gaps: Vec<(String, i64, i64)>,
@@ -38,10 +38,14 @@ struct Recorded {
     batch_ids: HashSet<String>,
     duplicate_batches: usize,
     samples: HashMap<String, Vec<Got>>,
+    /// Sequence numbers by host-wide VM key (from the batch id), which
+    /// tells apart VMs of one name deleted and created again.
+    pub(crate) by_key: HashMap<String, Vec<i64>>,
+    pub(crate) gaps_reported: usize,
 }
 
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     rec: Arc<Mutex<Recorded>>,
     /// While set, every RPC fails as if the service were down.
     down: Arc<AtomicBool>,
@@ -59,7 +63,7 @@ impl Receiver {
         }
         Ok(())
     }
-    fn rec(&self) -> std::sync::MutexGuard<'_, Recorded> {
+    pub(crate) fn rec(&self) -> std::sync::MutexGuard<'_, Recorded> {
         self.rec.lock().unwrap()
     }
 }
@@ -83,6 +87,14 @@ impl pb::BillingService for Receiver {
         if !rec.batch_ids.insert(req.batch_id.clone()) {
             rec.duplicate_batches += 1;
         } else {
+            let key = req
+                .batch_id
+                .split('/')
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            let seqs = rec.by_key.entry(key).or_default();
+            seqs.extend(req.metrics.iter().map(|m| m.sequence));
             let list = rec.samples.entry(req.vm_id.clone()).or_default();
             for m in &req.metrics {
                 let ts = m.timestamp.seconds * 1_000_000_000 + m.timestamp.nanos as i64;
@@ -150,9 +162,9 @@ impl pb::BillingService for Receiver {
     ) -> ServiceResult<pb::NotifyPossibleGapResponse> {
         self.check()?;
         let req = req.to_owned_message();
-        self.rec()
-            .gaps
-            .push((req.vm_id, req.last_sent, req.resume_time));
+        let mut rec = self.rec();
+        rec.gaps_reported += 1;
+        rec.gaps.push((req.vm_id, req.last_sent, req.resume_time));
         Response::ok(pb::NotifyPossibleGapResponse {
             success: true,
             ..Default::default()
@@ -162,7 +174,7 @@ impl pb::BillingService for Receiver {
 
 /// Serves `recv` on 127.0.0.1:`port` (0 = any); returns the port and the
 /// server task (abort it to take the receiver off the network).
-async fn serve(recv: &Receiver, port: u16) -> (u16, tokio::task::JoinHandle<()>) {
+pub(crate) async fn serve(recv: &Receiver, port: u16) -> (u16, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
@@ -581,7 +593,7 @@ async fn a_vm_the_billing_service_refuses_is_reported_as_gaps_and_holds_up_no_ot
 }
 
 /// Rows of `billing.db` still waiting for the billing service.
-async fn spooled_notices(d: &Daemon) -> i64 {
+pub(crate) async fn spooled_notices(d: &Daemon) -> i64 {
     use sqlx::Connection;
     let url = format!(
         "sqlite://{}?mode=ro",
@@ -589,6 +601,20 @@ async fn spooled_notices(d: &Daemon) -> i64 {
     );
     let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
     sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE parked = 0")
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+/// Samples in the spool not yet acknowledged.
+pub(crate) async fn spooled_samples(d: &Daemon) -> i64 {
+    use sqlx::Connection;
+    let url = format!(
+        "sqlite://{}?mode=ro",
+        d.data_dir.join("billing.db").display()
+    );
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query_scalar("SELECT COUNT(*) FROM samples")
         .fetch_one(&mut db)
         .await
         .unwrap()
@@ -741,4 +767,34 @@ async fn sigterm_leaving_vms_running_keeps_every_sample_taken_and_reports_one_ga
     assert_eq!(rec.started.iter().filter(|(v, _)| v == id).count(), 1);
     d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
         .await;
+}
+
+/// A VM booted again after a shutdown continues its sequence: the numbers
+/// are per VM, not per VMM process, so the receiver never sees one twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_booted_again_continues_its_sequence() {
+    let assets = Assets::load();
+    let recv = Receiver::default();
+    let (port, _server) = serve(&recv, 0).await;
+    let d = metald_with_billing(port);
+    let id = "again";
+    boot(&d, &assets, &[id], "").await;
+    for round in 1..=2 {
+        until(&recv, "samples of this run", Duration::from_secs(60), |r| {
+            r.samples.get(id).is_some_and(|s| s.len() >= 5 * round)
+        })
+        .await;
+        d.ok(T, "ShutdownVm", json!({"vm_id": id, "force": true}))
+            .await;
+        until(&recv, "the stop", Duration::from_secs(30), |r| {
+            r.stopped.iter().filter(|(v, _)| v == id).count() == round
+        })
+        .await;
+        if round == 1 {
+            d.ok(T, "BootVm", json!({"vm_id": id})).await;
+        }
+    }
+    let rec = recv.rec().clone();
+    assert_stream_complete(id, &rec.samples[id]);
+    d.ok(T, "DeleteVm", json!({"vm_id": id})).await;
 }
