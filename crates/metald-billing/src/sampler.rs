@@ -228,9 +228,11 @@ impl MeterTask {
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&ev.id);
                     self.publish_active();
-                } else if let Some(row) = self.known.remove(&ev.id)
+                } else if let Some(row) = self.known.get(&ev.id).cloned()
                     && row.running == 1
                 {
+                    // (A row of a VM already stopped stays known, so its next
+                    // boot continues the sequence.)
                     // Running when metald went down, stopped now: when it
                     // stopped in between is unknown.
                     let owner = (row.vm_name.as_str(), row.customer_id.as_str());

@@ -769,17 +769,18 @@ async fn sigterm_leaving_vms_running_keeps_every_sample_taken_and_reports_one_ga
         .await;
 }
 
-/// A VM booted again after a shutdown continues its sequence: the numbers
-/// are per VM, not per VMM process, so the receiver never sees one twice.
+/// A VM booted again after a shutdown continues its sequence, also when
+/// metald restarted while it was shut down: the numbers are per VM, not
+/// per VMM process or per metald, so the receiver never sees one twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vm_booted_again_continues_its_sequence() {
     let assets = Assets::load();
     let recv = Receiver::default();
     let (port, _server) = serve(&recv, 0).await;
-    let d = metald_with_billing(port);
+    let mut d = metald_with_billing(port);
     let id = "again";
     boot(&d, &assets, &[id], "").await;
-    for round in 1..=2 {
+    for round in 1..=3 {
         until(&recv, "samples of this run", Duration::from_secs(60), |r| {
             r.samples.get(id).is_some_and(|s| s.len() >= 5 * round)
         })
@@ -790,7 +791,11 @@ async fn a_vm_booted_again_continues_its_sequence() {
             r.stopped.iter().filter(|(v, _)| v == id).count() == round
         })
         .await;
-        if round == 1 {
+        if round == 2 {
+            assert!(d.stop(Signal::TERM).success());
+            d.restart();
+        }
+        if round < 3 {
             d.ok(T, "BootVm", json!({"vm_id": id})).await;
         }
     }
