@@ -213,8 +213,9 @@ fn nic_to_pb(n: &metald_core::net::NicSpec) -> pb::NetworkInterface {
     pb::NetworkInterface {
         id: n.id.clone(),
         mac_address: att
-            .map(|a| a.mac.clone())
-            .or_else(|| n.mac.clone())
+            .map(|a| a.mac)
+            .or(n.mac)
+            .map(|m| m.to_string())
             .unwrap_or_default(),
         tap_device: att.map(|a| a.tap.clone()).unwrap_or_default(),
         interface_type: "virtio-net".into(),
@@ -284,7 +285,7 @@ pub fn network_info(s: &VmSpec) -> Option<pb::VmNetworkInfo> {
     Some(pb::VmNetworkInfo {
         // Both families, IPv4 first, comma-separated (the field is singular).
         ip_address: ips.join(","),
-        mac_address: att.mac.clone(),
+        mac_address: att.mac.to_string(),
         tap_device: att.tap.clone(),
         network_namespace: att.netns.clone(),
         gateway: gateways.join(","),

@@ -9,6 +9,7 @@
 pub mod assets;
 pub mod error;
 mod locks;
+mod mac;
 pub mod net;
 pub mod plan;
 pub mod ports;
@@ -19,6 +20,7 @@ pub mod state;
 pub mod vm;
 
 pub use error::Error;
+pub use mac::Mac;
 pub use service::VmService;
 pub use state::{Op, VmState};
 pub use vm::{CustomerId, DiskSpec, VmId, VmSpec};

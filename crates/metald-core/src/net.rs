@@ -8,6 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use crate::Mac;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -34,8 +36,8 @@ pub struct NicInput {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSpec {
     pub id: String,
-    /// Client-chosen MAC (lowercase), else metald derives one.
-    pub mac: Option<String>,
+    /// Client-chosen MAC, else metald derives one.
+    pub mac: Option<Mac>,
     /// Client-chosen static addresses, else IPAM picks.
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
@@ -51,7 +53,7 @@ pub struct NicSpec {
 /// An interface as metald wired it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicAttachment {
-    pub mac: String,
+    pub mac: Mac,
     pub ipv4: Option<(Ipv4Addr, u8)>,
     pub gateway4: Option<Ipv4Addr>,
     pub ipv6: Option<(Ipv6Addr, u8)>,
@@ -132,7 +134,7 @@ fn check_nic(i: usize, n: &NicInput) -> Result<NicSpec> {
     let mac = if n.mac.is_empty() {
         None
     } else {
-        Some(check_mac(&n.mac).map_err(|r| Error::invalid(f("mac_address"), r))?)
+        Some(Mac::parse(&n.mac).map_err(|r| Error::invalid(f("mac_address"), r))?)
     };
     let (want_v4, want_v6) = match n.mode {
         0 | 1 => (true, true),
@@ -184,36 +186,6 @@ fn address<A: std::str::FromStr>(raw: &str, field: &str, family: &str) -> Result
             .parse::<A>()
             .map(Some)
             .map_err(|_| Error::invalid(field, format!("{a:?} is not an {family} address"))),
-    }
-}
-
-/// A unicast MAC written `aa:bb:cc:dd:ee:ff`, returned lowercase.
-fn check_mac(raw: &str) -> std::result::Result<String, String> {
-    let parts: Vec<&str> = raw.split(':').collect();
-    let bytes: Option<Vec<u8>> = parts
-        .iter()
-        .map(|p| {
-            // Two hex digits exactly: from_str_radix alone takes "+f".
-            if p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()) {
-                u8::from_str_radix(p, 16).ok()
-            } else {
-                None
-            }
-        })
-        .collect();
-    match bytes {
-        Some(b) if b.len() == 6 => {
-            if b[0] & 1 == 1 {
-                return Err(format!("{raw:?} is a multicast address"));
-            }
-            if b.iter().all(|x| *x == 0) {
-                return Err(format!("{raw:?} is all zero"));
-            }
-            Ok(raw.to_ascii_lowercase())
-        }
-        _ => Err(format!(
-            "{raw:?} is not a MAC address like 02:00:00:00:00:01"
-        )),
     }
 }
 
@@ -384,7 +356,7 @@ mod tests {
     #[test]
     fn kernel_args_carry_both_families() {
         let a = NicAttachment {
-            mac: "02:00:00:00:00:01".into(),
+            mac: Mac::parse("02:00:00:00:00:01").unwrap(),
             ipv4: Some(("10.9.0.2".parse().unwrap(), 16)),
             gateway4: Some("10.9.0.1".parse().unwrap()),
             ipv6: Some(("fd00:1::2".parse().unwrap(), 64)),

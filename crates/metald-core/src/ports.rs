@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use crate::Mac;
 use crate::net::{NicAttachment, NicSpec};
 use crate::plan::PlanRecord;
 use crate::state::VmState;
@@ -141,7 +142,7 @@ pub trait Network: Send + Sync + 'static {
     /// The subnets IPAM allocates from.
     fn subnets(&self) -> Subnets;
     /// A stable locally administered MAC for interface `index` of `vm`.
-    fn mac_for(&self, vm: &VmId, index: usize) -> String;
+    fn mac_for(&self, vm: &VmId, index: usize) -> Mac;
     /// Creates (idempotently) the devices of one interface with the given
     /// MAC and rate limits; returns the names it used.
     async fn attach(
@@ -149,7 +150,7 @@ pub trait Network: Send + Sync + 'static {
         vm: &VmId,
         index: usize,
         nic: &NicSpec,
-        mac: &str,
+        mac: Mac,
     ) -> Result<NicAttachment, PortError>;
     /// Removes every device of interface `index` of `vm`; missing devices
     /// are not an error.

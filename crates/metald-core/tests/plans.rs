@@ -18,7 +18,7 @@ use metald_core::plan::Plan;
 use metald_core::ports::{Network, PortError, Store, Subnets, VmRecord};
 use metald_core::service::{Ports, ServiceConfig};
 use metald_core::vm::VmSpecInput;
-use metald_core::{CustomerId, VmId, VmService, VmSpec, VmState};
+use metald_core::{CustomerId, Mac, VmId, VmService, VmSpec, VmState};
 use metald_store::SqliteStore;
 
 #[path = "service/fake.rs"]
@@ -41,15 +41,15 @@ impl Network for SetNet {
             v6: ("fd09::".parse().unwrap(), 64, "fd09::1".parse().unwrap()),
         }
     }
-    fn mac_for(&self, _vm: &VmId, index: usize) -> String {
-        format!("02:00:00:00:00:{index:02x}")
+    fn mac_for(&self, _vm: &VmId, index: usize) -> Mac {
+        Mac::local([2, 0, 0, 0, 0, index as u8])
     }
     async fn attach(
         &self,
         vm: &VmId,
         index: usize,
         _nic: &NicSpec,
-        mac: &str,
+        mac: Mac,
     ) -> Result<NicAttachment, PortError> {
         if *self.refuse.lock().unwrap() {
             return Err("bridge is gone".into());
@@ -59,7 +59,7 @@ impl Network for SetNet {
             .unwrap()
             .insert((vm.to_string(), index));
         Ok(NicAttachment {
-            mac: mac.into(),
+            mac,
             ipv4: None,
             gateway4: None,
             ipv6: None,

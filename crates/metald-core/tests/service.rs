@@ -14,7 +14,7 @@ use metald_core::ports::{
 };
 use metald_core::service::{Ports, ServiceConfig};
 use metald_core::vm::VmSpecInput;
-use metald_core::{CustomerId, Error, VmId, VmService, VmSpec, VmState};
+use metald_core::{CustomerId, Error, Mac, VmId, VmService, VmSpec, VmState};
 use metald_store::SqliteStore;
 
 #[path = "service/fake.rs"]
@@ -396,15 +396,15 @@ impl Network for FlakyNet {
             v6: ("fd09::".parse().unwrap(), 64, "fd09::1".parse().unwrap()),
         }
     }
-    fn mac_for(&self, _vm: &VmId, _index: usize) -> String {
-        "02:00:00:00:00:01".into()
+    fn mac_for(&self, _vm: &VmId, _index: usize) -> Mac {
+        Mac::local([2, 0, 0, 0, 0, 1])
     }
     async fn attach(
         &self,
         _vm: &VmId,
         _index: usize,
         _nic: &NicSpec,
-        _mac: &str,
+        _mac: Mac,
     ) -> Result<NicAttachment, PortError> {
         Err("bridge is gone".into())
     }

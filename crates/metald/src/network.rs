@@ -2,9 +2,9 @@
 //! service's `Network` port.
 
 use async_trait::async_trait;
-use metald_core::VmId;
 use metald_core::net::{NicAttachment, NicSpec};
 use metald_core::ports::{Network, PortError, Subnets};
+use metald_core::{Mac, VmId};
 use metald_network::{Host, InterfaceSpec};
 
 /// Host networking for metald's VMs.
@@ -16,21 +16,6 @@ impl HostNetwork {
     pub fn new(host: Host) -> Self {
         HostNetwork { host }
     }
-}
-
-fn mac_string(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn parse_mac(mac: &str) -> Result<[u8; 6], PortError> {
-    let bytes: Vec<u8> = mac
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC {mac:?}")))
-        .collect::<Result<_, _>>()?;
-    bytes.try_into().map_err(|_| format!("bad MAC {mac:?}"))
 }
 
 /// Whether host device `dev` is a port of `bridge`.
@@ -59,8 +44,8 @@ impl Network for HostNetwork {
         }
     }
 
-    fn mac_for(&self, vm: &VmId, index: usize) -> String {
-        mac_string(metald_network::mac_for(vm.as_str(), index))
+    fn mac_for(&self, vm: &VmId, index: usize) -> Mac {
+        Mac::local(metald_network::mac_for(vm.as_str(), index))
     }
 
     async fn attach(
@@ -68,20 +53,20 @@ impl Network for HostNetwork {
         vm: &VmId,
         index: usize,
         nic: &NicSpec,
-        mac: &str,
+        mac: Mac,
     ) -> Result<NicAttachment, PortError> {
         let names = Host::names(vm.as_str(), index);
         let spec = InterfaceSpec {
             vm_id: vm.to_string(),
             index,
             names: names.clone(),
-            mac: parse_mac(mac)?,
+            mac: mac.octets(),
             rx_rate_bytes_per_sec: nic.rx_bytes_per_sec,
             tx_rate_bytes_per_sec: nic.tx_bytes_per_sec,
         };
         self.host.create_interface(&spec).await?;
         Ok(NicAttachment {
-            mac: mac.to_owned(),
+            mac,
             ipv4: None,
             gateway4: None,
             ipv6: None,
@@ -120,16 +105,5 @@ impl Network for HostNetwork {
 
     async fn remove_stray(&self, name: &str) -> Result<(), PortError> {
         self.host.remove_unmarked_namespace(name).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn macs_round_trip() {
-        let mac = [0x02, 0xab, 0, 1, 2, 0xff];
-        assert_eq!(super::mac_string(mac), "02:ab:00:01:02:ff");
-        assert_eq!(super::parse_mac("02:ab:00:01:02:ff").unwrap(), mac);
-        assert!(super::parse_mac("02:ab").is_err());
     }
 }

@@ -48,9 +48,9 @@ impl VmService {
             } else {
                 None
             };
-            let mac = nic.mac.clone().unwrap_or_else(|| net.mac_for(&vm.id, i));
+            let mac = nic.mac.unwrap_or_else(|| net.mac_for(&vm.id, i));
             let mut att = net
-                .attach(&vm.id, i, &nic, &mac)
+                .attach(&vm.id, i, &nic, mac)
                 .await
                 .map_err(Error::Backend)?;
             att.ipv4 = ipv4;

@@ -117,7 +117,7 @@ fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
             n.attachment.as_ref().map(|att| api::Net {
                 id: format!("net{i}"),
                 tap: att.tap.clone(),
-                mac: Some(att.mac.clone()),
+                mac: Some(att.mac.to_string()),
                 rate_limiter_config: None,
             })
         })

@@ -66,7 +66,7 @@ impl FirecrackerBackend {
             let iface = api::NetworkInterface {
                 iface_id: format!("eth{i}"),
                 host_dev_name: att.tap.clone(),
-                guest_mac: Some(att.mac.clone()),
+                guest_mac: Some(att.mac.to_string()),
                 rx_rate_limiter: api::RateLimiter::bytes_per_sec(n.rx_bytes_per_sec),
                 tx_rate_limiter: api::RateLimiter::bytes_per_sec(n.tx_bytes_per_sec),
             };
