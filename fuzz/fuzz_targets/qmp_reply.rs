@@ -8,12 +8,15 @@ use libfuzzer_sys::fuzz_target;
 use metald_vmm::qemu::qmp;
 use serde_json::Value;
 
-/// What a message meant, comparable across re-encodings.
+/// What a message meant, comparable across re-encodings. Refusals are
+/// compared by kind only: their text quotes the message, and serde_json
+/// may print a float differently once re-encoded (`…4407e26` and
+/// `…44074e26` are one number's two spellings).
 #[derive(Debug, PartialEq)]
 enum Meaning {
     Skipped,
-    Error(String),
-    Returned(Result<String, String>),
+    Error,
+    Returned(Option<String>),
 }
 
 fn meaning(msg: &Value) -> Meaning {
@@ -21,7 +24,7 @@ fn meaning(msg: &Value) -> Meaning {
         None => Meaning::Skipped,
         Some(Err(e)) => {
             assert!(e.starts_with("QMP query-status: "), "{e}");
-            Meaning::Error(e)
+            Meaning::Error
         }
         Some(Ok(ret)) => {
             assert_eq!(msg.get("return"), Some(&ret));
@@ -29,7 +32,7 @@ fn meaning(msg: &Value) -> Meaning {
             if let Ok(s) = &state {
                 assert_eq!(ret["status"].as_str(), Some(s.as_str()));
             }
-            Meaning::Returned(state)
+            Meaning::Returned(state.ok())
         }
     }
 }
