@@ -19,6 +19,11 @@ pub(crate) struct Meter {
     name: String,
     customer: String,
     cpu: usage::CpuTracker,
+    /// What the VM's counters reached before this VMM process.
+    carried: usage::Carried,
+    /// The VM's counters at its last sample (`carried` plus the process's
+    /// own).
+    total: usage::Usage,
     /// CPU time and time of the previous sample, for the CPU percentage.
     last_cpu: Option<(i64, i64)>,
     /// When metering of this VMM began (Unix ns).
@@ -158,7 +163,54 @@ impl MeterTask {
             running: running as i64,
             last_seq: m.next_seq - 1,
             last_ts: m.last_ts,
+            // A stopped VM's next process starts from its totals.
+            carried_cpu_ns: if running {
+                m.carried.cpu_ns
+            } else {
+                m.total.cpu_ns
+            },
+            carried_disk_read: if running {
+                m.carried.disk_read
+            } else {
+                m.total.disk_read
+            },
+            carried_disk_write: if running {
+                m.carried.disk_write
+            } else {
+                m.total.disk_write
+            },
+            total_cpu_ns: m.total.cpu_ns,
+            total_disk_read: m.total.disk_read,
+            total_disk_write: m.total.disk_write,
         }
+    }
+
+    /// Where a VM's counters start for VMM process `process`, given the
+    /// meter row a previous run or boot left: the same process (adopted
+    /// after a restart) keeps what it carried; a new one carries on from
+    /// the last totals.
+    fn counters(known: Option<&MeterRow>, process: (i32, u64)) -> (usage::Carried, usage::Usage) {
+        let Some(row) = known else {
+            return Default::default();
+        };
+        let total = usage::Usage {
+            cpu_ns: row.total_cpu_ns,
+            disk_read: row.total_disk_read,
+            disk_write: row.total_disk_write,
+            ..Default::default()
+        };
+        let same =
+            row.running == 1 && (row.pid, row.start_time) == (process.0 as i64, process.1 as i64);
+        let carried = if same {
+            usage::Carried {
+                cpu_ns: row.carried_cpu_ns,
+                disk_read: row.carried_disk_read,
+                disk_write: row.carried_disk_write,
+            }
+        } else {
+            usage::Carried::from_total(total)
+        };
+        (carried, total)
     }
 
     async fn changed(&mut self, ev: VmEvent) {
@@ -167,7 +219,12 @@ impl MeterTask {
             Some((pid, start_time)) => {
                 if let Some(m) = self.meters.get_mut(&ev.id) {
                     // Same VM, possibly a new VMM process (a backend that
-                    // reboots by restarting): the stream continues.
+                    // reboots by restarting): the stream continues, and so
+                    // do its counters.
+                    if (pid, start_time) != (m.pid, m.start_time) {
+                        m.carried = usage::Carried::from_total(m.total);
+                        m.cpu = usage::CpuTracker::default();
+                    }
                     m.pid = pid;
                     m.start_time = start_time;
                     m.veth = ev.veth;
@@ -175,7 +232,9 @@ impl MeterTask {
                     self.dirty.insert(ev.id, row);
                     return;
                 }
-                let (next_seq, last_ts) = match self.known.remove(&ev.id) {
+                let known = self.known.remove(&ev.id);
+                let (carried, total) = Self::counters(known.as_ref(), (pid, start_time));
+                let (next_seq, last_ts) = match known {
                     Some(row) if row.running == 1 => {
                         // Metered before metald restarted: continue, and
                         // report the time nothing was sampled, once (the
@@ -200,6 +259,8 @@ impl MeterTask {
                     name: ev.name,
                     customer: ev.customer,
                     cpu: usage::CpuTracker::default(),
+                    carried,
+                    total,
                     last_cpu: None,
                     since: now,
                     veth: ev.veth,
@@ -238,7 +299,13 @@ impl MeterTask {
                     let owner = (row.vm_name.as_str(), row.customer_id.as_str());
                     self.event("gap", &ev.id, owner, row.last_ts, now).await;
                     self.event("stopped", &ev.id, owner, now, 0).await;
-                    let row = MeterRow { running: 0, ..row };
+                    let row = MeterRow {
+                        running: 0,
+                        carried_cpu_ns: row.total_cpu_ns,
+                        carried_disk_read: row.total_disk_read,
+                        carried_disk_write: row.total_disk_write,
+                        ..row
+                    };
                     self.known.insert(ev.id.clone(), row.clone());
                     self.dirty.insert(ev.id, row);
                 }
@@ -260,16 +327,16 @@ impl MeterTask {
         if self.meters.is_empty() {
             return;
         }
-        let targets: Vec<(String, i32, usage::CpuTracker, Option<String>)> = self
+        let targets: Vec<Target> = self
             .meters
             .iter()
-            .map(|(id, m)| (id.clone(), m.pid, m.cpu.clone(), m.veth.clone()))
+            .map(|(id, m)| (id.clone(), m.pid, m.cpu.clone(), m.veth.clone(), m.carried))
             .collect();
         let Ok(read) = tokio::task::spawn_blocking(move || {
             targets
                 .into_iter()
-                .filter_map(|(id, pid, mut cpu, veth)| {
-                    let mut u = usage::read(pid, &mut cpu).ok()?;
+                .filter_map(|(id, pid, mut cpu, veth, carried)| {
+                    let mut u = carried.onto(usage::read(pid, &mut cpu).ok()?);
                     if let Some(veth) = veth {
                         (u.net_rx, u.net_tx) = usage::veth_traffic(&veth);
                     }
@@ -289,6 +356,7 @@ impl MeterTask {
                 continue;
             };
             m.cpu = cpu;
+            m.total = u;
             if m.next_seq > 0 && ts - m.last_ts > stall {
                 // The sampler stalled (host overload): say so.
                 gaps.push((
@@ -348,6 +416,16 @@ impl MeterTask {
         hand(w, &self.stats, Write::Append { samples, meters }).await;
     }
 }
+
+/// What one sample reads: VM key, VMM pid, its CPU tracker, its veth and
+/// what its counters carry.
+type Target = (
+    String,
+    i32,
+    usage::CpuTracker,
+    Option<String>,
+    usage::Carried,
+);
 
 /// Each metered VM as (name, customer).
 pub(crate) type Active = Arc<Mutex<Vec<(String, String)>>>;

@@ -50,7 +50,7 @@ impl SampleRow {
 pub const MAX_OUTBOX: i64 = 100_000;
 
 /// Where a VM's sample stream stands.
-#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, FromRow)]
 pub struct MeterRow {
     /// metald's host-wide key of the VM.
     pub vm_id: String,
@@ -63,6 +63,16 @@ pub struct MeterRow {
     pub running: i64,
     pub last_seq: i64,
     pub last_ts: i64,
+    /// CPU time and disk bytes the VM reached before its current (when
+    /// running) or next (when stopped) VMM process.
+    pub carried_cpu_ns: i64,
+    pub carried_disk_read: i64,
+    pub carried_disk_write: i64,
+    /// The counters of the VM's last sample: what a VMM that died while
+    /// metald was down leaves its successor to carry.
+    pub total_cpu_ns: i64,
+    pub total_disk_read: i64,
+    pub total_disk_write: i64,
 }
 
 /// A notification waiting for acknowledgement.
@@ -145,10 +155,14 @@ impl Spool {
         }
         for m in meters {
             sqlx::query(
-                "INSERT INTO meters (vm_id, customer_id, pid, start_time, running, last_seq, last_ts, vm_name) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (vm_id) DO UPDATE SET \
+                "INSERT INTO meters (vm_id, customer_id, pid, start_time, running, last_seq, last_ts, vm_name, \
+                 carried_cpu_ns, carried_disk_read, carried_disk_write, total_cpu_ns, total_disk_read, total_disk_write) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (vm_id) DO UPDATE SET \
                  customer_id = excluded.customer_id, vm_name = excluded.vm_name, pid = excluded.pid, start_time = excluded.start_time, \
-                 running = excluded.running, last_seq = excluded.last_seq, last_ts = excluded.last_ts",
+                 running = excluded.running, last_seq = excluded.last_seq, last_ts = excluded.last_ts, \
+                 carried_cpu_ns = excluded.carried_cpu_ns, carried_disk_read = excluded.carried_disk_read, \
+                 carried_disk_write = excluded.carried_disk_write, total_cpu_ns = excluded.total_cpu_ns, \
+                 total_disk_read = excluded.total_disk_read, total_disk_write = excluded.total_disk_write",
             )
             .bind(&m.vm_id)
             .bind(&m.customer_id)
@@ -158,6 +172,12 @@ impl Spool {
             .bind(m.last_seq)
             .bind(m.last_ts)
             .bind(&m.vm_name)
+            .bind(m.carried_cpu_ns)
+            .bind(m.carried_disk_read)
+            .bind(m.carried_disk_write)
+            .bind(m.total_cpu_ns)
+            .bind(m.total_disk_read)
+            .bind(m.total_disk_write)
             .execute(&mut *tx)
             .await
             .map_err(e("writing meters"))?;
@@ -168,7 +188,9 @@ impl Spool {
     /// Every meter, as the last run left them.
     pub async fn meters(&self) -> R<Vec<MeterRow>> {
         sqlx::query_as(
-            "SELECT vm_id, vm_name, customer_id, pid, start_time, running, last_seq, last_ts FROM meters",
+            "SELECT vm_id, vm_name, customer_id, pid, start_time, running, last_seq, last_ts, \
+             carried_cpu_ns, carried_disk_read, carried_disk_write, total_cpu_ns, total_disk_read, total_disk_write \
+             FROM meters",
         )
         .fetch_all(&self.pool)
         .await

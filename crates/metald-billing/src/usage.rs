@@ -29,6 +29,39 @@ pub struct Usage {
     pub net_tx: i64,
 }
 
+/// The cumulative counters (CPU time, disk bytes) a VM reached before its
+/// current VMM process started. A VM booted again, or rebooted by a
+/// backend that restarts its VMM, gets a fresh process whose own counters
+/// start at zero; adding what the VM carried keeps its stream's counters
+/// from ever going back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub cpu_ns: i64,
+    pub disk_read: i64,
+    pub disk_write: i64,
+}
+
+impl Carried {
+    /// What a stream reporting `total` carries into its next process.
+    pub fn from_total(total: Usage) -> Self {
+        Carried {
+            cpu_ns: total.cpu_ns,
+            disk_read: total.disk_read,
+            disk_write: total.disk_write,
+        }
+    }
+
+    /// The VM's totals, given its current process's own usage.
+    pub fn onto(self, own: Usage) -> Usage {
+        Usage {
+            cpu_ns: self.cpu_ns.saturating_add(own.cpu_ns),
+            disk_read: self.disk_read.saturating_add(own.disk_read),
+            disk_write: self.disk_write.saturating_add(own.disk_write),
+            ..own
+        }
+    }
+}
+
 /// CPU time of one VMM across its threads' lives.
 #[derive(Debug, Default, Clone)]
 pub struct CpuTracker {
@@ -148,6 +181,39 @@ mod tests {
     #[test]
     fn a_missing_process_is_an_error() {
         assert!(read(i32::MAX, &mut CpuTracker::default()).is_err());
+    }
+
+    #[test]
+    fn carried_counters_add_to_a_fresh_process_and_leave_gauges_alone() {
+        let first = Usage {
+            cpu_ns: 900,
+            memory_bytes: 4096,
+            disk_read: 10,
+            disk_write: 20,
+            net_rx: 1,
+            net_tx: 2,
+        };
+        let carried = Carried::from_total(first);
+        let own = Usage {
+            cpu_ns: 5,
+            memory_bytes: 8192,
+            disk_read: 1,
+            disk_write: 0,
+            net_rx: 3,
+            net_tx: 4,
+        };
+        let total = carried.onto(own);
+        assert_eq!(
+            total,
+            Usage {
+                cpu_ns: 905,
+                memory_bytes: 8192,
+                disk_read: 11,
+                disk_write: 20,
+                net_rx: 3,
+                net_tx: 4,
+            }
+        );
     }
 
     #[test]

@@ -181,6 +181,7 @@ async fn spool_vm(spool: &Spool, name: &str) {
         running: 0,
         last_seq: SAMPLES - 1,
         last_ts: T0 + (SAMPLES - 1) * STEP,
+        ..Default::default()
     };
     spool
         .push_event("started", &key, name, "acme", T0, 0)

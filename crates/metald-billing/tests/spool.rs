@@ -14,6 +14,7 @@ fn meter(vm: &str, running: i64) -> MeterRow {
         running,
         last_seq: 0,
         last_ts: 1,
+        ..Default::default()
     }
 }
 
