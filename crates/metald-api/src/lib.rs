@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod convert;
 pub mod door;
+pub mod health;
 pub mod jwks;
 pub mod listen;
 pub mod ratelimit;
@@ -19,6 +20,7 @@ pub mod status;
 pub mod tls;
 
 pub use auth::{AuthConfig, Authenticator, JwtKey, JwtRules};
+pub use health::Health;
 pub use listen::ConnectionLimits;
 pub use ratelimit::RateLimiter;
 pub use server::{ApiServer, serve};
