@@ -18,6 +18,7 @@ pub mod reload;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod trace;
 
 pub use auth::{AuthConfig, Authenticator, JwtKey, JwtRules};
 pub use health::Health;

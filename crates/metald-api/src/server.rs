@@ -298,7 +298,8 @@ pub async fn serve(
         // No details on this port: they may name host paths.
         .route("/health", get(move || async move { doc.response(false) }))
         .fallback_service(connect)
-        .layer(axum::middleware::from_fn_with_state(door, door::check));
+        .layer(axum::middleware::from_fn_with_state(door, door::check))
+        .layer(axum::middleware::from_fn(crate::trace::rpc));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut level = api.health.watch();
     tokio::spawn(async move {

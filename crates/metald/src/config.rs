@@ -377,6 +377,9 @@ pub struct Config {
     #[command(flatten)]
     pub quotas: crate::quotas::QuotaArgs,
 
+    #[command(flatten)]
+    pub otel: crate::telemetry::OtelArgs,
+
     /// Shut every VM down (gracefully, within the VM shutdown timeout) when
     /// metald stops. By default VMs keep running and the next metald adopts
     /// them.

@@ -31,9 +31,11 @@ fn main() {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    telemetry::init_logs(&config);
+    let telemetry = telemetry::init(&config);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if let Err(e) = runtime.block_on(run(config)) {
+    let result = runtime.block_on(run(config));
+    telemetry.shutdown();
+    if let Err(e) = result {
         eprintln!("metald: {e:#}");
         std::process::exit(1);
     }

@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::assets::{AssetPolicy, Resolved};
 use crate::error::{Error, Result};
@@ -297,7 +297,17 @@ impl VmService {
         vm.last_error = error;
         vm.plan = None;
         vm.modified_at = now();
-        self.inner.store.update(vm).await.map_err(store_err)?;
+        let span = tracing::info_span!(
+            "store.write",
+            otel.name = %format_args!("store.write.{}", state.as_str()),
+            metald.customer_id = %vm.customer,
+        );
+        self.inner
+            .store
+            .update(vm)
+            .instrument(span)
+            .await
+            .map_err(store_err)?;
         self.changed(vm);
         Ok(())
     }

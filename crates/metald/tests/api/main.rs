@@ -20,4 +20,5 @@ mod restart;
 mod supervision;
 mod systemd;
 mod tenancy;
+mod traces;
 mod validation;
