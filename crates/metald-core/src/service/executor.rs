@@ -70,17 +70,7 @@ impl VmService {
     pub(super) async fn begin(&self, vm: &mut VmRecord, plan: Plan) -> Result<()> {
         vm.plan = Some(PlanRecord::start(plan));
         vm.modified_at = now();
-        let span = tracing::info_span!(
-            "store.write",
-            otel.name = %format_args!("{plan}.record"),
-            metald.customer_id = %vm.customer,
-        );
-        self.inner
-            .store
-            .update(vm)
-            .instrument(span)
-            .await
-            .map_err(store_err)
+        self.write(vm, format!("store.write.{plan}")).await
     }
 
     /// Runs the VM's recorded plan from its first undone step (the caller

@@ -297,9 +297,17 @@ impl VmService {
         vm.last_error = error;
         vm.plan = None;
         vm.modified_at = now();
+        self.write(vm, format!("store.write.{}", state.as_str()))
+            .await?;
+        self.changed(vm);
+        Ok(())
+    }
+
+    /// Writes the VM's row (durably) in a span named `name`.
+    async fn write(&self, vm: &VmRecord, name: String) -> Result<()> {
         let span = tracing::info_span!(
             "store.write",
-            otel.name = %format_args!("store.write.{}", state.as_str()),
+            otel.name = %name,
             metald.customer_id = %vm.customer,
         );
         self.inner
@@ -307,8 +315,6 @@ impl VmService {
             .update(vm)
             .instrument(span)
             .await
-            .map_err(store_err)?;
-        self.changed(vm);
-        Ok(())
+            .map_err(store_err)
     }
 }
