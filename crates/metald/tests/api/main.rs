@@ -16,6 +16,7 @@ mod network;
 mod quotas;
 mod readme;
 mod restart;
+mod stress;
 mod supervision;
 mod tenancy;
 mod validation;
