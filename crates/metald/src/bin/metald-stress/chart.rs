@@ -127,6 +127,7 @@ fn histograms(path: &Path, snap: &Snapshot) -> Result<(), Error> {
             .configure_mesh()
             .x_labels(6)
             .x_label_formatter(&|b| bucket_label(*b))
+            .x_desc("latency (power-of-two buckets)")
             .y_desc("calls")
             .draw()?;
         chart.draw_series(
