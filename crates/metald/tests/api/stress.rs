@@ -189,6 +189,47 @@ async fn json_and_report_carry_per_rpc_percentiles() {
     assert_eq!(vm_count(&d).await, 0);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_api_prints_one_result_line_per_rpc_and_transport() {
+    let d = Daemon::start();
+    let child = Command::new(stress_bin())
+        .args(["-server", &d.url, "-auth", "2", "--backend-assets"])
+        .arg(assets_dir().join("assets.env"))
+        .args([
+            "bench",
+            "api",
+            "-clients",
+            "2",
+            "-duration",
+            "300ms",
+            "-vms",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start metald-stress bench api");
+    let (status, out) = finish(child, Duration::from_secs(60));
+    assert!(status.success(), "exit {status}:\n{out}");
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("bench api "))
+        .collect();
+    for rpc in ["GetVmInfo", "ListVms"] {
+        for transport in ["http1 connect", "h2c connect", "h2c grpc"] {
+            let line = lines
+                .iter()
+                .find(|l| l.starts_with(&format!("bench api {rpc} {transport}:")))
+                .unwrap_or_else(|| panic!("no {rpc} {transport} line in:\n{out}"));
+            assert!(
+                line.contains(" req/s, p50 ") && line.contains(", p99 "),
+                "{line}"
+            );
+            assert!(line.contains(", 0 errors; bar "), "{line}");
+        }
+    }
+    assert_eq!(vm_count(&d).await, 0, "the bench deletes the VMs it read");
+}
+
 #[test]
 fn go_style_single_dash_flags_parse_like_double_dash_ones() {
     let settings = |args: &[&str]| -> Value {

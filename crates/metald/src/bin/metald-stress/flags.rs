@@ -7,15 +7,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
-use serde::Serialize;
 
 /// Drives a metald with a changing fleet of VMs and reports per-RPC
 /// latency percentiles and errors by Connect code.
-#[derive(Debug, Clone, Parser, Serialize)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "metald-stress", version, about, long_about = None)]
 pub struct Flags {
     /// metald's API address (`http://host:port`; `host:port` means plain HTTP).
-    #[arg(long, default_value = "http://localhost:8080")]
+    #[arg(long, global = true, default_value = "http://localhost:8080")]
     pub server: String,
 
     /// How many intervals to run; each draws a new VM target.
@@ -24,13 +23,11 @@ pub struct Flags {
 
     /// How long each interval lasts.
     #[arg(long, default_value = "2m", value_parser = positive_duration)]
-    #[serde(serialize_with = "as_humantime")]
     pub interval_duration: Duration,
 
     /// How often, within an interval, the fleet is moved toward the target
     /// and read back (an iteration that takes longer starts the next at once).
     #[arg(long, default_value = "5s", value_parser = positive_duration)]
-    #[serde(serialize_with = "as_humantime")]
     pub iteration_duration: Duration,
 
     /// The largest VM target an interval may draw.
@@ -46,7 +43,7 @@ pub struct Flags {
     /// The customers VMs are spread over: a count N (dev tokens
     /// `dev_customer_stress<1..N>`, needs metald's `--auth-mode dev`) or a
     /// comma-separated list of bearer tokens.
-    #[arg(long, default_value = "3")]
+    #[arg(long, global = true, default_value = "3")]
     pub auth: String,
 
     /// The test guest: an `assets.env` as `scripts/guest-assets.sh` writes it.
@@ -80,7 +77,6 @@ pub struct Flags {
 
     /// Deadline of each RPC.
     #[arg(long, default_value = "2m", value_parser = positive_duration)]
-    #[serde(serialize_with = "as_humantime")]
     pub rpc_timeout: Duration,
 
     /// Seed of the random choices (default: drawn at start and printed).
@@ -99,6 +95,22 @@ pub struct Flags {
     /// Print the settings as JSON and exit without calling metald.
     #[arg(long)]
     pub dry_run: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Sub {
+    /// Benchmarks of metald (one result line each).
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Bench {
+    /// GetVmInfo and ListVms throughput over HTTP/1.1 and h2c.
+    Api(crate::bench::ApiBench),
 }
 
 impl Flags {
@@ -162,12 +174,8 @@ pub fn normalise<I>(args: I) -> Vec<OsString>
 where
     I: IntoIterator<Item = OsString>,
 {
-    let cmd = Flags::command();
-    let longs: Vec<String> = cmd
-        .get_arguments()
-        .filter_map(|a| a.get_long().map(str::to_owned))
-        .chain(["help".to_owned(), "version".to_owned()])
-        .collect();
+    let mut longs = vec!["help".to_owned(), "version".to_owned()];
+    long_names(&Flags::command(), &mut longs);
     let mut out = Vec::new();
     let mut rest = false;
     for (i, arg) in args.into_iter().enumerate() {
@@ -194,16 +202,23 @@ where
     out
 }
 
-fn positive_duration(s: &str) -> Result<Duration, String> {
+/// The long flag names of `cmd` and its subcommands.
+fn long_names(cmd: &clap::Command, out: &mut Vec<String>) {
+    out.extend(
+        cmd.get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned)),
+    );
+    for sub in cmd.get_subcommands() {
+        long_names(sub, out);
+    }
+}
+
+pub fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 20s, 2m, 500ms)"))?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
     Ok(d)
-}
-
-fn as_humantime<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
 #[cfg(test)]

@@ -5,10 +5,13 @@
 //! the end prints latency percentiles per RPC and errors by Connect code.
 //! Every VM it made is deleted at the end, and on Ctrl-C.
 //!
+//! `metald-stress bench api` measures read throughput instead (`bench.rs`).
+//!
 //! Exit status: 0 when every call succeeded or failed with an expected code
 //! (see `stats.rs`) and nothing is left; 1 on unexpected errors or VMs
 //! left; 2 on bad flags; 130 when interrupted (after cleaning up).
 
+mod bench;
 mod chart;
 mod cleanup;
 mod client;
@@ -60,7 +63,17 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    rt.block_on(stress(flags, seed, tokens, guest, settings))
+    match &flags.command {
+        Some(flags::Sub::Bench(flags::Bench::Api(b))) => rt.block_on(async {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            if let Err(e) = cleanup::on_signals(stop_tx) {
+                eprintln!("metald-stress: cannot watch signals: {e}");
+                return ExitCode::FAILURE;
+            }
+            bench::run(&flags.server_url(), &tokens[0], guest.config(), b, stop_rx).await
+        }),
+        None => rt.block_on(stress(flags, seed, tokens, guest, settings)),
+    }
 }
 
 fn usage(msg: &str) -> ExitCode {
