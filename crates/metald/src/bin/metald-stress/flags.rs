@@ -46,7 +46,9 @@ pub struct Flags {
     #[arg(long, global = true, default_value = "3")]
     pub auth: String,
 
-    /// The test guest: an `assets.env` as `scripts/guest-assets.sh` writes it.
+    /// The test guest: an `assets.env` as `scripts/guest-assets.sh` writes it
+    /// (default: `.metald/assets/assets.env` under the current directory, if
+    /// there, as in a checkout whose tests ran).
     #[arg(long, env = "METALD_ASSETS_ENV")]
     pub backend_assets: Option<PathBuf>,
 

@@ -8,6 +8,9 @@ use serde::Serialize;
 
 use crate::flags::Flags;
 
+/// Where `scripts/guest-assets.sh` leaves the test guest in a checkout.
+const CHECKOUT_ASSETS: &str = ".metald/assets/assets.env";
+
 const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1";
 
 #[derive(Debug, Clone, Serialize)]
@@ -23,8 +26,10 @@ impl Guest {
     /// The guest named by the flags; explicit file flags win over the
     /// assets file.
     pub fn from_flags(f: &Flags) -> Result<Guest, String> {
+        let checkout = Path::new(CHECKOUT_ASSETS);
         let env = match &f.backend_assets {
             Some(p) => read_env(p)?,
+            None if checkout.is_file() => read_env(checkout)?,
             None => Vec::new(),
         };
         let find = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
