@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::stats::{RPCS, Snapshot};
+use crate::stats::{Snapshot, rpcs};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -18,19 +18,18 @@ pub fn write(dir: &Path, snap: &Snapshot) -> Result<(), Error> {
 }
 
 fn latency_over_time(path: &Path, snap: &Snapshot) -> Result<(), Error> {
-    let series: Vec<(&str, Vec<(f64, f64)>)> = RPCS
-        .iter()
+    let series: Vec<(&str, Vec<(f64, f64)>)> = rpcs()
         .map(|rpc| {
             let points = snap
                 .timeline
                 .iter()
-                .filter(|((r, _), _)| r == rpc)
+                .filter(|((r, _), _)| *r == rpc)
                 .map(|((_, sec), t)| {
                     let mean_ms = t.total_us as f64 / t.calls.max(1) as f64 / 1000.0;
                     (*sec as f64, mean_ms)
                 })
                 .collect();
-            (*rpc, points)
+            (rpc, points)
         })
         .filter(|(_, p): &(&str, Vec<(f64, f64)>)| !p.is_empty())
         .collect();
@@ -94,28 +93,27 @@ fn bucket_label(b: u32) -> String {
 }
 
 fn histograms(path: &Path, snap: &Snapshot) -> Result<(), Error> {
-    let rpcs: Vec<(&str, Vec<(u32, u64)>)> = RPCS
-        .iter()
-        .filter_map(|r| snap.latency.get(r).map(|h| (*r, buckets(h))))
+    let called: Vec<(&str, Vec<(u32, u64)>)> = rpcs()
+        .filter_map(|r| snap.latency.get(r).map(|h| (r, buckets(h))))
         .collect();
-    let rows = rpcs.len().div_ceil(3).max(1);
+    let rows = called.len().div_ceil(3).max(1);
     let root = SVGBackend::new(path, (1200, 300 * rows as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let areas = root.split_evenly((rows, 3));
-    let lo = rpcs
+    let lo = called
         .iter()
         .flat_map(|(_, b)| b.first())
         .map(|(b, _)| *b)
         .min()
         .unwrap_or(0);
-    let hi = rpcs
+    let hi = called
         .iter()
         .flat_map(|(_, b)| b.last())
         .map(|(b, _)| *b)
         .max()
         .unwrap_or(1)
         + 1;
-    for (area, (rpc, b)) in areas.iter().zip(rpcs) {
+    for (area, (rpc, b)) in areas.iter().zip(called) {
         let top = b.iter().map(|(_, n)| *n).max().unwrap_or(1);
         let mut chart = ChartBuilder::on(area)
             .caption(rpc, ("sans-serif", 16))

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use crate::stats::{self, RPCS, Snapshot};
+use crate::stats::{self, Snapshot, rpcs};
 
 /// The outcome of a run besides the latencies.
 pub struct Outcome {
@@ -35,8 +35,8 @@ fn fmt_ms(us: u64) -> String {
 
 /// RPCs with at least one call, in table order.
 fn called(snap: &Snapshot) -> Vec<(&'static str, &Histogram<u64>)> {
-    RPCS.iter()
-        .filter_map(|r| snap.latency.get(r).map(|h| (*r, h)))
+    rpcs()
+        .filter_map(|r| snap.latency.get(r).map(|h| (r, h)))
         .collect()
 }
 

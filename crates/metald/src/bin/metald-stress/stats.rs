@@ -12,22 +12,30 @@ use std::time::{Duration, Instant};
 
 use connectrpc::ErrorCode;
 use hdrhistogram::Histogram;
+use metald_proto::vmprovisioner::v1 as pb;
 
 /// The codes that do not count against a run.
 pub const EXPECTED: &[ErrorCode] = &[ErrorCode::ResourceExhausted];
 
-/// The RPCs in the order tables list them.
-pub const RPCS: &[&str] = &[
-    "CreateVm",
-    "BootVm",
-    "ShutdownVm",
-    "PauseVm",
-    "ResumeVm",
-    "RebootVm",
-    "GetVmInfo",
-    "ListVms",
-    "DeleteVm",
+/// The RPCs of `vmprovisioner.v1.VmService`, in the order tables list them.
+const SPECS: [connectrpc::Spec; 9] = [
+    pb::VM_SERVICE_CREATE_VM_SPEC,
+    pb::VM_SERVICE_BOOT_VM_SPEC,
+    pb::VM_SERVICE_SHUTDOWN_VM_SPEC,
+    pb::VM_SERVICE_PAUSE_VM_SPEC,
+    pb::VM_SERVICE_RESUME_VM_SPEC,
+    pb::VM_SERVICE_REBOOT_VM_SPEC,
+    pb::VM_SERVICE_GET_VM_INFO_SPEC,
+    pb::VM_SERVICE_LIST_VMS_SPEC,
+    pb::VM_SERVICE_DELETE_VM_SPEC,
 ];
+
+/// The RPCs' method names (`CreateVm`, …), from the generated code.
+pub fn rpcs() -> impl Iterator<Item = &'static str> {
+    SPECS
+        .iter()
+        .map(|s| s.procedure.rsplit('/').next().unwrap_or(s.procedure))
+}
 
 /// The longest latency told apart (an hour, in µs); longer ones count as it.
 const MAX_US: u64 = 3_600_000_000;
@@ -83,6 +91,7 @@ impl Stats {
         began: Instant,
         error: Option<&connectrpc::ConnectError>,
     ) {
+        debug_assert!(rpcs().any(|r| r == rpc), "{rpc} is a VmService RPC");
         let took = began.elapsed();
         let us = took.as_micros().clamp(1, u128::from(u64::MAX)) as u64;
         let second = began.duration_since(self.start).as_secs();
