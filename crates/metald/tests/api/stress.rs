@@ -298,3 +298,40 @@ fn go_style_single_dash_flags_parse_like_double_dash_ones() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--max-vms"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_server_or_token_fails_before_any_vm_naming_the_flag() {
+    let d = Daemon::start();
+    let run = |server: &str, auth: &str| {
+        Command::new(stress_bin())
+            .args(["-server", server, "-auth", auth, "-intervals", "1"])
+            .args([
+                "-interval-duration",
+                "1m",
+                "-max-vms",
+                "1",
+                "--kernel",
+                "/k",
+            ])
+            .output()
+            .expect("run metald-stress")
+    };
+    let out = run(&d.url, "not-a-dev-token");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("-auth (token 1 of 1)") && err.contains("unauthenticated"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-a-dev-token"),
+        "tokens are never printed: {err}"
+    );
+    // A port nothing listens on: metald's, once it is stopped.
+    let url = d.url.clone();
+    drop(d);
+    let out = run(&url, "1");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("-server: ListVms failed"), "{err}");
+}

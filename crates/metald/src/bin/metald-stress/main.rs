@@ -138,6 +138,10 @@ async fn stress(
         permits: Semaphore::new(flags.concurrency()),
         stop: stop_rx,
     });
+    if let Err(e) = preflight(&ctx.api, &tokens).await {
+        eprintln!("metald-stress: {e}");
+        return ExitCode::FAILURE;
+    }
     let shape = run::Shape {
         intervals: flags.intervals,
         interval: flags.interval_duration,
@@ -174,6 +178,24 @@ async fn stress(
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// One ListVms per customer before any VM is made: a wrong `-server` or
+/// `-auth` fails here, once, naming the flag.
+async fn preflight(api: &client::Api, tokens: &[String]) -> Result<(), String> {
+    for c in 0..tokens.len() {
+        if let Err(e) = api.list(c).await {
+            let flag = match e.code {
+                connectrpc::ErrorCode::Unauthenticated
+                | connectrpc::ErrorCode::PermissionDenied => {
+                    format!("-auth (token {} of {})", c + 1, tokens.len())
+                }
+                _ => "-server".to_owned(),
+            };
+            return Err(format!("{flag}: ListVms failed: {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// `--json FILE` and `--report DIR`.
