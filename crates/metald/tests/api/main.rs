@@ -17,6 +17,7 @@ mod network;
 mod quotas;
 mod readme;
 mod restart;
+mod stress;
 mod supervision;
 mod systemd;
 mod tenancy;
