@@ -212,6 +212,19 @@ async fn metaldctl_drives_a_real_guest_through_its_whole_lifecycle() {
     assert_eq!(info["config"]["storage"][0]["readOnly"], true);
     assert_eq!(info["config"]["storage"][0]["isRootDevice"], true);
     assert_eq!(info["config"]["metadata"]["team"], "ops");
+    // info -o json's config makes the same VM again through create -f.
+    let shown: Value =
+        serde_json::from_str(&ctl_ok(&d, &["info", "flags-vm", "-o", "json"])).unwrap();
+    let copy = dir.path().join("copy.json");
+    let body = json!({"vm_id": "copy", "config": shown["config"]});
+    std::fs::write(&copy, body.to_string()).unwrap();
+    assert_eq!(
+        ctl_ok(&d, &["create", "-f", copy.to_str().unwrap()]),
+        "copy created\n"
+    );
+    let copied = d.ok(T, "GetVmInfo", json!({"vm_id": "copy"})).await;
+    assert_eq!(copied["config"], info["config"]);
+    assert_eq!(ctl_ok(&d, &["delete", "copy"]), "copy deleted\n");
 
     assert_eq!(ctl_ok(&d, &["boot", "from-file"]), "from-file running\n");
     assert_eq!(api_state(&d, "from-file").await, "VM_STATE_RUNNING");
