@@ -31,6 +31,8 @@ fn ctl_command(config_home: &Path) -> Command {
         .env_remove("METALD_TOKEN")
         .env_remove("METALD_CA_FILE")
         .env_remove("METALD_CONFIG")
+        .env_remove("METALD_CLIENT_CERT")
+        .env_remove("METALD_CLIENT_KEY")
         .env_remove("UNKEY_METALD_DATA_DIR")
         .env("XDG_CONFIG_HOME", config_home)
         .stdin(Stdio::null());
@@ -357,9 +359,17 @@ async fn every_error_is_one_line_with_its_code_and_a_non_zero_exit() {
     let e = error_line(&ctl(&d, T, &["create", "--disk", "/x,readonly"]), 2);
     assert!(e.contains("unknown option \"readonly\""), "{e}");
 
-    let health = ctl_ok(&d, &["health"]);
-    assert!(health.contains("GET /health      200 ok"), "{health}");
-    assert!(health.contains("grpc.health.v1   SERVING"), "{health}");
+    // health needs no token.
+    let mut c = ctl_command(home.path());
+    c.args(["--addr", &d.url, "health"]);
+    let o = run_cmd(c);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("GET /health      200 ok"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("grpc.health.v1   SERVING"),
+        "{}",
+        o.stdout
+    );
 
     // metald down.
     d.stop(rustix::process::Signal::TERM);
@@ -428,34 +438,96 @@ async fn flags_beat_the_environment_which_beats_the_config_file() {
     );
 }
 
+/// Writes a CA and, signed by it, metald's certificate for 127.0.0.1 and a
+/// client certificate naming customer `ctl` by SPIFFE ID. Their paths: CA,
+/// server certificate and key, client certificate and key.
+fn pki(dir: &Path) -> [String; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_path = write("ca.pem", p.self_signed(&ca_key).unwrap().pem());
+    let ca = Issuer::new(p, ca_key);
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let spiffe = "spiffe://metald.test/customer/ctl";
+    client.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
+    let sign = |name: &str, params: CertificateParams| {
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap().pem();
+        (
+            write(&format!("{name}.pem"), cert),
+            write(&format!("{name}.key"), key.serialize_pem()),
+        )
+    };
+    let (server_cert, server_key) = sign("server", server);
+    let (client_cert, client_key) = sign("client", client);
+    [ca_path, server_cert, server_key, client_cert, client_key]
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn https_addresses_speak_tls_checked_against_the_ca_file() {
+async fn https_addresses_speak_tls_and_mtls_checked_against_the_ca_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let cert_pem = dir.path().join("cert.pem");
-    let key_pem = dir.path().join("key.pem");
-    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
-    std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+    let [ca, server_cert, server_key, client_cert, client_key] = pki(dir.path());
     let d = Daemon::start_with(&[
         "--auth-mode",
         "dev",
         "--tls-cert-file",
-        cert_pem.to_str().unwrap(),
+        &server_cert,
         "--tls-key-file",
-        key_pem.to_str().unwrap(),
+        &server_key,
+        "--tls-client-ca-file",
+        &ca,
     ]);
     assert!(d.url.starts_with("https://"), "{}", d.url);
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = ctl_command(home.path());
+        c.args(["--addr", &d.url]).args(args);
+        run_cmd(c)
+    };
 
-    let out = ctl_ok(&d, &["--ca-file", cert_pem.to_str().unwrap(), "list"]);
-    assert_eq!(table(&out)[0][0], "ID");
-    // Not signed by any root the system trusts.
-    let e = error_line(&ctl(&d, T, &["list"]), 1);
+    // The client certificate alone names the customer: no token needed.
+    let mtls = [
+        "--ca-file",
+        &ca,
+        "--cert",
+        &client_cert,
+        "--key",
+        &client_key,
+    ];
+    let o = run(&[&mtls[..], &["list"]].concat());
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(table(&o.stdout)[0][0], "ID");
+    let o = run(&[&mtls[..], &["info", "x"]].concat());
+    assert_eq!(
+        error_line(&o, 1),
+        r#"metaldctl: not_found: vm "x" not found"#
+    );
+
+    // Without a certificate metald refuses the connection.
+    let e = error_line(&run(&["--ca-file", &ca, "--token", T, "list"]), 1);
+    assert!(
+        e.starts_with("metaldctl: unavailable: cannot reach metald at https://"),
+        "{e}"
+    );
+    // metald's certificate is signed by no root the system trusts.
+    let e = error_line(
+        &run(&["--cert", &client_cert, "--key", &client_key, "list"]),
+        1,
+    );
     assert!(
         e.starts_with("metaldctl: unavailable: cannot reach metald at https://"),
         "{e}"
     );
     assert!(e.to_lowercase().contains("certificate"), "{e}");
+    let e = error_line(&run(&["--cert", &client_cert, "list"]), 2);
+    assert_eq!(e, "metaldctl: usage: --cert and --key go together");
 }
 
 #[test]

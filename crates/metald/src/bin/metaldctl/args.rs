@@ -30,7 +30,14 @@ pub struct ConnArgs {
     /// default: the system's roots)
     #[arg(long, global = true, env = "METALD_CA_FILE")]
     pub ca_file: Option<PathBuf>,
-    /// Config file with `addr`, `token` and `ca_file` (default
+    /// PEM client certificate for mTLS (https:// only; with --key)
+    #[arg(long, global = true, env = "METALD_CLIENT_CERT")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert
+    #[arg(long, global = true, env = "METALD_CLIENT_KEY")]
+    pub key: Option<PathBuf>,
+    /// Config file with `addr`, `token`, `ca_file`, `client_cert` and
+    /// `client_key` (default
     /// $XDG_CONFIG_HOME/metald/metaldctl.toml, else ~/.config/metald/metaldctl.toml)
     #[arg(long, global = true, env = "METALD_CONFIG")]
     pub config: Option<PathBuf>,

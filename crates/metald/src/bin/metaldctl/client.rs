@@ -7,8 +7,8 @@ use std::sync::Arc;
 use connectrpc::client::{ClientConfig, ClientTransport, HttpClient};
 use connectrpc_health::HealthClient;
 use metald_proto::vmprovisioner::v1 as pb;
-use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::Settings;
 use crate::error::CliError;
@@ -49,8 +49,10 @@ impl Api {
         let http = if base.scheme_str() == Some("https") {
             HttpClient::with_tls(tls_config(s)?)
         } else {
-            if s.ca_file.is_some() {
-                return Err(CliError::usage("--ca-file needs an https:// --addr"));
+            if s.ca_file.is_some() || s.client_cert.is_some() {
+                return Err(CliError::usage(
+                    "--ca-file and --cert need an https:// --addr",
+                ));
             }
             HttpClient::plaintext()
         };
@@ -129,10 +131,22 @@ fn tls_config(s: &Settings) -> Result<Arc<rustls::ClientConfig>, CliError> {
         return Err(CliError::usage(format!("{what} holds no certificate")));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| CliError::usage(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match &s.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| CliError::usage(format!("--cert: {e}")))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| CliError::usage(format!("--key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| CliError::usage(format!("--cert/--key: {e}")))?
+        }
+    };
     Ok(Arc::new(config))
 }

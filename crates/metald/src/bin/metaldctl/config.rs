@@ -16,6 +16,8 @@ pub struct Settings {
     pub addr: String,
     pub token: Option<String>,
     pub ca_file: Option<PathBuf>,
+    /// Client certificate and its key, for mTLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// What a config file may set; each key is optional.
@@ -24,6 +26,8 @@ struct FileSettings {
     addr: Option<String>,
     token: Option<String>,
     ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 /// Resolves the settings: a value from a flag or the environment wins over
@@ -41,10 +45,18 @@ pub fn resolve(conn: &ConnArgs) -> Result<Settings, CliError> {
         .clone()
         .or(file.addr)
         .unwrap_or_else(|| DEFAULT_ADDR.to_owned());
+    let cert = conn.cert.clone().or(file.client_cert);
+    let key = conn.key.clone().or(file.client_key);
+    let client_cert = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err(CliError::usage("--cert and --key go together")),
+    };
     Ok(Settings {
         addr: normalise_addr(&addr)?,
         token: conn.token.clone().or(file.token).filter(|t| !t.is_empty()),
         ca_file: conn.ca_file.clone().or(file.ca_file),
+        client_cert,
     })
 }
 
@@ -83,9 +95,12 @@ fn parse_file(text: &str) -> Result<FileSettings, CliError> {
             "addr" => out.addr = Some(s),
             "token" => out.token = Some(s),
             "ca_file" => out.ca_file = Some(PathBuf::from(s)),
+            "client_cert" => out.client_cert = Some(PathBuf::from(s)),
+            "client_key" => out.client_key = Some(PathBuf::from(s)),
             _ => {
                 return Err(CliError::usage(format!(
-                    "config file: unknown key {key:?} (known: addr, token, ca_file)"
+                    "config file: unknown key {key:?} \
+                     (known: addr, token, ca_file, client_cert, client_key)"
                 )));
             }
         }
@@ -124,6 +139,8 @@ mod tests {
             addr: addr.map(str::to_owned),
             token: token.map(str::to_owned),
             ca_file: None,
+            cert: None,
+            key: None,
             config,
         }
     }
@@ -139,6 +156,22 @@ mod tests {
         let s = resolve(&conn(Some("flag:2"), Some("flag-token"), Some(path))).unwrap();
         assert_eq!(s.addr, "http://flag:2");
         assert_eq!(s.token.as_deref(), Some("flag-token"));
+    }
+
+    #[test]
+    fn a_client_certificate_comes_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "client_cert = \"/c.pem\"\nclient_key = \"/c.key\"\n").unwrap();
+        let s = resolve(&conn(Some("https://h:1"), None, Some(path))).unwrap();
+        assert_eq!(s.client_cert, Some(("/c.pem".into(), "/c.key".into())));
+        let mut half = conn(None, None, Some(dir.path().join("none.toml")));
+        std::fs::write(dir.path().join("none.toml"), "").unwrap();
+        half.cert = Some("/c.pem".into());
+        assert_eq!(
+            resolve(&half).unwrap_err().message,
+            "--cert and --key go together"
+        );
     }
 
     #[test]
