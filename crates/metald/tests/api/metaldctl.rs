@@ -351,6 +351,17 @@ async fn every_error_is_one_line_with_its_code_and_a_non_zero_exit() {
         e,
         "metaldctl: usage: unexpected argument '--bogus' found (see metaldctl --help)"
     );
+    let e = error_line(&ctl(&d, T, &["boot"]), 2);
+    assert_eq!(
+        e,
+        "metaldctl: usage: the following required arguments were not provided: <VM> \
+         (see metaldctl --help)"
+    );
+    let e = error_line(&ctl(&d, T, &["info", "x", "-o", "wide"]), 2);
+    assert!(
+        e.starts_with("metaldctl: usage: invalid value 'wide'"),
+        "{e}"
+    );
     let e = error_line(&ctl(&d, T, &["create", "--memory", "lots"]), 2);
     assert!(
         e.starts_with("metaldctl: usage: invalid value 'lots'"),

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Operate metald: create, boot, inspect and remove microVMs.
 #[derive(Debug, Parser)]
-#[command(name = "metaldctl", version, about, long_about = None)]
+#[command(name = "metaldctl", version, long_about = None)]
 pub struct Cli {
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -138,13 +138,20 @@ pub struct CreateArgs {
     pub metadata: Vec<String>,
 }
 
-/// Output formats of `info` and `list`.
+/// Output formats of `list`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Json,
     Yaml,
-    /// `list` only: more columns
+    /// More columns
     Wide,
+}
+
+/// Output formats of `info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InfoOutput {
+    Json,
+    Yaml,
 }
 
 #[derive(Debug, Args)]
@@ -153,7 +160,7 @@ pub struct InfoArgs {
     pub vm: String,
     /// json or yaml instead of the summary
     #[arg(short, long, value_enum)]
-    pub output: Option<Output>,
+    pub output: Option<InfoOutput>,
 }
 
 /// VM states as `--state` takes them.

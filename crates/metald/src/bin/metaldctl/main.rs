@@ -88,12 +88,17 @@ fn usage_exit(e: clap::Error) -> ! {
     ) {
         e.exit()
     }
+    // clap's first paragraph says what is wrong (a list of missing
+    // arguments is indented below its first line); usage and tips follow.
     let rendered = e.render().to_string();
-    let first = rendered
+    let paragraph: Vec<&str> = rendered
+        .trim_start()
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid command line");
-    let message = first.strip_prefix("error: ").unwrap_or(first);
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let text = paragraph.join(" ");
+    let message = text.strip_prefix("error: ").unwrap_or(&text);
     fail(&CliError::usage(format!(
         "{message} (see metaldctl --help)"
     )))

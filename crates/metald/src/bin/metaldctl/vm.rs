@@ -3,7 +3,7 @@
 
 use metald_proto::vmprovisioner::v1 as pb;
 
-use crate::args::{Command, CreateArgs, ForceArg, InfoArgs, Output, ShutdownArgs};
+use crate::args::{Command, CreateArgs, ForceArg, InfoArgs, InfoOutput, ShutdownArgs};
 use crate::client::{Api, rpc};
 use crate::error::CliError;
 use crate::table::state_name;
@@ -84,9 +84,8 @@ pub async fn info(api: &Api, a: &InfoArgs) -> Result<String, CliError> {
     let req = for_vm!(GetVmInfoRequest, a.vm);
     let r = rpc!(api, get_vm_info, req)?;
     match a.output {
-        Some(Output::Json) => output::json(&r),
-        Some(Output::Yaml) => output::yaml(&r),
-        Some(Output::Wide) => Err(CliError::usage("info -o takes json or yaml")),
+        Some(InfoOutput::Json) => output::json(&r),
+        Some(InfoOutput::Yaml) => output::yaml(&r),
         None => Ok(output::summary(&r)),
     }
 }
