@@ -273,6 +273,19 @@ async fn metaldctl_drives_a_real_guest_through_its_whole_lifecycle() {
     let seen = wait_lines(&rx, MARKER, 1, BOOT);
     assert!(seen.contains("kernel="), "{seen}");
     interrupt(console);
+    // --no-follow prints what is there and exits (with --data-dir given too).
+    let data_dir = d.data_dir.to_str().unwrap();
+    let once = ctl_ok(
+        &d,
+        &[
+            "console",
+            "from-file",
+            "--no-follow",
+            "--data-dir",
+            data_dir,
+        ],
+    );
+    assert!(once.contains(MARKER), "{once}");
 
     // watch refreshes the list until Ctrl-C.
     let mut watch = spawn_ctl(&d, &["watch", "--interval", "200ms"], dir.path());
