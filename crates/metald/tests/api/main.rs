@@ -13,6 +13,7 @@ mod health;
 mod host_safety;
 mod lifecycle;
 mod listing;
+mod metaldctl;
 mod network;
 mod quotas;
 mod readme;
