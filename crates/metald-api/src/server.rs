@@ -274,10 +274,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let router = Arc::new(VmApi { svc: api.service }).register(Router::new());
     let (router, health) = connectrpc_health::install_static(router, [pb::VM_SERVICE_SERVICE_NAME]);
-    let reflector = connectrpc_reflection::Reflector::from_descriptor_set_bytes(
-        metald_proto::FILE_DESCRIPTOR_SET,
-    )
-    .map_err(|e| std::io::Error::other(format!("reflection descriptors: {e}")))?;
+    let reflector = reflector()?;
     let router = connectrpc_reflection::install(router, reflector);
     let max = api.request_timeout_max;
     let connect = ConnectRpcService::new(router)
@@ -324,4 +321,23 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     listen::serve_connections(listener, app, api.tls, api.connections, stop_rx).await
+}
+
+/// gRPC reflection over what this port serves: the VM service, health and
+/// reflection itself (billing.v1 is in the descriptors, as metald calls
+/// it, but is not listed: it is not served here).
+fn reflector() -> std::io::Result<connectrpc_reflection::Reflector> {
+    let err = |e| std::io::Error::other(format!("reflection descriptors: {e}"));
+    let mut r = connectrpc_reflection::Reflector::from_descriptor_set_bytes(
+        metald_proto::FILE_DESCRIPTOR_SET,
+    )
+    .map_err(err)?;
+    r.add_descriptor_set_bytes(metald_proto::HEALTH_DESCRIPTOR_SET)
+        .map_err(err)?;
+    Ok(r.with_services([
+        pb::VM_SERVICE_SERVICE_NAME,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]))
 }

@@ -6,6 +6,7 @@
 mod billing;
 mod blocking;
 mod bounds;
+mod buf_curl;
 mod chaos;
 mod front_door;
 mod harness;
