@@ -243,6 +243,16 @@ impl CreateRate {
             "quota create_rate exceeded: limit {per_minute} creates per minute; retry in {wait} s"
         )))
     }
+
+    /// Returns a create [`take`](Self::take)n for one that was refused
+    /// before it made anything (another quota, a name in use): only
+    /// creates that happen count against the rate.
+    pub fn give_back(&self, customer: &CustomerId, per_minute: u64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((tokens, _)) = map.get_mut(customer) {
+            *tokens = (*tokens + 1.0).min(per_minute as f64);
+        }
+    }
 }
 
 #[cfg(test)]

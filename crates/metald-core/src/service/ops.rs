@@ -26,7 +26,7 @@ impl VmService {
             ));
         }
         let resolved = self.resolve(caller, &spec).await?;
-        self.take_create(caller)?;
+        let token = self.take_create(caller)?;
         let name = requested_id.unwrap_or_else(VmId::generate);
         let id = VmId::host_key(&name);
         let t = now();
@@ -58,7 +58,7 @@ impl VmService {
                 metald.customer_id = %vm.customer,
             );
             match self.inner.store.insert(&vm).instrument(span).await {
-                Ok(()) => {}
+                Ok(()) => token.spend(),
                 Err(StoreError::AlreadyExists) => {
                     return Err(Error::AlreadyExists(name.to_string()));
                 }

@@ -23,6 +23,29 @@ impl Drop for BootTicket {
     }
 }
 
+/// One create taken from a customer's rate: given back when dropped, unless
+/// spent.
+pub(super) struct CreateToken {
+    inner: Arc<Inner>,
+    customer: CustomerId,
+    rate: Option<u64>,
+}
+
+impl CreateToken {
+    /// The create happened: it counts against the rate.
+    pub(super) fn spend(mut self) {
+        self.rate = None;
+    }
+}
+
+impl Drop for CreateToken {
+    fn drop(&mut self) {
+        if let Some(rate) = self.rate {
+            self.inner.create_rate.give_back(&self.customer, rate);
+        }
+    }
+}
+
 impl VmService {
     /// Replaces every customer's limits (a reloaded quotas file); requests
     /// already admitted keep what they were given.
@@ -38,12 +61,19 @@ impl VmService {
             .limits(customer)
     }
 
-    /// Takes one create from the customer's create rate.
-    pub(super) fn take_create(&self, customer: &CustomerId) -> Result<()> {
-        match self.limits(customer).create_rate {
-            Some(rate) => self.inner.create_rate.take(customer, rate),
-            None => Ok(()),
+    /// Takes one create from the customer's create rate (before anything
+    /// costlier, so a flood is refused cheaply); the create is handed back
+    /// unless [`CreateToken::spend`] says the create happened.
+    pub(super) fn take_create(&self, customer: &CustomerId) -> Result<CreateToken> {
+        let rate = self.limits(customer).create_rate;
+        if let Some(rate) = rate {
+            self.inner.create_rate.take(customer, rate)?;
         }
+        Ok(CreateToken {
+            inner: self.inner.clone(),
+            customer: customer.clone(),
+            rate,
+        })
     }
 
     /// Every VM of `customer`, all pages.

@@ -234,10 +234,11 @@ async fn mtls_refuses_clients_without_a_certificate_and_names_customers_by_spiff
         connectrpc::ErrorCode::NotFound,
         "authenticated as b"
     );
-    let log = strip_ansi(&d.log());
+    let is_audit = |l: &str| l.contains("metald::audit") && l.contains("rpc=\"BootVm\"");
+    let log = log_with(&d, is_audit).await;
     let audit = log
         .lines()
-        .find(|l| l.contains("metald::audit") && l.contains("rpc=\"BootVm\""))
+        .find(|l| is_audit(l))
         .unwrap_or_else(|| panic!("no audit line for BootVm in:\n{log}"));
     for needle in [
         "customer=b",
@@ -247,6 +248,12 @@ async fn mtls_refuses_clients_without_a_certificate_and_names_customers_by_spiff
     ] {
         assert!(audit.contains(needle), "{needle} not in {audit}");
     }
+}
+
+/// metald's log, without colour codes, once a line `want` accepts is in
+/// it (bounded).
+async fn log_with(d: &Daemon, want: impl Fn(&str) -> bool) -> String {
+    strip_ansi(&d.log_when(|l| want(&strip_ansi(l))).await)
 }
 
 /// Log text without terminal colour codes.
@@ -480,7 +487,7 @@ async fn an_unauthenticated_8mb_body_is_answered_before_it_is_sent() {
         a.contains("resource_exhausted") && a.contains("1048576"),
         "{a}"
     );
-    let log = strip_ansi(&d.log());
+    let log = log_with(&d, |l| l.contains("outcome=\"resource_exhausted\"")).await;
     let audited = |outcome: &str| {
         log.lines().any(|l| {
             l.contains("metald::audit")

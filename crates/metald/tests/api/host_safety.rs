@@ -256,10 +256,9 @@ async fn a_refused_config_names_the_vmms_reason_but_no_host_path() {
             .unwrap()
             .trim_end_matches(')');
     assert_eq!(id.len(), 12, "{e:?}");
+    let detailed = |l: &str| l.contains(id) && l.contains("qemu");
     assert!(
-        d.log()
-            .lines()
-            .any(|l| l.contains(id) && l.contains("qemu")),
+        d.log_when(detailed).await.lines().any(detailed),
         "the log has the details under error id {id}"
     );
     // GetVmInfo's last_error tells no more than the answer did.

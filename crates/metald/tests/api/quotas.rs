@@ -155,6 +155,40 @@ async fn vcpu_memory_and_rate_quotas_hold_under_concurrency() {
     assert_eq!(ok, 3, "another customer has its own bucket");
 }
 
+/// A create refused for another reason (here max_vms) takes nothing from
+/// the create rate: only creates that happen count.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_refused_by_another_quota_costs_no_create_rate() {
+    let assets = Assets::load();
+    let d = Daemon::start_with(&[
+        "--auth-mode",
+        "dev",
+        "--quota-create-rate",
+        "2",
+        "--quota-max-vms",
+        "1",
+    ]);
+    let create = |name: &str| {
+        d.call(
+            A,
+            "CreateVm",
+            json!({"vm_id": name, "config": assets.config()}),
+        )
+    };
+    create("first").await.unwrap();
+    for _ in 0..3 {
+        let (code, msg) = create("second").await.unwrap_err();
+        assert_eq!(code, "resource_exhausted");
+        assert!(msg.contains("max_vms"), "refused by max_vms, not the rate: {msg}");
+    }
+    d.ok(A, "DeleteVm", json!({"vm_id": "first"})).await;
+    create("second")
+        .await
+        .expect("one create of the rate of 2 is left");
+    let (_, msg) = create("third").await.unwrap_err();
+    assert!(msg.contains("max_vms"), "{msg}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_boot_beyond_the_host_or_the_running_quota_starts_nothing() {
     let assets = Assets::load();
