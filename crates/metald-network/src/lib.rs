@@ -30,6 +30,12 @@
 //!     `TUNSETIFF` (`IFF_TAP | IFF_NO_PI`) and `TUNSETPERSIST` ioctls on
 //!     `/dev/net/tun`, because the kernel refuses TAP creation over netlink.
 //!
+//!   - in the namespace an nftables `bridge` table `metald_guard` that drops
+//!     whatever the guest sends from another MAC or address (see `guard.rs`:
+//!     the rules, and why nftables rather than tc flower). It is (re)placed
+//!     atomically on every `create_interface`, so a resumed create re-applies
+//!     it, and it goes with the namespace.
+//!
 //!   QEMU is then started inside the namespace (its spawner does
 //!   `setns(open(netns_path(..)), CLONE_NEWNET)` in `pre_exec`) and attaches
 //!   with `-netdev tap,ifname=tap0,script=no,downscript=no`. Every VM therefore
@@ -78,6 +84,7 @@
 
 #![warn(missing_docs)]
 
+mod guard;
 mod names;
 mod netns;
 mod nl;
@@ -91,6 +98,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
+pub use guard::link_local;
 pub use names::mac_for;
 pub use netns::{in_netns, netns_path};
 
@@ -163,6 +171,12 @@ pub struct InterfaceSpec {
     /// The guest NIC's MAC (given to QEMU). Not assigned to any host device;
     /// checked to be a non-zero unicast address.
     pub mac: [u8; 6],
+    /// The guest's IPv4 address: the only IPv4 source its frames may carry
+    /// (besides a DHCP client's 0.0.0.0). `None`: no IPv4 but DHCP.
+    pub ipv4: Option<Ipv4Addr>,
+    /// The guest's IPv6 address; its MAC's link-local address and `::`
+    /// (DAD) are always allowed as well.
+    pub ipv6: Option<Ipv6Addr>,
     /// Cap on traffic towards the guest, bytes per second; 0 = unlimited.
     pub rx_rate_bytes_per_sec: u64,
     /// Cap on traffic from the guest, bytes per second; 0 = unlimited.
@@ -239,7 +253,8 @@ impl Host {
 
     /// Creates (idempotently: existing pieces with the right owner are reused)
     /// the namespace, veth pair, namespace bridge and TAP for one interface,
-    /// and applies its rate limits. Fails without touching anything when a
+    /// installs its anti-spoofing rules (before any VMM can use the TAP) and
+    /// applies its rate limits. Fails without touching anything when a
     /// device with one of the computed names belongs to someone else.
     pub async fn create_interface(&self, spec: &InterfaceSpec) -> Result<(), String> {
         plumbing::create_interface(self.inner.clone(), spec).await

@@ -15,7 +15,7 @@ use rtnetlink::{
 
 use crate::names::{self, GUEST_VETH, IFB, NS_BRIDGE, TAP};
 use crate::nl::{self, Link};
-use crate::{Host, Inner, InterfaceSpec, NetNames, NetworkConfig, Owned, netns, tap, tc};
+use crate::{Host, Inner, InterfaceSpec, NetNames, NetworkConfig, Owned, guard, netns, tap, tc};
 
 fn validate_ifname(name: &str) -> Result<(), String> {
     if name.is_empty()
@@ -288,6 +288,7 @@ async fn create_on_thread(
         .ok_or_else(|| format!("{} vanished right after creation", n.host_veth))?;
     h_set_isolated(host, &host_veth, inner.config.isolate_vms).await?;
     let tap_existed = tap_and_ports(&ns, spec, &br0).await?;
+    guard::apply(&guard::ruleset(TAP, spec.mac, spec.ipv4, spec.ipv6))?;
     if tap_existed {
         tc::batch(&tc::clear_lines(TAP), true)?;
     }

@@ -2,7 +2,7 @@
 //! Run from a thread inside the namespace: the child inherits it.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use crate::names::IFB;
 
@@ -37,6 +37,19 @@ pub(crate) fn apply_lines(tap: &str, rx: u64, tx: u64) -> String {
     lines
 }
 
+/// Runs `cmd` with `input` on its stdin; stdout is discarded, stderr kept.
+pub(crate) fn run_fed(mut cmd: Command, input: &str) -> std::io::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    child.wait_with_output()
+}
+
 /// Runs `tc [-force] -batch -` with `lines` on stdin.
 pub(crate) fn batch(lines: &str, force: bool) -> Result<(), String> {
     if lines.is_empty() {
@@ -46,28 +59,20 @@ pub(crate) fn batch(lines: &str, force: bool) -> Result<(), String> {
     if force {
         cmd.arg("-force");
     }
-    let mut child = cmd
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running tc: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(lines.as_bytes())
-            .map_err(|e| format!("writing to tc: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for tc: {e}"))?;
+    cmd.args(["-batch", "-"]);
+    let out = run_fed(cmd, lines).map_err(|e| format!("running tc: {e}"))?;
     if out.status.success() || force {
         Ok(())
     } else {
-        Err(format!(
-            "tc failed ({}): {}; input:\n{lines}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("{}; input:\n{lines}", failure("tc", &out)))
     }
+}
+
+/// What a failed run of `program` said.
+pub(crate) fn failure(program: &str, out: &Output) -> String {
+    format!(
+        "{program} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
 }

@@ -87,6 +87,8 @@ fn spec(vm_id: &str, index: usize) -> InterfaceSpec {
         index,
         names: Host::names(vm_id, index),
         mac: mac_for(vm_id, index),
+        ipv4: Some(Ipv4Addr::new(10, 0, 0, 2)),
+        ipv6: None,
         rx_rate_bytes_per_sec: 0,
         tx_rate_bytes_per_sec: 0,
     }
@@ -219,6 +221,25 @@ async fn create_destroy_idempotent() {
     assert!(
         filters.contains("redirect to device ifb0") || filters.contains("Redirect to device ifb0"),
         "{filters}"
+    );
+
+    // The anti-spoofing table is there once, with the VM's MAC, after both creates.
+    let (ok, table) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &n.netns,
+        "nft",
+        "list",
+        "table",
+        "bridge",
+        "metald_guard",
+    ]);
+    let mac = s.mac.map(|b| format!("{b:02x}")).join(":");
+    assert!(
+        ok && table.matches(&format!("ether saddr != {mac}")).count() == 1
+            && table.contains("ip saddr != 10.0.0.2"),
+        "{table}"
     );
 
     // Lifting the caps on a re-create removes them.

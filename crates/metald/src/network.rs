@@ -61,6 +61,8 @@ impl Network for HostNetwork {
             index,
             names: names.clone(),
             mac: mac.octets(),
+            ipv4: nic.ipv4,
+            ipv6: nic.ipv6,
             rx_rate_bytes_per_sec: nic.rx_bytes_per_sec,
             tx_rate_bytes_per_sec: nic.tx_bytes_per_sec,
         };

@@ -49,8 +49,15 @@ impl VmService {
                 None
             };
             let mac = nic.mac.unwrap_or_else(|| net.mac_for(&vm.id, i));
+            // The port is told the leased addresses: its anti-spoofing rules
+            // let the guest send from them only.
+            let leased = net::NicSpec {
+                ipv4: ipv4.map(|(a, _)| a),
+                ipv6: ipv6.map(|(a, _)| a),
+                ..nic
+            };
             let mut att = net
-                .attach(&vm.id, i, &nic, mac)
+                .attach(&vm.id, i, &leased, mac)
                 .await
                 .map_err(Error::Backend)?;
             att.ipv4 = ipv4;

@@ -19,6 +19,7 @@ mod network;
 mod quotas;
 mod readme;
 mod restart;
+mod spoofing;
 mod stress;
 mod supervision;
 mod systemd;

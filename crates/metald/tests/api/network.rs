@@ -18,7 +18,7 @@ const T: &str = "dev_customer_net";
 /// A bridge and subnets of this test's own, removed when dropped.
 pub(crate) struct Lan {
     pub(crate) bridge: String,
-    v4: String,
+    pub(crate) v4: String,
     v6: String,
 }
 
@@ -131,7 +131,7 @@ pub(crate) fn with_nic(assets: &Assets, extra_args: &str, nic: Value) -> Value {
     config
 }
 
-fn ping(addr: &str) -> bool {
+pub(crate) fn ping(addr: &str) -> bool {
     let v6 = addr.contains(':');
     (0..20).any(|_| {
         Command::new("ping")
