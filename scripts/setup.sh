@@ -12,6 +12,8 @@ command -v xz >/dev/null || need+=(xz-utils)
 command -v curl >/dev/null || need+=(curl)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
+# nft: each VM interface's anti-spoofing rules (nftables' bridge family).
+command -v nft >/dev/null || need+=(nftables)
 command -v python3 >/dev/null || need+=(python3)
 command -v cc >/dev/null || need+=(gcc)
 # libfuzzer-sys (the fuzz targets) compiles libFuzzer's C++.
