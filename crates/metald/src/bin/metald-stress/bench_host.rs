@@ -199,14 +199,15 @@ async fn all_answer(c: &bench_daemon::Client, names: &[String]) -> Result<(), St
                     vm_id: name.clone(),
                     ..Default::default()
                 };
-                let live = c.get_vm_info(req).await.is_ok_and(|r| {
-                    matches!(
-                        r.into_owned().state.as_known(),
-                        Some(pb::VmState::VM_STATE_RUNNING | pb::VmState::VM_STATE_PAUSED)
-                    )
-                });
-                if !live {
+                // Not yet answering: asked again; answering with the VM
+                // not live: it was not adopted.
+                let Ok(r) = c.get_vm_info(req).await else {
                     still.push(name);
+                    continue;
+                };
+                match r.into_owned().state.as_known() {
+                    Some(pb::VmState::VM_STATE_RUNNING | pb::VmState::VM_STATE_PAUSED) => {}
+                    other => return Err(format!("{name} is {other:?} after the restart")),
                 }
             }
             pending = still;
