@@ -108,7 +108,7 @@ async fn boot_one(
     stop: &watch::Receiver<bool>,
 ) -> Result<(), String> {
     let d = Daemon::start(&b.host, backend, guest, token, &[])?;
-    let raw_dir = bench_daemon::temp_dir("raw")?;
+    let raw_dir = bench_daemon::Scratch::new("raw")?;
     let cfg = guest.config();
     let (mut through, mut raw) = (Vec::new(), Vec::new());
     let mut result = Ok(());
@@ -123,7 +123,7 @@ async fn boot_one(
                     .await
                     .map(|t| through.push(t))
             } else {
-                timed_raw(&b.host, backend, guest, &raw_dir.join(i.to_string()), i)
+                timed_raw(&b.host, backend, guest, &raw_dir.0.join(i.to_string()), i)
                     .await
                     .map(|t| raw.push(t))
             };
@@ -137,7 +137,7 @@ async fn boot_one(
         }
     }
     let left = d.finish().await;
-    let _ = std::fs::remove_dir_all(&raw_dir);
+    drop(raw_dir);
     result?;
     let (m50, r50) = (quantile_ms(&through, 0.5), quantile_ms(&raw, 0.5));
     let ratio = m50 / r50;
@@ -242,7 +242,7 @@ pub async fn throughput(b: &ThroughputBench, guest: &Guest, token: &str) -> bool
             return false;
         }
     };
-    let raw_dir = match bench_daemon::temp_dir("raw") {
+    let raw_dir = match bench_daemon::Scratch::new("raw") {
         Ok(p) => p,
         Err(e) => {
             eprintln!("metald-stress: bench throughput: {e}");
@@ -258,7 +258,7 @@ pub async fn throughput(b: &ThroughputBench, guest: &Guest, token: &str) -> bool
         .await
     };
     let raw = {
-        let (host, guest, dir) = (b.host.clone(), guest.clone(), raw_dir.clone());
+        let (host, guest, dir) = (b.host.clone(), guest.clone(), raw_dir.0.clone());
         drive(b.vms, b.concurrency, move |i| {
             let (host, guest, dir): (HostFlags, Guest, PathBuf) =
                 (host.clone(), guest.clone(), dir.join(i.to_string()));
@@ -270,7 +270,7 @@ pub async fn throughput(b: &ThroughputBench, guest: &Guest, token: &str) -> bool
         Ok(d) => d.finish().await,
         Err(_) => 1,
     };
-    let _ = std::fs::remove_dir_all(&raw_dir);
+    drop(raw_dir);
     let ((mt, mwall), (rt, rwall)) = match (through, raw) {
         (Ok(m), Ok(r)) => (m, r),
         (Err(e), _) | (_, Err(e)) => {

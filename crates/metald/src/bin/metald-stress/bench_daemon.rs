@@ -121,6 +121,22 @@ pub fn temp_dir(what: &str) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// A directory of [`temp_dir`]'s, removed with everything in it when
+/// dropped (also when a bench is interrupted).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(what: &str) -> Result<Scratch, String> {
+        temp_dir(what).map(Scratch)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The directories holding the guest's files: metald's asset roots.
 fn asset_dirs(g: &Guest) -> String {
     let mut dirs: Vec<String> = [Some(&g.kernel), g.initrd.as_ref(), g.disk.as_ref()]

@@ -93,13 +93,23 @@ async fn own_metald(b: &flags::Bench, guest: &Guest, token: &str) -> ExitCode {
         eprintln!("metald-stress: cannot watch signals: {e}");
         return ExitCode::FAILURE;
     }
-    let ok = match b {
-        flags::Bench::Api(_) => unreachable!("bench api runs against --server"),
-        flags::Bench::Boot(b) => bench_boot::boot(b, guest, token, &stop_rx).await,
-        flags::Bench::Throughput(b) => bench_boot::throughput(b, guest, token).await,
-        flags::Bench::Density(b) => bench_host::run(Which::Density, b, guest, token).await,
-        flags::Bench::Billing(b) => bench_host::run(Which::Billing, b, guest, token).await,
-        flags::Bench::Adopt(b) => bench_host::run(Which::Adopt, b, guest, token).await,
+    let bench = async {
+        match b {
+            flags::Bench::Api(_) => unreachable!("bench api runs against --server"),
+            flags::Bench::Boot(b) => bench_boot::boot(b, guest, token, &stop_rx).await,
+            flags::Bench::Throughput(b) => bench_boot::throughput(b, guest, token).await,
+            flags::Bench::Density(b) => bench_host::run(Which::Density, b, guest, token).await,
+            flags::Bench::Billing(b) => bench_host::run(Which::Billing, b, guest, token).await,
+            flags::Bench::Adopt(b) => bench_host::run(Which::Adopt, b, guest, token).await,
+        }
+    };
+    // Interrupted: the bench is dropped, and with it its metald (killed
+    // with every VMM naming its data directory, which is removed) and its
+    // raw VMMs (killed on drop) and their directories.
+    let mut stop = stop_rx.clone();
+    let ok = tokio::select! {
+        ok = bench => ok,
+        _ = stop.wait_for(|s| *s) => false,
     };
     if *stop_rx.borrow() {
         ExitCode::from(130)
