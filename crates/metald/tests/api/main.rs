@@ -3,6 +3,7 @@
 //! Guest assets come from `scripts/guest-assets.sh` (the README's test
 //! command prepares them).
 
+mod bench;
 mod billing;
 mod blocking;
 mod bounds;

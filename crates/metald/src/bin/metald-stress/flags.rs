@@ -113,6 +113,16 @@ pub enum Sub {
 pub enum Bench {
     /// GetVmInfo and ListVms throughput over HTTP/1.1 and h2c.
     Api(crate::bench::ApiBench),
+    /// CreateVm+BootVm through metald against the raw VMM path, per backend.
+    Boot(crate::bench_boot::BootBench),
+    /// Many creates+boots at a fixed concurrency, through metald and raw.
+    Throughput(crate::bench_boot::ThroughputBench),
+    /// metald's resident memory per live VMM.
+    Density(crate::bench_host::FleetBench),
+    /// metald's CPU time for metering paused VMs at 100 ms.
+    Billing(crate::bench_host::FleetBench),
+    /// Time from a restart after SIGKILL until every live VM is adopted.
+    Adopt(crate::bench_host::FleetBench),
 }
 
 impl Flags {

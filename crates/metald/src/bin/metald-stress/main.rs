@@ -5,13 +5,20 @@
 //! the end prints latency percentiles per RPC and errors by Connect code.
 //! Every VM it made is deleted at the end, and on Ctrl-C.
 //!
-//! `metald-stress bench api` measures read throughput instead (`bench.rs`).
+//! `metald-stress bench api` measures read throughput instead (`bench.rs`);
+//! `bench boot|throughput` (`bench_boot.rs`) and `bench
+//! density|billing|adopt` (`bench_host.rs`) start a metald of their own
+//! and compare it with the raw VMM path or the bar of the figure.
 //!
 //! Exit status: 0 when every call succeeded or failed with an expected code
 //! (see `stats.rs`) and nothing is left; 1 on unexpected errors or VMs
 //! left; 2 on bad flags; 130 when interrupted (after cleaning up).
 
 mod bench;
+mod bench_boot;
+mod bench_daemon;
+mod bench_host;
+mod bench_raw;
 mod chart;
 mod cleanup;
 mod client;
@@ -72,7 +79,44 @@ fn main() -> ExitCode {
             }
             bench::run(&flags.server_url(), &tokens[0], guest.config(), b, stop_rx).await
         }),
+        Some(flags::Sub::Bench(b)) => rt.block_on(own_metald(b, &guest, &tokens[0])),
         None => rt.block_on(stress(flags, seed, tokens, guest, settings)),
+    }
+}
+
+/// The benches that start a metald of their own; each prints its result
+/// line and removes what it made (on Ctrl-C too).
+async fn own_metald(b: &flags::Bench, guest: &Guest, token: &str) -> ExitCode {
+    use crate::bench_host::Which;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Err(e) = cleanup::on_signals(stop_tx) {
+        eprintln!("metald-stress: cannot watch signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    let bench = async {
+        match b {
+            flags::Bench::Api(_) => unreachable!("bench api runs against --server"),
+            flags::Bench::Boot(b) => bench_boot::boot(b, guest, token, &stop_rx).await,
+            flags::Bench::Throughput(b) => bench_boot::throughput(b, guest, token).await,
+            flags::Bench::Density(b) => bench_host::run(Which::Density, b, guest, token).await,
+            flags::Bench::Billing(b) => bench_host::run(Which::Billing, b, guest, token).await,
+            flags::Bench::Adopt(b) => bench_host::run(Which::Adopt, b, guest, token).await,
+        }
+    };
+    // Interrupted: the bench is dropped, and with it its metald (killed
+    // with every VMM naming its data directory, which is removed) and its
+    // raw VMMs (killed on drop) and their directories.
+    let mut stop = stop_rx.clone();
+    let ok = tokio::select! {
+        ok = bench => ok,
+        _ = stop.wait_for(|s| *s) => false,
+    };
+    if *stop_rx.borrow() {
+        ExitCode::from(130)
+    } else if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
