@@ -214,102 +214,109 @@ impl MeterTask {
     }
 
     async fn changed(&mut self, ev: VmEvent) {
-        let now = now_ns();
         match ev.process {
-            Some((pid, start_time)) => {
-                if let Some(m) = self.meters.get_mut(&ev.id) {
-                    // Same VM, possibly a new VMM process (a backend that
-                    // reboots by restarting): the stream continues, and so
-                    // do its counters.
-                    if (pid, start_time) != (m.pid, m.start_time) {
-                        m.carried = usage::Carried::from_total(m.total);
-                        m.cpu = usage::CpuTracker::default();
-                    }
-                    m.pid = pid;
-                    m.start_time = start_time;
-                    m.veth = ev.veth;
-                    let row = Self::row(&ev.id, m, true);
-                    self.dirty.insert(ev.id, row);
-                    return;
-                }
-                let known = self.known.remove(&ev.id);
-                let (carried, total) = Self::counters(known.as_ref(), (pid, start_time));
-                let (next_seq, last_ts) = match known {
-                    Some(row) if row.running == 1 => {
-                        // Metered before metald restarted: continue, and
-                        // report the time nothing was sampled, once (the
-                        // first sample must not report it again as a stall).
-                        let gap = self.config.sample_interval.as_nanos() as i64 * 3;
-                        if now - row.last_ts > gap {
-                            warn!(vm_id = %ev.id, "billing samples missing while metald was down; reporting a gap");
-                            self.event("gap", &ev.id, (&ev.name, &ev.customer), row.last_ts, now)
-                                .await;
-                            (row.last_seq + 1, now)
-                        } else {
-                            (row.last_seq + 1, row.last_ts)
-                        }
-                    }
-                    other => {
-                        self.event("started", &ev.id, (&ev.name, &ev.customer), now, 0)
-                            .await;
-                        (other.map(|r| r.last_seq + 1).unwrap_or(0), now)
-                    }
-                };
-                let m = Meter {
-                    name: ev.name,
-                    customer: ev.customer,
-                    cpu: usage::CpuTracker::default(),
-                    carried,
-                    total,
-                    last_cpu: None,
-                    since: now,
-                    veth: ev.veth,
-                    pid,
-                    start_time,
-                    next_seq,
-                    last_ts,
-                };
-                self.dirty
-                    .insert(ev.id.clone(), Self::row(&ev.id, &m, true));
-                self.meters.insert(ev.id, m);
-                self.publish_active();
+            Some(process) => self.running(ev, process).await,
+            None => self.not_running(ev).await,
+        }
+    }
+
+    /// The VM's VMM runs as `(pid, start_time)`.
+    async fn running(&mut self, ev: VmEvent, (pid, start_time): (i32, u64)) {
+        let now = now_ns();
+        if let Some(m) = self.meters.get_mut(&ev.id) {
+            // Same VM, possibly a new VMM process (a backend that
+            // reboots by restarting): the stream continues, and so
+            // do its counters.
+            if (pid, start_time) != (m.pid, m.start_time) {
+                m.carried = usage::Carried::from_total(m.total);
+                m.cpu = usage::CpuTracker::default();
             }
-            None => {
-                if let Some(m) = self.meters.remove(&ev.id) {
-                    // Samples before the stop go out before the stop; the
-                    // row is kept, so a later boot continues the sequence.
-                    let row = Self::row(&ev.id, &m, false);
-                    self.known.insert(ev.id.clone(), row.clone());
-                    self.dirty.insert(ev.id.clone(), row);
-                    self.flush().await;
-                    self.event("stopped", &ev.id, (&m.name, &m.customer), now, 0)
+            m.pid = pid;
+            m.start_time = start_time;
+            m.veth = ev.veth;
+            let row = Self::row(&ev.id, m, true);
+            self.dirty.insert(ev.id, row);
+            return;
+        }
+        let known = self.known.remove(&ev.id);
+        let (carried, total) = Self::counters(known.as_ref(), (pid, start_time));
+        let (next_seq, last_ts) = match known {
+            Some(row) if row.running == 1 => {
+                // Metered before metald restarted: continue, and
+                // report the time nothing was sampled, once (the
+                // first sample must not report it again as a stall).
+                let gap = self.config.sample_interval.as_nanos() as i64 * 3;
+                if now - row.last_ts > gap {
+                    warn!(vm_id = %ev.id, "billing samples missing while metald was down; reporting a gap");
+                    self.event("gap", &ev.id, (&ev.name, &ev.customer), row.last_ts, now)
                         .await;
-                    self.latest
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&ev.id);
-                    self.publish_active();
-                } else if let Some(row) = self.known.get(&ev.id).cloned()
-                    && row.running == 1
-                {
-                    // (A row of a VM already stopped stays known, so its next
-                    // boot continues the sequence.)
-                    // Running when metald went down, stopped now: when it
-                    // stopped in between is unknown.
-                    let owner = (row.vm_name.as_str(), row.customer_id.as_str());
-                    self.event("gap", &ev.id, owner, row.last_ts, now).await;
-                    self.event("stopped", &ev.id, owner, now, 0).await;
-                    let row = MeterRow {
-                        running: 0,
-                        carried_cpu_ns: row.total_cpu_ns,
-                        carried_disk_read: row.total_disk_read,
-                        carried_disk_write: row.total_disk_write,
-                        ..row
-                    };
-                    self.known.insert(ev.id.clone(), row.clone());
-                    self.dirty.insert(ev.id, row);
+                    (row.last_seq + 1, now)
+                } else {
+                    (row.last_seq + 1, row.last_ts)
                 }
             }
+            other => {
+                self.event("started", &ev.id, (&ev.name, &ev.customer), now, 0)
+                    .await;
+                (other.map(|r| r.last_seq + 1).unwrap_or(0), now)
+            }
+        };
+        let m = Meter {
+            name: ev.name,
+            customer: ev.customer,
+            cpu: usage::CpuTracker::default(),
+            carried,
+            total,
+            last_cpu: None,
+            since: now,
+            veth: ev.veth,
+            pid,
+            start_time,
+            next_seq,
+            last_ts,
+        };
+        self.dirty
+            .insert(ev.id.clone(), Self::row(&ev.id, &m, true));
+        self.meters.insert(ev.id, m);
+        self.publish_active();
+    }
+
+    /// The VM's VMM no longer runs (or the VM is gone).
+    async fn not_running(&mut self, ev: VmEvent) {
+        let now = now_ns();
+        if let Some(m) = self.meters.remove(&ev.id) {
+            // Samples before the stop go out before the stop; the
+            // row is kept, so a later boot continues the sequence.
+            let row = Self::row(&ev.id, &m, false);
+            self.known.insert(ev.id.clone(), row.clone());
+            self.dirty.insert(ev.id.clone(), row);
+            self.flush().await;
+            self.event("stopped", &ev.id, (&m.name, &m.customer), now, 0)
+                .await;
+            self.latest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ev.id);
+            self.publish_active();
+        } else if let Some(row) = self.known.get(&ev.id).cloned()
+            && row.running == 1
+        {
+            // (A row of a VM already stopped stays known, so its next
+            // boot continues the sequence.)
+            // Running when metald went down, stopped now: when it
+            // stopped in between is unknown.
+            let owner = (row.vm_name.as_str(), row.customer_id.as_str());
+            self.event("gap", &ev.id, owner, row.last_ts, now).await;
+            self.event("stopped", &ev.id, owner, now, 0).await;
+            let row = MeterRow {
+                running: 0,
+                carried_cpu_ns: row.total_cpu_ns,
+                carried_disk_read: row.total_disk_read,
+                carried_disk_write: row.total_disk_write,
+                ..row
+            };
+            self.known.insert(ev.id.clone(), row.clone());
+            self.dirty.insert(ev.id, row);
         }
     }
 
