@@ -214,6 +214,33 @@ fn bar(rpc: Rpc, h2: bool, rps: f64, p99_ms: f64, http1_rps: Option<f64>) -> Str
 }
 
 /// Runs the bench; the process exit status.
+/// Prints one measurement's result line; its request rate.
+fn report(
+    rpc: Rpc,
+    label: &str,
+    h2: bool,
+    m: &Measured,
+    (clients, vms): (u32, usize),
+    http1_rps: Option<f64>,
+) -> f64 {
+    let rps = m.calls as f64 / m.elapsed.as_secs_f64();
+    let ms = |q: f64| m.latency.value_at_quantile(q) as f64 / 1000.0;
+    let name = if rpc == Rpc::Info {
+        "GetVmInfo"
+    } else {
+        "ListVms"
+    };
+    println!(
+        "bench api {name} {label}: {clients} clients, {vms} VMs, {:.1}s: {rps:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors; {}",
+        m.elapsed.as_secs_f64(),
+        ms(0.5),
+        ms(0.99),
+        m.errors,
+        bar(rpc, h2, rps, ms(0.99), http1_rps),
+    );
+    rps
+}
+
 pub async fn run(
     server: &str,
     token: &str,
@@ -262,26 +289,10 @@ pub async fn run(
                     continue;
                 }
             };
-            let rps = m.calls as f64 / m.elapsed.as_secs_f64();
-            let ms = |q: f64| m.latency.value_at_quantile(q) as f64 / 1000.0;
+            let rps = report(rpc, label, *h2, &m, (b.clients, names.len()), http1_rps);
             if !*h2 {
                 http1_rps = Some(rps);
             }
-            let name = if rpc == Rpc::Info {
-                "GetVmInfo"
-            } else {
-                "ListVms"
-            };
-            println!(
-                "bench api {name} {label}: {} clients, {} VMs, {:.1}s: {rps:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors; {}",
-                b.clients,
-                names.len(),
-                m.elapsed.as_secs_f64(),
-                ms(0.5),
-                ms(0.99),
-                m.errors,
-                bar(rpc, *h2, rps, ms(0.99), http1_rps),
-            );
             errors += m.errors;
         }
     }
