@@ -16,6 +16,8 @@ command -v python3 >/dev/null || need+=(python3)
 command -v cc >/dev/null || need+=(gcc)
 # libfuzzer-sys (the fuzz targets) compiles libFuzzer's C++.
 command -v c++ >/dev/null || need+=(g++)
+# The metrics test runs a real Prometheus and checks the alert rules with promtool.
+command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -27,6 +27,7 @@ use crate::convert;
 use crate::door::{self, Door};
 use crate::listen::{self, ConnectionLimits};
 use crate::ratelimit::RateLimiter;
+use crate::rpcmetrics::{self, RpcObserver};
 use crate::status::to_connect;
 use crate::tls::Tls;
 
@@ -46,6 +47,8 @@ pub struct ApiServer {
     pub request_timeout_max: Duration,
     /// Timeouts and limits of each connection.
     pub connections: ConnectionLimits,
+    /// Told about every finished RPC (metrics); `None`: nobody.
+    pub rpc_observer: Option<Arc<dyn RpcObserver>>,
 }
 
 struct VmApi {
@@ -295,6 +298,13 @@ pub async fn serve(
         .route("/health", get(move || async move { health_body(backend) }))
         .fallback_service(connect)
         .layer(axum::middleware::from_fn_with_state(door, door::check));
+    let app = match api.rpc_observer {
+        Some(obs) => app.layer(axum::middleware::from_fn_with_state(
+            obs,
+            rpcmetrics::observe,
+        )),
+        None => app,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

@@ -53,6 +53,7 @@ impl VmService {
                 .attach(&vm.id, i, &nic, mac)
                 .await
                 .map_err(Error::Backend)?;
+            self.inner.telemetry.network(true);
             att.ipv4 = ipv4;
             att.gateway4 = ipv4.map(|_| subnets.v4.2);
             att.ipv6 = ipv6;
@@ -116,6 +117,9 @@ impl VmService {
         if let Some(net) = &self.inner.network {
             for i in 0..nics.max(1) {
                 net.detach(id, i).await.map_err(Error::Backend)?;
+                if i < nics {
+                    self.inner.telemetry.network(false);
+                }
             }
         }
         self.inner.store.release(id).await.map_err(store_err)
