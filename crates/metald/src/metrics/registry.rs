@@ -108,7 +108,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "lifecycle_operation_duration",
-            "Duration of lifecycle operations, by operation and backend",
+            "Duration of successful lifecycle operations, by operation and backend",
             Unit::Seconds,
             self.operation_duration.clone(),
         );

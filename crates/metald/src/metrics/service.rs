@@ -31,9 +31,12 @@ impl Telemetry for Metrics {
         self.operations
             .get_or_create(&self.with_customer(base, Some(customer)))
             .inc();
-        self.operation_duration
-            .get_or_create(&l(&[("operation", op.as_str()), ("backend", backend)]))
-            .observe(took.as_secs_f64());
+        // Latency of what was done: a refusal's quick answer would hide it.
+        if outcome == "ok" {
+            self.operation_duration
+                .get_or_create(&l(&[("operation", op.as_str()), ("backend", backend)]))
+                .observe(took.as_secs_f64());
+        }
     }
 
     fn boot_phases(&self, backend: &str, phases: &BootPhases) {

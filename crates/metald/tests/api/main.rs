@@ -13,6 +13,7 @@ mod host_safety;
 mod lifecycle;
 mod listing;
 mod network;
+mod prometheus;
 mod quotas;
 mod readme;
 mod restart;
