@@ -46,3 +46,39 @@ pub struct TelemetryArgs {
     )]
     pub high_cardinality: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn metrics_default_to_loopback_9464_without_customers() {
+        let c = Config::try_parse_from(["metald"]).unwrap().telemetry;
+        assert!(c.prometheus_enabled);
+        assert_eq!(c.prometheus_port, 9464);
+        assert_eq!(c.prometheus_address.to_string(), "127.0.0.1");
+        assert!(!c.high_cardinality);
+        let c = Config::try_parse_from([
+            "metald",
+            "--prometheus-enabled",
+            "false",
+            "--prometheus-port",
+            "0",
+            "--high-cardinality",
+            "true",
+        ])
+        .unwrap()
+        .telemetry;
+        assert!(!c.prometheus_enabled && c.high_cardinality);
+        assert_eq!(c.prometheus_port, 0);
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable() {
+        let e = Config::try_parse_from(["metald", "--prometheus-port", "99999"]).unwrap_err();
+        assert!(
+            e.to_string().contains("UNKEY_METALD_OTEL_PROMETHEUS_PORT"),
+            "{e}"
+        );
+    }
+}

@@ -412,3 +412,20 @@ async fn metrics_are_openmetrics_without_vm_ids_and_name_the_customer_only_when_
         }
     }
 }
+
+#[tokio::test]
+async fn metrics_can_be_turned_off() {
+    let d = Daemon::start_with(&["--auth-mode", "dev", "--prometheus-enabled", "false"]);
+    // The log line of the API serving comes after the metrics decision.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        let log = d.log();
+        if log.contains("metald serving") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no `metald serving` in {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(log.contains("Prometheus metrics disabled"), "{log}");
+    assert!(!log.contains("metrics serving"), "{log}");
+}
