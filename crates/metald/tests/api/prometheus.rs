@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use connectrpc::Protocol;
+use connectrpc::client::{ClientConfig, Http2Connection, HttpClient};
+use metald_proto::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 
 use crate::harness::{Assets, Daemon};
@@ -428,4 +431,56 @@ async fn metrics_can_be_turned_off() {
     };
     assert!(log.contains("Prometheus metrics disabled"), "{log}");
     assert!(!log.contains("metrics serving"), "{log}");
+}
+
+/// A ListVms that succeeds and a GetVmInfo for a missing VM, with `client`.
+async fn ok_and_not_found<T>(client: pb::VmServiceClient<T>)
+where
+    T: connectrpc::client::ClientTransport,
+    <T::ResponseBody as connectrpc::http_body::Body>::Error: std::fmt::Display,
+{
+    client
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("ListVms");
+    let err = client
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "missing".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, connectrpc::ErrorCode::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_protocol_is_counted_with_the_code_its_client_read() {
+    let d = Daemon::start();
+    let config = |p: Protocol| {
+        ClientConfig::new(d.url.parse().unwrap())
+            .with_protocol(p)
+            .with_default_header("authorization", "Bearer dev_customer_protocols")
+    };
+    let h2 = Http2Connection::connect_plaintext(d.url.parse().unwrap())
+        .await
+        .unwrap()
+        .shared(4);
+    ok_and_not_found(pb::VmServiceClient::new(h2, config(Protocol::Grpc))).await;
+    let web = pb::VmServiceClient::new(HttpClient::plaintext(), config(Protocol::GrpcWeb));
+    ok_and_not_found(web).await;
+    // Refused by the door, before any handler: counted all the same.
+    let refused = d.call("", "ListVms", json!({})).await;
+    assert_eq!(refused.unwrap_err().0, "unauthenticated");
+
+    let body = scrape(&d.metrics_addr()).await;
+    for protocol in ["grpc", "grpc_web"] {
+        for (method, code) in [("ListVms", "ok"), ("GetVmInfo", "not_found")] {
+            let series = format!(
+                "metald_rpc_requests_total{{method=\"{method}\",protocol=\"{protocol}\",code=\"{code}\"}} 1"
+            );
+            assert!(body.contains(&series), "no {series}:\n{body}");
+        }
+    }
+    let door = r#"metald_rpc_requests_total{method="ListVms",protocol="connect",code="unauthenticated"} 1"#;
+    assert!(body.contains(door), "no {door}:\n{body}");
 }
