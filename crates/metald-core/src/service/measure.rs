@@ -85,4 +85,22 @@ mod tests {
         assert_eq!(quota_of("quota create_rate exceeded: ..."), "create_rate");
         assert_eq!(quota_of("something else"), "other");
     }
+
+    #[tokio::test]
+    async fn boot_phases_are_collected_across_awaits_and_only_inside_collect() {
+        use crate::ports::{BootPhase, BootPhases};
+        let ms = Duration::from_millis;
+        BootPhases::record(BootPhase::Spawn, ms(100));
+        let ((), p) = BootPhases::collect(async {
+            BootPhases::record(BootPhase::Spawn, ms(1));
+            tokio::task::yield_now().await;
+            BootPhases::record(BootPhase::Spawn, ms(2));
+            BootPhases::record(BootPhase::Start, ms(3));
+        })
+        .await;
+        assert_eq!(p.spawn, Some(ms(3)), "summed, and nothing from outside");
+        assert_eq!((p.socket_ready, p.configure), (None, None));
+        let named: Vec<_> = p.named().collect();
+        assert_eq!(named, [("spawn", ms(3)), ("start", ms(3))]);
+    }
 }
