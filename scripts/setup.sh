@@ -16,6 +16,10 @@ command -v python3 >/dev/null || need+=(python3)
 command -v cc >/dev/null || need+=(gcc)
 # libfuzzer-sys (the fuzz targets) compiles libFuzzer's C++.
 command -v c++ >/dev/null || need+=(g++)
+# buf (the tests call metald with `buf curl`, as users do) comes from npm.
+command -v npm >/dev/null || need+=(npm)
+# systemd-analyze checks deploy/systemd/metald.service.
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # The metrics test runs a real Prometheus and checks the alert rules with promtool.
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 
@@ -43,4 +47,14 @@ CARGO_FUZZ_VERSION=0.13.2
 if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $CARGO_FUZZ_VERSION"; then
   echo "setup: installing cargo-fuzz $CARGO_FUZZ_VERSION"
   cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --quiet
+fi
+
+# buf, pinned, into the checkout's .metald/tools (not on PATH; the tests
+# find it there).
+BUF_VERSION=1.75.0
+tools="$(cd "$(dirname "$0")/.." && pwd)/.metald/tools"
+if [ "$("$tools/node_modules/.bin/buf" --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+  echo "setup: installing buf $BUF_VERSION (npm @bufbuild/buf)"
+  mkdir -p "$tools"
+  npm install --silent --no-audit --no-fund --prefix "$tools" "@bufbuild/buf@$BUF_VERSION" >/dev/null
 fi

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 const FILES: &[&str] = &["vmprovisioner/v1/vm.proto", "billing/v1/billing.proto"];
+const HEALTH: &str = "grpc/health/v1/health.proto";
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
@@ -24,6 +25,20 @@ fn main() {
         .open_files(FILES)
         .unwrap_or_else(|e| panic!("compiling protos: {e}"))
         .encode_file_descriptor_set();
+    // grpc.health.v1 is served by connectrpc-health; its schema is compiled
+    // here only for reflection (no code is generated from it).
+    println!(
+        "cargo:rerun-if-changed={}",
+        proto_root.join(HEALTH).display()
+    );
+    let health = protox::Compiler::new([&proto_root])
+        .expect("proto include path")
+        .include_imports(true)
+        .open_files([HEALTH])
+        .unwrap_or_else(|e| panic!("compiling {HEALTH}: {e}"))
+        .encode_file_descriptor_set();
+    std::fs::write(out_dir.join("health_descriptor.bin"), health).expect("write descriptor set");
+
     let fds_path = out_dir.join("metald.fds.bin");
     std::fs::write(&fds_path, descriptor).expect("write descriptor set");
 

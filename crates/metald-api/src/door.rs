@@ -87,6 +87,7 @@ pub async fn check(State(door): State<Arc<Door>>, mut req: Request, next: Next) 
             return reject(proto, e);
         }
     };
+    crate::trace::customer(customer.as_str());
     let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)

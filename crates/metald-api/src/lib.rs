@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod convert;
 pub mod door;
+pub mod health;
 pub mod jwks;
 pub mod listen;
 pub mod ratelimit;
@@ -18,8 +19,10 @@ pub mod rpcmetrics;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod trace;
 
 pub use auth::{AuthConfig, Authenticator, JwtKey, JwtRules};
+pub use health::Health;
 pub use listen::ConnectionLimits;
 pub use ratelimit::RateLimiter;
 pub use rpcmetrics::{RpcObserver, RpcOutcome};

@@ -25,6 +25,7 @@ use crate::audit::Audit;
 use crate::auth::{Authenticator, caller};
 use crate::convert;
 use crate::door::{self, Door};
+use crate::health::{Health, Level};
 use crate::listen::{self, ConnectionLimits};
 use crate::ratelimit::RateLimiter;
 use crate::rpcmetrics::{self, RpcObserver};
@@ -49,6 +50,8 @@ pub struct ApiServer {
     pub connections: ConnectionLimits,
     /// Told about every finished RPC (metrics); `None`: nobody.
     pub rpc_observer: Option<Arc<dyn RpcObserver>>,
+    /// What `GET /health` and `grpc.health.v1` report.
+    pub health: Health,
 }
 
 struct VmApi {
@@ -272,13 +275,9 @@ pub async fn serve(
     api: ApiServer,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let backend = api.service.backend_name();
     let router = Arc::new(VmApi { svc: api.service }).register(Router::new());
     let (router, health) = connectrpc_health::install_static(router, [pb::VM_SERVICE_SERVICE_NAME]);
-    let reflector = connectrpc_reflection::Reflector::from_descriptor_set_bytes(
-        metald_proto::FILE_DESCRIPTOR_SET,
-    )
-    .map_err(|e| std::io::Error::other(format!("reflection descriptors: {e}")))?;
+    let reflector = reflector()?;
     let router = connectrpc_reflection::install(router, reflector);
     let max = api.request_timeout_max;
     let connect = ConnectRpcService::new(router)
@@ -294,10 +293,13 @@ pub async fn serve(
         request_timeout_max: max,
         max_body_bytes: MAX_REQUEST_BYTES,
     });
+    let doc = api.health.clone();
     let app = axum::Router::new()
-        .route("/health", get(move || async move { health_body(backend) }))
+        // No details on this port: they may name host paths.
+        .route("/health", get(move || async move { doc.response(false) }))
         .fallback_service(connect)
-        .layer(axum::middleware::from_fn_with_state(door, door::check));
+        .layer(axum::middleware::from_fn_with_state(door, door::check))
+        .layer(axum::middleware::from_fn(crate::trace::rpc));
     let app = match api.rpc_observer {
         Some(obs) => app.layer(axum::middleware::from_fn_with_state(
             obs,
@@ -306,18 +308,46 @@ pub async fn serve(
         None => app,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut level = api.health.watch();
     tokio::spawn(async move {
-        shutdown.await;
+        tokio::pin!(shutdown);
+        loop {
+            let status = match *level.borrow_and_update() {
+                Level::Failing => connectrpc_health::Status::NotServing,
+                Level::Ok | Level::Degraded => connectrpc_health::Status::Serving,
+            };
+            for name in ["", pb::VM_SERVICE_SERVICE_NAME] {
+                let _ = health.set_status(name, status);
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                changed = level.changed() => if changed.is_err() {
+                    (&mut shutdown).await;
+                    break;
+                },
+            }
+        }
         health.shutdown();
         let _ = stop_tx.send(true);
     });
     listen::serve_connections(listener, app, api.tls, api.connections, stop_rx).await
 }
 
-fn health_body(backend: &str) -> axum::response::Response {
-    let body = serde_json::json!({ "status": "ok", "backend": backend, "version": env!("CARGO_PKG_VERSION") });
-    axum::response::Response::builder()
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(axum::body::Body::from(body.to_string()))
-        .expect("static response")
+/// gRPC reflection over what this port serves: the VM service, health and
+/// reflection itself (billing.v1 is in the descriptors, as metald calls
+/// it, but is not listed: it is not served here).
+fn reflector() -> std::io::Result<connectrpc_reflection::Reflector> {
+    let err = |e| std::io::Error::other(format!("reflection descriptors: {e}"));
+    let mut r = connectrpc_reflection::Reflector::from_descriptor_set_bytes(
+        metald_proto::FILE_DESCRIPTOR_SET,
+    )
+    .map_err(err)?;
+    r.add_descriptor_set_bytes(metald_proto::HEALTH_DESCRIPTOR_SET)
+        .map_err(err)?;
+    Ok(r.with_services([
+        pb::VM_SERVICE_SERVICE_NAME,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]))
 }

@@ -78,6 +78,22 @@ pub enum Step {
     RemoveRow,
 }
 
+impl Step {
+    /// The step's name in traces and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Wire => "wire",
+            Step::Spawn => "spawn",
+            Step::Restart => "restart",
+            Step::StopVmm => "stop_vmm",
+            Step::Release => "release",
+            Step::Destroy => "destroy",
+            Step::Unwire => "unwire",
+            Step::RemoveRow => "remove_row",
+        }
+    }
+}
+
 /// What becomes of a plan whose step failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {

@@ -9,3 +9,7 @@ connectrpc::include_generated!();
 /// The full `FileDescriptorSet` of metald's protos, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/metald_descriptor.bin"));
+
+/// The schema of `grpc.health.v1`, for gRPC reflection only.
+pub const HEALTH_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/health_descriptor.bin"));

@@ -92,6 +92,24 @@ impl SqliteStore {
         Ok(SqliteStore { pool, progress })
     }
 
+    /// Writes (and fsyncs) one row: the health check's proof that the
+    /// database takes writes. The error says why not.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        sqlx::query(
+            "INSERT INTO health_probe (id, checked_at) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(|e| db_err("writing the health probe", e))
+    }
+
     /// Closes every connection and waits until they are closed. The last one
     /// checkpoints the write-ahead log into the main file, so a clean stop
     /// leaves a single self-contained database file. Later calls on this

@@ -7,9 +7,10 @@ use metald_core::ports::Vmm;
 use tracing::{info, warn};
 
 use crate::config::{Backend, Config, QemuAccel};
+use crate::health::BackendFacts;
 
-/// The configured backend.
-pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+/// The configured backend, and what it needs from the host.
+pub fn backend(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> {
     match config.backend {
         Backend::Qemu => qemu(config),
         Backend::Firecracker => firecracker(config),
@@ -17,7 +18,7 @@ pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
     }
 }
 
-fn qemu(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+fn qemu(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> {
     use metald_vmm::qemu::{Accel, QemuBackend, QemuConfig};
     let binary = match &config.qemu_binary {
         Some(b) => b.clone(),
@@ -31,6 +32,11 @@ fn qemu(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
         QemuAccel::Tcg => Accel::Tcg,
     };
     info!(binary = %binary.display(), ?accel, "using the QEMU backend");
+    let facts = BackendFacts {
+        name: "qemu",
+        binaries: vec![binary.clone()],
+        needs_kvm: accel == Accel::Kvm,
+    };
     let qemu = QemuBackend::new(QemuConfig {
         binary,
         accel,
@@ -39,10 +45,10 @@ fn qemu(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
         log_max: config.console_log_max,
     })
     .map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(qemu))
+    Ok((Arc::new(qemu), facts))
 }
 
-fn firecracker(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+fn firecracker(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> {
     use metald_vmm::firecracker::jailer::JailerConfig;
     use metald_vmm::firecracker::{FirecrackerBackend, FirecrackerConfig};
     // The jailer rule first: it holds whether or not the binaries
@@ -86,6 +92,13 @@ fn firecracker(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
         _ => None,
     };
     info!(binary = %binary.display(), jailed = jailer.is_some(), "using the Firecracker backend");
+    let facts = BackendFacts {
+        name: "firecracker",
+        binaries: std::iter::once(binary.clone())
+            .chain(jailer.as_ref().map(|j| j.binary.clone()))
+            .collect(),
+        needs_kvm: true,
+    };
     let fc = FirecrackerBackend::new(FirecrackerConfig {
         binary,
         state_dir: config.data_dir.join("vms"),
@@ -94,10 +107,10 @@ fn firecracker(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
         log_max: config.console_log_max,
     })
     .map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(fc))
+    Ok((Arc::new(fc), facts))
 }
 
-fn cloud_hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
+fn cloud_hypervisor(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> {
     use metald_vmm::cgroup::CgroupConfig;
     use metald_vmm::cloudhypervisor::{CloudHypervisorBackend, CloudHypervisorConfig};
     let binary = binary_or_path(
@@ -117,6 +130,11 @@ fn cloud_hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
         bail!("UNKEY_METALD_CGROUP_VERSION: must be 1 or 2, got {v}");
     }
     info!(binary = %binary.display(), cgroups = cgroups.is_some(), "using the Cloud Hypervisor backend");
+    let facts = BackendFacts {
+        name: "cloudhypervisor",
+        binaries: vec![binary.clone()],
+        needs_kvm: true,
+    };
     let ch = CloudHypervisorBackend::new(CloudHypervisorConfig {
         binary,
         state_dir: config.data_dir.join("vms"),
@@ -126,7 +144,7 @@ fn cloud_hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Vmm>> {
         log_max: config.console_log_max,
     })
     .map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(ch))
+    Ok((Arc::new(ch), facts))
 }
 
 /// A binary from its setting, else found on PATH.

@@ -19,6 +19,14 @@ pub enum Backend {
     Qemu,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Text,
+}
+
 /// How API callers authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
@@ -370,6 +378,9 @@ pub struct Config {
     pub quotas: crate::quotas::QuotaArgs,
 
     #[command(flatten)]
+    pub otel: crate::telemetry::OtelArgs,
+
+    #[command(flatten)]
     pub telemetry: telemetry::TelemetryArgs,
 
     /// Shut every VM down (gracefully, within the VM shutdown timeout) when
@@ -491,6 +502,16 @@ pub struct Config {
     /// Log filter (tracing EnvFilter syntax, e.g. `info,metald_core=debug`).
     #[arg(long, env = "UNKEY_METALD_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log lines as JSON objects or as text; `auto` is JSON when stdout is
+    /// not a terminal (systemd's journal, a log shipper).
+    #[arg(
+        long,
+        env = "UNKEY_METALD_LOG_FORMAT",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub log_format: LogFormat,
 }
 
 impl Config {

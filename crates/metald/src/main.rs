@@ -5,9 +5,11 @@
 
 mod backends;
 mod config;
+mod health;
 mod metrics;
 mod network;
 mod quotas;
+mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,17 +32,11 @@ fn main() {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log).unwrap_or_else(|e| {
-                eprintln!("error: invalid value for UNKEY_METALD_LOG (--log): {e}");
-                std::process::exit(2);
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let telemetry = telemetry::init(&config);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if let Err(e) = runtime.block_on(run(config)) {
+    let result = runtime.block_on(run(config));
+    telemetry.shutdown();
+    if let Err(e) = result {
         eprintln!("metald: {e:#}");
         std::process::exit(1);
     }
@@ -160,6 +156,7 @@ fn api_server(
     service: VmService,
     auth: Arc<Authenticator>,
     tls: Option<Arc<Tls>>,
+    health: metald_api::Health,
 ) -> anyhow::Result<ApiServer> {
     let rate = match config.rate_limit_rps {
         Some(rps) => {
@@ -186,6 +183,7 @@ fn api_server(
             max_concurrent_streams: config.http2_max_concurrent_streams,
             ..ConnectionLimits::default()
         },
+        health,
     })
 }
 
@@ -286,19 +284,35 @@ async fn host_network(
     }
 }
 
-/// The periodic reconciler.
-fn spawn_reconciler(service: VmService, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+/// The periodic reconciler; `clock` tells the health check how it went.
+fn spawn_reconciler(
+    service: VmService,
+    every: std::time::Duration,
+    clock: Arc<health::ReconcileClock>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tick.tick().await;
-            if let Err(e) = service.reconcile(false).await {
-                warn!(error = %e, "reconcile pass failed");
+            match service.reconcile(false).await {
+                Ok(_) => clock.passed(),
+                Err(e) => {
+                    warn!(error = %e, "reconcile pass failed");
+                    clock.failed(e.to_string());
+                }
             }
         }
     })
+}
+
+/// Tells systemd (when metald runs under it with `NOTIFY_SOCKET`) how
+/// start-up or stopping is going; nothing otherwise.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        warn!(error = %e, "telling systemd failed");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -312,12 +326,13 @@ async fn stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The service and what runs beside it.
+/// The service and the adapters it runs on.
 struct Opened {
     service: VmService,
     store: metald_store::SqliteStore,
     billing: Arc<metald_billing::Billing>,
     billing_tasks: metald_billing::BillingTasks,
+    backend: health::BackendFacts,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -328,7 +343,7 @@ async fn open_service(
     assets: metald_core::assets::AssetPolicy,
 ) -> anyhow::Result<Opened> {
     let metrics = Arc::new(metrics::Metrics::new(config.telemetry.high_cardinality));
-    let vmm = backend(config)?;
+    let (vmm, backend_facts) = backend(config)?;
     let db = config.data_dir.join("metald.db");
     let store = metald_store::SqliteStore::open(&db)
         .await
@@ -359,6 +374,7 @@ async fn open_service(
         store,
         billing,
         billing_tasks,
+        backend: backend_facts,
         metrics,
     })
 }
@@ -406,9 +422,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let Opened {
         service,
         store,
+        billing,
         billing_tasks,
+        backend,
         metrics,
-        ..
     } = opened;
     // Before serving: resume interrupted plans, adopt
     // surviving VMMs, then clean up whatever no VM claims.
@@ -421,7 +438,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .announce_all()
         .await
         .context("telling billing which VMs run")?;
-    let reconciler = spawn_reconciler(service.clone(), config.reconcile_interval);
+    let clock = Arc::new(health::ReconcileClock::default());
+    clock.passed();
+    let reconciler = spawn_reconciler(service.clone(), config.reconcile_interval, clock.clone());
+    let health = metald_api::Health::new();
+    let checks = health::start(
+        health.clone(),
+        health::Probes {
+            store: store.clone(),
+            data_dir: config.data_dir.clone(),
+            backend,
+            network: config.network_enabled,
+            billing,
+            reconcile: clock,
+            reconcile_interval: config.reconcile_interval,
+        },
+    )
+    .await;
 
     let quota_watch = config.quotas.clone().watch(service.clone())?;
 
@@ -430,7 +463,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding UNKEY_METALD_ADDRESS:UNKEY_METALD_PORT = {addr}"))?;
     let local = listener.local_addr()?;
-    let mut api = api_server(&config, service.clone(), auth, tls)?;
+    let mut api = api_server(&config, service.clone(), auth, tls, health)?;
     api.rpc_observer = Some(metrics);
     let scheme = if api.tls.is_some() { "https" } else { "http" };
     info!(%local, data_dir = %config.data_dir.display(), "metald serving");
@@ -441,7 +474,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(metald_api::serve(listener, api, async {
         let _ = stop_rx.await;
     }));
+    // systemd (Type=notify): the API serves.
+    notify(&[sd_notify::NotifyState::Ready]);
     stop_signal().await?;
+    notify(&[sd_notify::NotifyState::Stopping]);
+    checks.abort();
     // Stop accepting, let in-flight requests finish (bounded).
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.drain_timeout, server).await {

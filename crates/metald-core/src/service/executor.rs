@@ -70,7 +70,7 @@ impl VmService {
     pub(super) async fn begin(&self, vm: &mut VmRecord, plan: Plan) -> Result<()> {
         vm.plan = Some(PlanRecord::start(plan));
         vm.modified_at = now();
-        self.inner.store.update(vm).await.map_err(store_err)
+        self.write(vm, format!("store.write.{plan}")).await
     }
 
     /// Runs the VM's recorded plan from its first undone step (the caller
@@ -88,9 +88,21 @@ impl VmService {
                 return Err(Error::Unavailable(CRASHED.into()));
             }
             let step = steps[i];
-            if !self.step_done(step, vm, args).await? {
-                self.step_run(step, vm, args).await?;
+            let span = tracing::info_span!(
+                "step",
+                otel.name = %format_args!("{}.{}", rec.plan, step.as_str()),
+                plan = rec.plan.as_str(),
+                step = step.as_str(),
+                metald.customer_id = %vm.customer,
+            );
+            async {
+                if !self.step_done(step, vm, args).await? {
+                    self.step_run(step, vm, args).await?;
+                }
+                Ok::<_, Error>(())
             }
+            .instrument(span)
+            .await?;
             if step == Step::RemoveRow {
                 return Ok(());
             }

@@ -28,7 +28,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::assets::{AssetPolicy, Resolved};
 use crate::error::{Error, Result};
@@ -305,8 +305,24 @@ impl VmService {
         vm.last_error = error;
         vm.plan = None;
         vm.modified_at = now();
-        self.inner.store.update(vm).await.map_err(store_err)?;
+        self.write(vm, format!("store.write.{}", state.as_str()))
+            .await?;
         self.changed(vm);
         Ok(())
+    }
+
+    /// Writes the VM's row (durably) in a span named `name`.
+    async fn write(&self, vm: &VmRecord, name: String) -> Result<()> {
+        let span = tracing::info_span!(
+            "store.write",
+            otel.name = %name,
+            metald.customer_id = %vm.customer,
+        );
+        self.inner
+            .store
+            .update(vm)
+            .instrument(span)
+            .await
+            .map_err(store_err)
     }
 }

@@ -64,7 +64,12 @@ impl VmService {
             let vms = self.customer_vms(caller).await?;
             self.check_create_quota(caller, &vms, &vm.spec)?;
             self.check_disk_claims(&resolved, &vms).await?;
-            match self.inner.store.insert(&vm).await {
+            let span = tracing::info_span!(
+                "store.write",
+                otel.name = "store.insert",
+                metald.customer_id = %vm.customer,
+            );
+            match self.inner.store.insert(&vm).instrument(span).await {
                 Ok(()) => {}
                 Err(StoreError::AlreadyExists) => {
                     return Err(Error::AlreadyExists(name.to_string()));

@@ -190,6 +190,8 @@ impl Daemon {
             .env("UNKEY_METALD_BILLING_ENABLED", "false")
             // Likewise no host bridge unless a network test asks for one.
             .env("UNKEY_METALD_NETWORK_ENABLED", "false")
+            // Text lines the tests search; a test may ask for JSON.
+            .env("UNKEY_METALD_LOG_FORMAT", "text")
             // Every test's metald on its own metrics port (a test that
             // needs it reads it with `Daemon::metrics_addr`).
             .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0")

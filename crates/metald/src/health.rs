@@ -1,0 +1,270 @@
+//! The health checks behind `GET /health` and `grpc.health.v1`: run every
+//! few seconds on their own task (so a flood of health requests costs no
+//! disk writes), each bounded in time (a hung disk is reported, not waited
+//! for), and published to [`metald_api::Health`].
+//!
+//! | check | needed to serve | what it does |
+//! |---|---|---|
+//! | `store` | yes | writes and fsyncs one row of metald.db |
+//! | `data_dir` | yes | creates, fsyncs and removes a file in the data directory; free space |
+//! | `backend` | yes | runs each VMM binary with `--version` |
+//! | `kvm` | where the backend needs it | opens `/dev/kvm` read-write |
+//! | `tun` | where VM networking is on | opens `/dev/net/tun` read-write |
+//! | `billing` | no | spool depth, delivery retries since the last check |
+//! | `reconcile` | no | when the periodic reconciler last finished a pass |
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metald_api::health::{Check, Health, Report};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+/// How often the checks run.
+pub const INTERVAL: Duration = Duration::from_secs(3);
+/// Longest one check may take before it counts as failing.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Free space in the data directory below which metald is degraded, and
+/// below which it is failing (SQLite and VM directories need room).
+const LOW_SPACE: u64 = 1 << 30;
+const NO_SPACE: u64 = 64 << 20;
+
+/// What the backend needs from the host, as the health checks see it.
+#[derive(Debug, Clone)]
+pub struct BackendFacts {
+    pub name: &'static str,
+    /// The VMM binary, and the jailer when one is used.
+    pub binaries: Vec<PathBuf>,
+    /// Whether VMs need `/dev/kvm` (every backend but QEMU with TCG).
+    pub needs_kvm: bool,
+}
+
+/// When the reconciler last finished a pass, and how the last one ended.
+#[derive(Debug, Default)]
+pub struct ReconcileClock {
+    /// Unix seconds of the last pass that succeeded (0: none yet).
+    last_ok: AtomicI64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ReconcileClock {
+    pub fn passed(&self) {
+        self.last_ok.store(unix_now(), Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub fn failed(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+}
+
+/// Everything the checks look at.
+pub struct Probes {
+    pub store: metald_store::SqliteStore,
+    pub data_dir: PathBuf,
+    pub backend: BackendFacts,
+    pub network: bool,
+    pub billing: Arc<metald_billing::Billing>,
+    pub reconcile: Arc<ReconcileClock>,
+    pub reconcile_interval: Duration,
+}
+
+/// Runs the checks once now (so the first answer is a real one) and then
+/// every [`INTERVAL`], publishing each report to `health`.
+pub async fn start(health: Health, probes: Probes) -> JoinHandle<()> {
+    let probes = Arc::new(probes);
+    let mut last = Marks::default();
+    health.publish(probes.run(&mut last).await);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let report = probes.run(&mut last).await;
+            for (name, c) in &report.checks {
+                if c.level != metald_api::health::Level::Ok {
+                    warn!(check = %name, status = c.level.as_str(), detail = %c.detail, "health check not ok");
+                }
+            }
+            health.publish(report);
+        }
+    })
+}
+
+/// Counters as the previous run saw them, to report change.
+#[derive(Default)]
+struct Marks {
+    delivery_retries: u64,
+}
+
+impl Probes {
+    async fn run(&self, last: &mut Marks) -> Report {
+        let (store, data_dir, backend) =
+            tokio::join!(self.store(), self.data_dir(), self.backend());
+        let mut report = Report::default();
+        let mut put = |name: &str, c: Check| {
+            report.checks.insert(name.to_owned(), c);
+        };
+        put("store", store);
+        put("data_dir", data_dir);
+        put("backend", backend);
+        put("kvm", self.kvm());
+        put("tun", self.tun());
+        put("billing", self.billing(last));
+        put("reconcile", self.reconcile());
+        report
+    }
+
+    async fn store(&self) -> Check {
+        match tokio::time::timeout(CHECK_TIMEOUT, self.store.probe_write()).await {
+            Ok(Ok(())) => Check::ok("metald.db takes writes"),
+            Ok(Err(e)) => Check::failing(format!("metald.db: {e}")),
+            Err(_) => Check::failing(format!(
+                "metald.db: a write took longer than {CHECK_TIMEOUT:?}"
+            )),
+        }
+    }
+
+    async fn data_dir(&self) -> Check {
+        let dir = self.data_dir.clone();
+        let probe = tokio::task::spawn_blocking(move || data_dir_probe(&dir));
+        match tokio::time::timeout(CHECK_TIMEOUT, probe).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => Check::failing(format!("probe task: {e}")),
+            Err(_) => Check::failing(format!(
+                "{}: a write took longer than {CHECK_TIMEOUT:?}",
+                self.data_dir.display()
+            )),
+        }
+    }
+
+    async fn backend(&self) -> Check {
+        let mut found = Vec::new();
+        for bin in &self.backend.binaries {
+            let run = tokio::process::Command::new(bin)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .status();
+            match tokio::time::timeout(CHECK_TIMEOUT, run).await {
+                Ok(Ok(s)) if s.success() => found.push(bin.display().to_string()),
+                Ok(Ok(s)) => {
+                    return Check::failing(format!("{} --version: {s}", bin.display()));
+                }
+                Ok(Err(e)) => return Check::failing(format!("{}: {e}", bin.display())),
+                Err(_) => {
+                    return Check::failing(format!("{} --version did not answer", bin.display()));
+                }
+            }
+        }
+        Check::ok(format!("{}: {}", self.backend.name, found.join(", ")))
+    }
+
+    fn kvm(&self) -> Check {
+        if !self.backend.needs_kvm {
+            return Check::ok("not needed (QEMU with TCG)");
+        }
+        device_check("/dev/kvm")
+    }
+
+    fn tun(&self) -> Check {
+        if !self.network {
+            return Check::ok("not needed (VM networking off)");
+        }
+        device_check("/dev/net/tun")
+    }
+
+    fn billing(&self, last: &mut Marks) -> Check {
+        let stats = self.billing.stats();
+        let spooled = stats.spooled_samples.load(Ordering::Relaxed);
+        let retries = metald_billing::Stats::get(&stats.delivery_retries);
+        let new_retries = retries.saturating_sub(last.delivery_retries);
+        last.delivery_retries = retries;
+        let detail = format!(
+            "{spooled} samples spooled, {new_retries} delivery retries since the last check"
+        );
+        // Billing being behind never stops VMs from being served: the
+        // spool keeps every sample until it is delivered.
+        if new_retries > 0 {
+            Check::degraded(detail).optional()
+        } else {
+            Check::ok(detail).optional()
+        }
+    }
+
+    fn reconcile(&self) -> Check {
+        let last = self.reconcile.last_ok.load(Ordering::Relaxed);
+        let error = self
+            .reconcile
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let age = unix_now().saturating_sub(last);
+        let late = self.reconcile_interval.as_secs() as i64 * 3 + 30;
+        match error {
+            Some(e) => Check::degraded(format!("the last pass failed: {e}")).optional(),
+            None if last == 0 => Check::degraded("no pass finished yet").optional(),
+            None if age > late => {
+                Check::degraded(format!("the last pass finished {age}s ago")).optional()
+            }
+            None => Check::ok(format!("the last pass finished {age}s ago")).optional(),
+        }
+    }
+}
+
+/// Creates, fsyncs and removes a file in `dir` (a read-only or full disk
+/// fails here), then looks at the free space.
+fn data_dir_probe(dir: &Path) -> Check {
+    use std::io::Write;
+    let path = dir.join(".health-probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(b"metald health probe\n")?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    if let Err(e) = written {
+        return Check::failing(format!("{}: cannot write: {e}", dir.display()));
+    }
+    match rustix::fs::statvfs(dir) {
+        Ok(st) => {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let detail = format!(
+                "{}: {} free",
+                dir.display(),
+                bytesize::ByteSize::b(free).display().iec()
+            );
+            if free < NO_SPACE {
+                Check::failing(detail)
+            } else if free < LOW_SPACE {
+                Check::degraded(detail)
+            } else {
+                Check::ok(detail)
+            }
+        }
+        Err(e) => Check::failing(format!("{}: statvfs: {e}", dir.display())),
+    }
+}
+
+fn device_check(path: &str) -> Check {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(_) => Check::ok(format!("{path} opens read-write")),
+        Err(e) => Check::failing(format!("{path}: {e}")),
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
