@@ -22,6 +22,8 @@ command -v c++ >/dev/null || need+=(g++)
 command -v npm >/dev/null || need+=(npm)
 # systemd-analyze checks deploy/systemd/metald.service.
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The metrics test runs a real Prometheus and checks the alert rules with promtool.
+command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

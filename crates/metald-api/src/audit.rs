@@ -19,7 +19,7 @@ use crate::tls::PeerIdentity;
 pub const TARGET: &str = "metald::audit";
 
 /// The state-changing RPCs, by their method names.
-const STATE_CHANGING: [&str; 7] = [
+pub(crate) const STATE_CHANGING: [&str; 7] = [
     "CreateVm",
     "DeleteVm",
     "BootVm",

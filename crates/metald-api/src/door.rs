@@ -30,6 +30,7 @@ use metald_core::CustomerId;
 use crate::audit;
 use crate::auth::{Authenticator, Caller};
 use crate::ratelimit::RateLimiter;
+use crate::rpcmetrics::CallerSlot;
 use crate::status::to_connect;
 use crate::tls::PeerIdentity;
 
@@ -110,6 +111,9 @@ pub async fn check(State(door): State<Arc<Door>>, mut req: Request, next: Next) 
         let peer = req.extensions().get::<PeerIdentity>();
         audit::refused(req.uri().path(), customer.as_str(), peer, &e);
         return r;
+    }
+    if let Some(slot) = req.extensions().get::<CallerSlot>() {
+        let _ = slot.0.set(customer.clone());
     }
     req.extensions_mut().insert(Caller(customer));
     match tokio::time::timeout(door.request_timeout_max, next.run(req)).await {

@@ -28,6 +28,7 @@ use crate::door::{self, Door};
 use crate::health::{Health, Level};
 use crate::listen::{self, ConnectionLimits};
 use crate::ratelimit::RateLimiter;
+use crate::rpcmetrics::{self, RpcObserver};
 use crate::status::to_connect;
 use crate::tls::Tls;
 
@@ -47,6 +48,8 @@ pub struct ApiServer {
     pub request_timeout_max: Duration,
     /// Timeouts and limits of each connection.
     pub connections: ConnectionLimits,
+    /// Told about every finished RPC (metrics); `None`: nobody.
+    pub rpc_observer: Option<Arc<dyn RpcObserver>>,
     /// What `GET /health` and `grpc.health.v1` report.
     pub health: Health,
 }
@@ -297,6 +300,13 @@ pub async fn serve(
         .fallback_service(connect)
         .layer(axum::middleware::from_fn_with_state(door, door::check))
         .layer(axum::middleware::from_fn(crate::trace::rpc));
+    let app = match api.rpc_observer {
+        Some(obs) => app.layer(axum::middleware::from_fn_with_state(
+            obs,
+            rpcmetrics::observe,
+        )),
+        None => app,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut level = api.health.watch();
     tokio::spawn(async move {

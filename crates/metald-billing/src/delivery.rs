@@ -176,6 +176,8 @@ impl Sender {
 
     /// Sends everything spooled, VM by VM; `all` ignores backoffs.
     async fn round(&self, all: bool) -> Result<(), String> {
+        let oldest = self.spool.oldest_unsent().await?.unwrap_or(0);
+        self.stats.oldest_unsent_ns.store(oldest, Ordering::Relaxed);
         let mut order: Vec<String> = Vec::new();
         let mut events: HashMap<String, Vec<EventRow>> = HashMap::new();
         for ev in self.spool.events().await? {
@@ -370,7 +372,12 @@ impl Sender {
             let (first, last, span) = (first.seq, last.seq, (first.ts, last.ts));
             locked(&self.inflight).insert(vm.to_owned(), (first, last));
             let n = rows.len() as i64;
-            match self.send_batch(vm, name, customer, rows).await {
+            let sent = self.send_batch(vm, name, customer, rows).await;
+            Stats::bump(match sent {
+                Ok(()) => &self.stats.batches_sent,
+                Err(_) => &self.stats.batches_failed,
+            });
+            match sent {
                 Ok(()) => {
                     self.spool.ack(vm, first, last).await?;
                     self.stats.spooled_samples.fetch_sub(n, Ordering::Relaxed);

@@ -394,6 +394,7 @@ impl MeterTask {
             if self.writer.is_some() {
                 self.buffer.push(SampleRow::new(&id, m.next_seq, ts, u));
             }
+            Stats::bump(&self.stats.samples_taken);
             m.next_seq += 1;
             m.last_ts = ts;
             let row = Self::row(&id, m, true);

@@ -350,6 +350,14 @@ impl Spool {
             .map(drop)
     }
 
+    /// When the oldest unsent, unparked sample was taken (Unix ns).
+    pub async fn oldest_unsent(&self) -> R<Option<i64>> {
+        sqlx::query_scalar("SELECT MIN(ts) FROM samples WHERE parked = 0")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e("finding the oldest unsent sample"))
+    }
+
     /// Parked rows: (samples, notices).
     pub async fn parked(&self) -> R<(i64, i64)> {
         let samples = sqlx::query_scalar("SELECT COUNT(*) FROM samples WHERE parked = 1")

@@ -20,6 +20,16 @@ pub struct Stats {
     pub writer_retries: AtomicU64,
     /// Samples in the spool (delivered ones are deleted; parked ones stay).
     pub spooled_samples: AtomicI64,
+    /// Usage samples taken by the meter task.
+    pub samples_taken: AtomicU64,
+    /// Batches of samples the billing service acknowledged.
+    pub batches_sent: AtomicU64,
+    /// Batches of samples the billing service failed, refused or did not
+    /// answer (each one tried again or parked).
+    pub batches_failed: AtomicU64,
+    /// When the oldest sample not yet acknowledged was taken (Unix ns; 0:
+    /// none), as of the last delivery round.
+    pub oldest_unsent_ns: AtomicI64,
     /// Samples dropped because the spool was full (each range reported as a
     /// gap).
     pub samples_dropped_spool_full: AtomicU64,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::Mac;
 use crate::net::{NicAttachment, NicSpec};
 use crate::plan::PlanRecord;
-use crate::state::VmState;
+use crate::state::{Op, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
 
 /// How a store or backend failure is described to the service.
@@ -368,3 +368,133 @@ pub struct VmUsage {
 pub trait UsageSource: Send + Sync + 'static {
     fn usage(&self, id: &VmId) -> Option<VmUsage>;
 }
+
+/// A lifecycle operation, as the service reports it to [`Telemetry`]:
+/// a create, or a request that moves a VM ([`Op`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    Create,
+    Move(Op),
+}
+
+impl Operation {
+    /// `create`, `boot`, `pause`, `resume`, `reboot`, `shutdown`, `delete`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Create => "create",
+            Operation::Move(Op::Shutdown) => "shutdown",
+            // The service reports only the moves clients request.
+            Operation::Move(op) => op.verb(),
+        }
+    }
+}
+
+/// How long each phase of starting a VMM took, as far as the backend has
+/// the phase (QEMU is configured on its command line: no `configure`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootPhases {
+    /// Preparing the VM's files and starting the VMM process.
+    pub spawn: Option<Duration>,
+    /// Waiting for the VMM's control socket to answer.
+    pub socket_ready: Option<Duration>,
+    /// Configuring the guest over the VMM's API.
+    pub configure: Option<Duration>,
+    /// Letting the guest run until the VMM reports it running.
+    pub start: Option<Duration>,
+}
+
+/// One phase of [`BootPhases`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootPhase {
+    Spawn,
+    SocketReady,
+    Configure,
+    Start,
+}
+
+tokio::task_local! {
+    static BOOT_PHASES: std::cell::RefCell<BootPhases>;
+}
+
+impl BootPhases {
+    /// Runs `boot` (a [`Vmm::boot`] or [`Vmm::reboot`]) and returns what
+    /// the backend recorded with [`BootPhases::record`] meanwhile.
+    pub async fn collect<F: Future>(boot: F) -> (F::Output, BootPhases) {
+        BOOT_PHASES
+            .scope(std::cell::RefCell::new(BootPhases::default()), async {
+                let out = boot.await;
+                (out, BOOT_PHASES.with(|p| *p.borrow()))
+            })
+            .await
+    }
+
+    /// For backends: `phase` of the boot in progress took `took` (summed
+    /// when a phase is recorded twice). Outside [`BootPhases::collect`] it
+    /// does nothing.
+    pub fn record(phase: BootPhase, took: Duration) {
+        let _ = BOOT_PHASES.try_with(|p| {
+            let mut p = p.borrow_mut();
+            let slot = match phase {
+                BootPhase::Spawn => &mut p.spawn,
+                BootPhase::SocketReady => &mut p.socket_ready,
+                BootPhase::Configure => &mut p.configure,
+                BootPhase::Start => &mut p.start,
+            };
+            *slot = Some(slot.unwrap_or_default() + took);
+        });
+    }
+
+    /// The recorded phases by name (`spawn`, `socket_ready`, `configure`,
+    /// `start`).
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, Duration)> {
+        [
+            ("spawn", self.spawn),
+            ("socket_ready", self.socket_ready),
+            ("configure", self.configure),
+            ("start", self.start),
+        ]
+        .into_iter()
+        .filter_map(|(n, d)| d.map(|d| (n, d)))
+    }
+}
+
+/// What the service tells an exporter (metald's Prometheus registry) about
+/// its work. Every method has an empty default and must return at once.
+/// Labels are bounded: no VM id is ever passed, and the customer only where
+/// an exporter may choose to use it.
+pub trait Telemetry: Send + Sync + 'static {
+    /// A lifecycle operation ended: `outcome` is `ok` or the error's kind
+    /// (`invalid_argument`, `not_found`, `failed_precondition`,
+    /// `resource_exhausted`, `store`, `backend`, ...).
+    fn operation(
+        &self,
+        _op: Operation,
+        _backend: &str,
+        _outcome: &'static str,
+        _customer: &CustomerId,
+        _took: Duration,
+    ) {
+    }
+    /// A VMM started (boot, or a reboot by respawn); its phases.
+    fn boot_phases(&self, _backend: &str, _phases: &BootPhases) {}
+    /// A VMM process ended: `expected` when metald stopped it or the guest
+    /// powered off, not when it crashed or was killed from outside.
+    fn vmm_exit(&self, _backend: &str, _expected: bool) {}
+    /// Start-up recovery ran.
+    fn recovered(&self, _report: &crate::service::RecoveryReport) {}
+    /// A reconcile pass ran (`ok` false: it stopped on an error).
+    fn reconciled(&self, _report: &crate::service::ReconcileReport, _ok: bool) {}
+    /// A network interface was attached (`true`) or detached (`false`).
+    fn network(&self, _attached: bool) {}
+    /// A request was refused by the quota named `quota` (`max_vms`, ...,
+    /// `create_rate`, `host_capacity`).
+    fn quota_refused(&self, _quota: &'static str, _customer: &CustomerId) {}
+    /// A store read or write failed.
+    fn store_error(&self) {}
+}
+
+/// Telemetry that reports nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoTelemetry;
+
+impl Telemetry for NoTelemetry {}

@@ -380,6 +380,9 @@ pub struct Config {
     #[command(flatten)]
     pub otel: crate::telemetry::OtelArgs,
 
+    #[command(flatten)]
+    pub telemetry: telemetry::TelemetryArgs,
+
     /// Shut every VM down (gracefully, within the VM shutdown timeout) when
     /// metald stops. By default VMs keep running and the next metald adopts
     /// them.
@@ -587,6 +590,8 @@ fn inner_message(err: &clap::Error) -> String {
     let first = text.lines().next().unwrap_or_default();
     first.trim_start_matches("error: ").to_owned()
 }
+
+pub mod telemetry;
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@
 mod backends;
 mod config;
 mod health;
+mod metrics;
 mod network;
 mod quotas;
 mod telemetry;
@@ -175,6 +176,7 @@ fn api_server(
         tls,
         rate,
         request_timeout_max: config.request_timeout_max,
+        rpc_observer: None,
         connections: ConnectionLimits {
             idle_timeout: config.idle_timeout,
             header_read_timeout: config.header_read_timeout,
@@ -331,14 +333,16 @@ struct Opened {
     billing: Arc<metald_billing::Billing>,
     billing_tasks: metald_billing::BillingTasks,
     backend: health::BackendFacts,
+    metrics: Arc<metrics::Metrics>,
 }
 
-/// The service over its adapters: the backend, the store, billing and the
-/// host network.
+/// The service over its adapters: the backend, the store, billing, the
+/// host network and the metrics.
 async fn open_service(
     config: &Config,
     assets: metald_core::assets::AssetPolicy,
 ) -> anyhow::Result<Opened> {
+    let metrics = Arc::new(metrics::Metrics::new(config.telemetry.high_cardinality));
     let (vmm, backend_facts) = backend(config)?;
     let db = config.data_dir.join("metald.db");
     let store = metald_store::SqliteStore::open(&db)
@@ -356,6 +360,7 @@ async fn open_service(
             network,
             usage: Some(billing.clone()),
             observers: vec![billing.clone()],
+            telemetry: metrics.clone(),
         },
         ServiceConfig {
             default_shutdown_timeout: config.vm_shutdown_timeout,
@@ -370,7 +375,29 @@ async fn open_service(
         billing,
         billing_tasks,
         backend: backend_facts,
+        metrics,
     })
+}
+
+/// The metrics listener, when enabled.
+async fn serve_metrics(
+    config: &Config,
+    opened: &Opened,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let t = &config.telemetry;
+    if !t.prometheus_enabled {
+        info!("Prometheus metrics disabled (UNKEY_METALD_OTEL_PROMETHEUS_ENABLED=false)");
+        return Ok(None);
+    }
+    let collector = metrics::BillingCollector(opened.billing.clone());
+    let scrape = metrics::Scrape {
+        registry: opened.metrics.registry(Some(collector)),
+        metrics: opened.metrics.clone(),
+        store: Arc::new(opened.store.clone()),
+        backend: opened.service.backend_name(),
+    };
+    let addr = SocketAddr::new(t.prometheus_address, t.prometheus_port);
+    Ok(Some(metrics::serve(addr, scrape).await?))
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -390,13 +417,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 anyhow::anyhow!("UNKEY_METALD_ASSET_DIRS / UNKEY_METALD_ALLOWED_BLOCK_DEVICES: {e}")
             })?;
     info!(roots = ?config.asset_roots(), "asset roots");
+    let opened = open_service(&config, assets).await?;
+    let metrics_server = serve_metrics(&config, &opened).await?;
     let Opened {
         service,
         store,
         billing,
         billing_tasks,
         backend,
-    } = open_service(&config, assets).await?;
+        metrics,
+    } = opened;
     // Before serving: resume interrupted plans, adopt
     // surviving VMMs, then clean up whatever no VM claims.
     service.recover().await.context("re-attaching to VMs")?;
@@ -433,7 +463,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding UNKEY_METALD_ADDRESS:UNKEY_METALD_PORT = {addr}"))?;
     let local = listener.local_addr()?;
-    let api = api_server(&config, service.clone(), auth, tls, health)?;
+    let mut api = api_server(&config, service.clone(), auth, tls, health)?;
+    api.rpc_observer = Some(metrics);
     let scheme = if api.tls.is_some() { "https" } else { "http" };
     info!(%local, data_dir = %config.data_dir.display(), "metald serving");
     // A plain line on stdout tells scripts and tests the API is up and where.
@@ -458,6 +489,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     reconciler.abort();
     quota_watch.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     if config.shutdown_vms_on_exit {
         match service.shutdown_all().await {
             Ok(n) => info!(vms = n, "shut VMs down (UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT)"),

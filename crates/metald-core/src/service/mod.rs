@@ -11,6 +11,7 @@
 
 mod admission;
 mod executor;
+mod measure;
 mod ops;
 mod quotas;
 mod reconcile;
@@ -34,8 +35,8 @@ use crate::error::{Error, Result};
 use crate::locks::{VmLock, VmLocks};
 use crate::net;
 use crate::ports::{
-    BootError, GuestStatus, Network, Observer, StopMode, Store, StoreError, UsageSource, VmPage,
-    VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
+    BootError, GuestStatus, Network, NoTelemetry, Observer, StopMode, Store, StoreError, Telemetry,
+    UsageSource, VmPage, VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
 };
 use crate::quota::{CreateRate, HostCapacity, QuotaBook};
 use crate::redact::{error_id, scrub};
@@ -115,6 +116,8 @@ struct Inner {
     usage: Option<Arc<dyn UsageSource>>,
     /// Told about every stored change (billing).
     observers: Vec<Arc<dyn Observer>>,
+    /// Told how operations, exits and background passes went (metrics).
+    telemetry: Arc<dyn Telemetry>,
     /// Where a test stops a plan as if metald were killed.
     crash: executor::CrashPoint,
 }
@@ -160,6 +163,8 @@ pub struct Ports {
     pub usage: Option<Arc<dyn UsageSource>>,
     /// Told about every stored change (billing).
     pub observers: Vec<Arc<dyn Observer>>,
+    /// Told how operations, exits and background passes went (metrics).
+    pub telemetry: Arc<dyn Telemetry>,
 }
 
 impl Ports {
@@ -171,6 +176,7 @@ impl Ports {
             network: None,
             usage: None,
             observers: Vec::new(),
+            telemetry: Arc::new(NoTelemetry),
         }
     }
 }
@@ -184,6 +190,7 @@ impl VmService {
             network,
             usage,
             observers,
+            telemetry,
         } = ports;
         let quotas = std::sync::RwLock::new(Arc::new(config.quotas.clone()));
         VmService {
@@ -200,6 +207,7 @@ impl VmService {
                 network,
                 usage,
                 observers,
+                telemetry,
                 crash: Default::default(),
             }),
         }

@@ -3,11 +3,23 @@
 use super::executor::PlanArgs;
 use super::*;
 use crate::plan::{Plan, PlanRecord};
+use crate::ports::Operation;
 
 impl VmService {
     /// Records a new VM in state `Created`. No process is started until
     /// Boot, so a created VM costs nothing but its row.
     pub async fn create(
+        &self,
+        caller: &CustomerId,
+        requested_id: Option<VmId>,
+        request_customer: &str,
+        spec: VmSpec,
+    ) -> Result<VmRecord> {
+        let work = self.create_now(caller, requested_id, request_customer, spec);
+        self.measured(Operation::Create, caller, work).await
+    }
+
+    async fn create_now(
         &self,
         caller: &CustomerId,
         requested_id: Option<VmId>,
@@ -74,6 +86,15 @@ impl VmService {
     /// Starts a VMM for the VM and lets the guest run (the boot plan: a
     /// restart mid-way finishes it).
     pub async fn boot(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
+        self.measured(
+            Operation::Move(Op::Boot),
+            caller,
+            self.boot_now(caller, name),
+        )
+        .await
+    }
+
+    async fn boot_now(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
         let (_guard, mut vm) = self.lock_owned(caller, name).await?;
         Self::check(&vm, Op::Boot)?;
         let mut args = PlanArgs::request(StopMode::Force);
@@ -90,17 +111,30 @@ impl VmService {
 
     /// Stops the guest's vCPUs.
     pub async fn pause(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
-        self.simple(caller, id, Op::Pause).await
+        let work = self.simple(caller, id, Op::Pause);
+        self.measured(Operation::Move(Op::Pause), caller, work)
+            .await
     }
 
     /// Lets a paused guest run again.
     pub async fn resume(&self, caller: &CustomerId, id: &VmId) -> Result<VmRecord> {
-        self.simple(caller, id, Op::Resume).await
+        let work = self.simple(caller, id, Op::Resume);
+        self.measured(Operation::Move(Op::Resume), caller, work)
+            .await
     }
 
     /// Resets the guest (the reboot plan: backends that respawn the VMM
     /// get the files checked again, and a restart mid-respawn finishes it).
     pub async fn reboot(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
+        self.measured(
+            Operation::Move(Op::Reboot),
+            caller,
+            self.reboot_now(caller, name),
+        )
+        .await
+    }
+
+    async fn reboot_now(&self, caller: &CustomerId, name: &VmId) -> Result<VmRecord> {
         let (_guard, mut vm) = self.lock_owned(caller, name).await?;
         Self::check(&vm, Op::Reboot)?;
         let before = vm.runtime.clone();
@@ -168,6 +202,18 @@ impl VmService {
         force: bool,
         timeout: Option<Duration>,
     ) -> Result<VmRecord> {
+        let work = self.shutdown_now(caller, id, force, timeout);
+        self.measured(Operation::Move(Op::Shutdown), caller, work)
+            .await
+    }
+
+    async fn shutdown_now(
+        &self,
+        caller: &CustomerId,
+        id: &VmId,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> Result<VmRecord> {
         let (_guard, mut vm) = self.lock_owned(caller, id).await?;
         Self::check(&vm, Op::Shutdown)?;
         let mode = if force {
@@ -193,6 +239,12 @@ impl VmService {
     /// A restart mid-way finishes it; a failure answers an error and leaves
     /// the VM as it was, for a retry.
     pub async fn delete(&self, caller: &CustomerId, name: &VmId, force: bool) -> Result<()> {
+        let work = self.delete_now(caller, name, force);
+        self.measured(Operation::Move(Op::Delete), caller, work)
+            .await
+    }
+
+    async fn delete_now(&self, caller: &CustomerId, name: &VmId, force: bool) -> Result<()> {
         let (guard, mut vm) = self.lock_owned(caller, name).await?;
         Self::check(&vm, Op::Delete)?;
         let mode = match force {

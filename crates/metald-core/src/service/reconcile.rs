@@ -48,7 +48,16 @@ impl VmService {
     /// pass runs before the API serves and acts at once.
     pub async fn reconcile(&self, immediate: bool) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
-        self.reconcile_rows(&mut report).await?;
+        let pass = self.reconcile_pass(immediate, &mut report).await;
+        self.inner.telemetry.reconciled(&report, pass.is_ok());
+        if let Err(Error::Store(_)) = &pass {
+            self.inner.telemetry.store_error();
+        }
+        pass.map(|()| report)
+    }
+
+    async fn reconcile_pass(&self, immediate: bool, report: &mut ReconcileReport) -> Result<()> {
+        self.reconcile_rows(report).await?;
         let previous = std::mem::take(
             &mut *self
                 .inner
@@ -61,19 +70,19 @@ impl VmService {
             previous: &previous,
             suspects: HashSet::new(),
         };
-        self.sweep_host(&mut guard, &mut report).await?;
+        self.sweep_host(&mut guard, report).await?;
         if self.inner.network.is_some() {
-            self.sweep_networks(&mut guard, &mut report).await?;
+            self.sweep_networks(&mut guard, report).await?;
         }
         *self
             .inner
             .suspects
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = guard.suspects;
-        if report != ReconcileReport::default() {
+        if *report != ReconcileReport::default() {
             info!(?report, "reconciled");
         }
-        Ok(report)
+        Ok(())
     }
 
     /// Rows: dead VMMs recorded, recorded plans resumed while no operation

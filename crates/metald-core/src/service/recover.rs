@@ -23,6 +23,7 @@ impl VmService {
             }
         }
         info!(?report, "recovered VMs");
+        self.inner.telemetry.recovered(&report);
         Ok(report)
     }
 

@@ -5,6 +5,7 @@
 use super::executor::PlanArgs;
 use super::*;
 use crate::plan::Step;
+use crate::ports::BootPhases;
 
 impl VmService {
     /// Whether `step` is done already for `vm`. Steps whose action is
@@ -64,14 +65,15 @@ impl VmService {
             Step::Spawn => self.spawn(vm, args).await?,
             Step::Restart => self.restart(vm, args).await?,
             Step::StopVmm => {
-                if let Some(rt) = vm.runtime.clone()
-                    && let Err(e) = vmm.shutdown(&rt, args.mode).await
-                {
-                    // A teardown goes on: its destroy step kills the VMM.
-                    if vm.plan.is_none_or(|p| !p.plan.removes_row()) {
-                        return Err(Error::Backend(e));
+                if let Some(rt) = vm.runtime.clone() {
+                    match vmm.shutdown(&rt, args.mode).await {
+                        Ok(()) => self.inner.telemetry.vmm_exit(vmm.name(), true),
+                        // A teardown goes on: its destroy step kills the VMM.
+                        Err(e) if vm.plan.is_some_and(|p| p.plan.removes_row()) => {
+                            warn!(vm_id = %id, error = %e, "graceful stop before removal failed; killing");
+                        }
+                        Err(e) => return Err(Error::Backend(e)),
                     }
-                    warn!(vm_id = %id, error = %e, "graceful stop before removal failed; killing");
                 }
             }
             Step::Release => {
@@ -105,7 +107,13 @@ impl VmService {
         let resolved = self.resolved(vm, args).await?;
         let (vmm, id) = (&self.inner.vmm, &vm.id);
         let started = match vmm.destroy(id, vm.runtime.as_ref()).await {
-            Ok(()) => vmm.boot(id, &resolved.spec).await,
+            Ok(()) => {
+                let (booted, phases) = BootPhases::collect(vmm.boot(id, &resolved.spec)).await;
+                if booted.is_ok() {
+                    self.inner.telemetry.boot_phases(vmm.name(), &phases);
+                }
+                booted
+            }
             Err(e) => Err(BootError::Failed(e)),
         };
         let rt = started.map_err(|e| boot_err(id, e, &resolved, &vm.spec))?;

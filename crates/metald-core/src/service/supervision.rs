@@ -73,6 +73,10 @@ impl VmService {
             false => format!("VMM {}", exit.describe()),
         };
         warn!(vm_id = %vm.id, %reason, state = %to, "VMM exited without being asked");
+        let expected = op == Op::PoweredOff;
+        self.inner
+            .telemetry
+            .vmm_exit(self.inner.vmm.name(), expected);
         self.stop_unrecorded(vm).await?;
         self.save(vm, to, None, Some(reason)).await
     }

@@ -60,6 +60,7 @@ impl VmService {
                 .attach(&vm.id, i, &leased, mac)
                 .await
                 .map_err(Error::Backend)?;
+            self.inner.telemetry.network(true);
             att.ipv4 = ipv4;
             att.gateway4 = ipv4.map(|_| subnets.v4.2);
             att.ipv6 = ipv6;
@@ -123,6 +124,9 @@ impl VmService {
         if let Some(net) = &self.inner.network {
             for i in 0..nics.max(1) {
                 net.detach(id, i).await.map_err(Error::Backend)?;
+                if i < nics {
+                    self.inner.telemetry.network(false);
+                }
             }
         }
         self.inner.store.release(id).await.map_err(store_err)

@@ -34,8 +34,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    BootError, DeviceCounters, GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit,
-    VmmRuntime,
+    BootError, BootPhase, DeviceCounters, GuestStatus, HostResources, PortError, StopMode, Vmm,
+    VmmExit, VmmRuntime,
 };
 use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
@@ -303,6 +303,7 @@ impl Vmm for CloudHypervisorBackend {
     }
 
     async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
+        let spawning = std::time::Instant::now();
         let dir = self.vm_dir(id);
         let socket = dir.join("ch.sock");
         launch::check_socket_path(&socket).map_err(BootError::Refused)?;
@@ -316,7 +317,11 @@ impl Vmm for CloudHypervisorBackend {
                 return Err(BootError::Failed(e));
             }
         };
-        let started = match self.wait_ready(&dir, &rt).await {
+        let waiting = launch::phase_done(BootPhase::Spawn, spawning);
+        let ready = self.wait_ready(&dir, &rt).await;
+        let configuring = launch::phase_done(BootPhase::SocketReady, waiting);
+        let started = match ready {
+            // vm.create then vm.boot: `configure` includes the start.
             Ok(()) => match self.create_and_boot(spec, &rt).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
@@ -327,7 +332,10 @@ impl Vmm for CloudHypervisorBackend {
             Err(e) => Err(e),
         };
         match started {
-            Ok(()) => Ok(rt),
+            Ok(()) => {
+                launch::phase_done(BootPhase::Configure, configuring);
+                Ok(rt)
+            }
             Err(e) => {
                 warn!(vm_id = %id, error = %e, "cloud-hypervisor failed to start the guest");
                 if let Err(c) = self.remove_all(id, Some(&rt)).await {

@@ -47,8 +47,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    BootError, DeviceCounters, GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit,
-    VmmRuntime,
+    BootError, BootPhase, DeviceCounters, GuestStatus, HostResources, PortError, StopMode, Vmm,
+    VmmExit, VmmRuntime,
 };
 use metald_core::vm::{VmId, VmSpec};
 use serde::{Deserialize, Serialize};
@@ -261,6 +261,7 @@ impl Vmm for FirecrackerBackend {
     }
 
     async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
+        let spawning = std::time::Instant::now();
         let dir = self.vm_dir(id);
         let layout = self.layout(id);
         layout.check_socket().map_err(BootError::Refused)?;
@@ -292,15 +293,18 @@ impl Vmm for FirecrackerBackend {
             },
             None => Endpoint::Path(layout.socket.clone()),
         });
+        let waiting = launch::phase_done(BootPhase::Spawn, spawning);
         let ready = launch::until_ready(&self.children, &rt, self.config.boot_timeout, || {
             let fc = fc.clone();
             async move { fc.info().await.map_err(|e| e.to_string()) }
         })
         .await;
+        let configuring = launch::phase_done(BootPhase::SocketReady, waiting);
         let stderr = dir.join("stderr.log");
         let log = dir.join("firecracker.log");
         let logs = [stderr.as_path(), log.as_path()];
         let started = match ready {
+            // The API calls end with InstanceStart: `configure` includes it.
             Ok(_) => match self.configure_and_start(spec, &layout, files, &fc).await {
                 Ok(()) => Ok(()),
                 Err(e) => Err(launch::explain(&self.children, &rt, e, "firecracker", &logs).await),
@@ -315,7 +319,10 @@ impl Vmm for FirecrackerBackend {
             )),
         };
         match started {
-            Ok(()) => Ok(rt),
+            Ok(()) => {
+                launch::phase_done(BootPhase::Configure, configuring);
+                Ok(rt)
+            }
             Err(e) => {
                 warn!(vm_id = %id, error = %e, "firecracker failed to start the guest");
                 if let Err(c) = self.remove_all(id, Some(&rt)).await {

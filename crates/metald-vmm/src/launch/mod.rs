@@ -24,7 +24,9 @@ pub use stop::*;
 pub use wait::*;
 
 use std::path::Path;
+use std::time::Instant;
 
+use metald_core::ports::{BootPhase, BootPhases};
 use metald_core::vm::VmSpec;
 use tracing::warn;
 
@@ -40,6 +42,13 @@ pub const SPAWN_RECORD: &str = "vmm.json";
 pub fn host_failure(what: &str, detail: impl std::fmt::Display) -> String {
     warn!(error = %detail, "cannot {what}");
     format!("cannot {what} on the host")
+}
+
+/// Records that boot phase `phase` began at `since` and ends now (for
+/// metald's boot phase metrics); returns now, the next phase's start.
+pub fn phase_done(phase: BootPhase, since: Instant) -> Instant {
+    BootPhases::record(phase, since.elapsed());
+    Instant::now()
 }
 
 /// Removes whatever a previous run left in `dir` and creates it empty.

@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    BootError, GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit, VmmRuntime,
+    BootError, BootPhase, GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit, VmmRuntime,
 };
 use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
@@ -123,6 +123,7 @@ impl QemuBackend {
     /// Waits for the QMP socket (bounded retry with backoff, while watching
     /// for QEMU exiting instead), then lets the guest run.
     async fn start_guest(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), BootError> {
+        let waiting = std::time::Instant::now();
         let mut qmp = launch::until_ready(&self.children, rt, self.config.boot_timeout, || {
             let socket = rt.socket.clone();
             async move { qmp::Qmp::connect(&socket).await.map_err(|e| e.to_string()) }
@@ -137,6 +138,7 @@ impl QemuBackend {
                 &[&dir.join("qemu.log")],
             )
         })?;
+        let starting = launch::phase_done(BootPhase::SocketReady, waiting);
         let run = async {
             qmp.execute("cont", None).await?;
             let st = qmp.execute("query-status", None).await?;
@@ -148,7 +150,9 @@ impl QemuBackend {
         tokio::time::timeout(qmp::COMMAND_TIMEOUT, run)
             .await
             .unwrap_or_else(|_| Err("qemu did not answer cont within 10 s".into()))
-            .map_err(BootError::Failed)
+            .map_err(BootError::Failed)?;
+        launch::phase_done(BootPhase::Start, starting);
+        Ok(())
     }
 }
 
@@ -159,6 +163,7 @@ impl Vmm for QemuBackend {
     }
 
     async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
+        let spawning = std::time::Instant::now();
         let dir = self.vm_dir(id);
         let socket = dir.join("qmp.sock");
         let console_log = dir.join("console.log");
@@ -194,6 +199,7 @@ impl Vmm for QemuBackend {
                 return Err(BootError::Failed("cannot start qemu".into()));
             }
         };
+        launch::phase_done(BootPhase::Spawn, spawning);
         // From the first byte QEMU writes.
         self.logs.watch(id, self.log_files(id));
         let rt = VmmRuntime {

@@ -194,7 +194,7 @@ fn now_ns() -> i64 {
         .as_nanos() as i64
 }
 
-fn metald_with_billing(port: u16) -> Daemon {
+pub(crate) fn metald_with_billing(port: u16) -> Daemon {
     metald_with_billing_and(port, &[])
 }
 

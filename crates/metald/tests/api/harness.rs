@@ -192,6 +192,9 @@ impl Daemon {
             .env("UNKEY_METALD_NETWORK_ENABLED", "false")
             // Text lines the tests search; a test may ask for JSON.
             .env("UNKEY_METALD_LOG_FORMAT", "text")
+            // Every test's metald on its own metrics port (a test that
+            // needs it reads it with `Daemon::metrics_addr`).
+            .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -261,6 +264,28 @@ impl Daemon {
         }
     }
 
+    /// The address metald's metrics listener bound in its latest run
+    /// (from its `metrics serving addr=...` log line), waiting for it.
+    pub fn metrics_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self.log().lines().rev().find_map(|l| {
+                let plain = without_colours(l);
+                let rest = &plain[plain.find("metrics serving")?..];
+                let addr = &rest[rest.find("addr=")? + 5..];
+                Some(addr.split_whitespace().next()?.to_owned())
+            });
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "metald logged no `metrics serving addr=` line"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// metald's pid while it runs.
     pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().map(|c| c.id() as i32)
@@ -324,6 +349,20 @@ impl Drop for Daemon {
         }
         let _ = std::fs::remove_file(self.log_path());
     }
+}
+
+/// A log line without its terminal colour sequences (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Pids whose `/proc/<pid>/cmdline` contains `needle`.

@@ -17,6 +17,7 @@ mod lifecycle;
 mod listing;
 mod metaldctl;
 mod network;
+mod prometheus;
 mod quotas;
 mod readme;
 mod restart;

@@ -51,6 +51,8 @@ async fn the_demo_command_serves_the_api_and_boots_a_guest() {
         .env("METALD_BIN", crate::harness::bin())
         .env("METALD_DEMO_DIR", tmp.path())
         .env("UNKEY_METALD_PORT", port.to_string())
+        // Each demo metald on its own metrics port: the tests run at once.
+        .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0")
         .output()
         .expect("run scripts/demo.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -129,6 +131,8 @@ fn ctrl_c_in_the_demo_deletes_its_vm_and_stops_metald() {
         .env("METALD_BIN", crate::harness::bin())
         .env("METALD_DEMO_DIR", &dir)
         .env("UNKEY_METALD_PORT", port.to_string())
+        // Each demo metald on its own metrics port: the tests run at once.
+        .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

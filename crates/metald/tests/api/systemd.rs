@@ -74,6 +74,8 @@ fn metald_notifies_ready_once_it_serves_and_stopping_on_sigterm() {
         .arg("--asset-dirs")
         .arg(asset_dirs(&data))
         .env("NOTIFY_SOCKET", &sock_path)
+        // Its own metrics port: other tests' metalds run at the same time.
+        .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0")
         .env("UNKEY_METALD_BACKEND", "qemu")
         .env("UNKEY_METALD_BILLING_ENABLED", "false")
         .env("UNKEY_METALD_NETWORK_ENABLED", "false")
