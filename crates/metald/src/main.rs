@@ -383,6 +383,7 @@ async fn open_service(
 async fn serve_metrics(
     config: &Config,
     opened: &Opened,
+    health: &metald_api::Health,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let t = &config.telemetry;
     if !t.prometheus_enabled {
@@ -395,9 +396,39 @@ async fn serve_metrics(
         metrics: opened.metrics.clone(),
         store: Arc::new(opened.store.clone()),
         backend: opened.service.backend_name(),
+        health: health.clone(),
     };
     let addr = SocketAddr::new(t.prometheus_address, t.prometheus_port);
     Ok(Some(metrics::serve(addr, scrape).await?))
+}
+
+/// The API listener; once bound, a plain line on stdout tells scripts and
+/// tests the API is up and where.
+async fn bind_api(config: &Config, tls: bool) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = SocketAddr::new(config.address, config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding UNKEY_METALD_ADDRESS:UNKEY_METALD_PORT = {addr}"))?;
+    let local = listener.local_addr()?;
+    let scheme = if tls { "https" } else { "http" };
+    info!(%local, data_dir = %config.data_dir.display(), "metald serving");
+    println!("metald listening on {scheme}://{local}");
+    Ok(listener)
+}
+
+/// Before serving: resume interrupted plans, adopt surviving VMMs, then
+/// clean up whatever no VM claims, and tell billing what runs.
+async fn settle(service: &VmService) -> anyhow::Result<()> {
+    service.recover().await.context("re-attaching to VMs")?;
+    service
+        .reconcile(true)
+        .await
+        .context("start-up reconcile")?;
+    service
+        .announce_all()
+        .await
+        .context("telling billing which VMs run")?;
+    Ok(())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -418,7 +449,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             })?;
     info!(roots = ?config.asset_roots(), "asset roots");
     let opened = open_service(&config, assets).await?;
-    let metrics_server = serve_metrics(&config, &opened).await?;
+    let health = metald_api::Health::new();
+    let metrics_server = serve_metrics(&config, &opened, &health).await?;
     let Opened {
         service,
         store,
@@ -427,21 +459,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         backend,
         metrics,
     } = opened;
-    // Before serving: resume interrupted plans, adopt
-    // surviving VMMs, then clean up whatever no VM claims.
-    service.recover().await.context("re-attaching to VMs")?;
-    service
-        .reconcile(true)
-        .await
-        .context("start-up reconcile")?;
-    service
-        .announce_all()
-        .await
-        .context("telling billing which VMs run")?;
+    settle(&service).await?;
     let clock = Arc::new(health::ReconcileClock::default());
     clock.passed();
     let reconciler = spawn_reconciler(service.clone(), config.reconcile_interval, clock.clone());
-    let health = metald_api::Health::new();
     let checks = health::start(
         health.clone(),
         health::Probes {
@@ -458,17 +479,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let quota_watch = config.quotas.clone().watch(service.clone())?;
 
-    let addr = SocketAddr::new(config.address, config.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding UNKEY_METALD_ADDRESS:UNKEY_METALD_PORT = {addr}"))?;
-    let local = listener.local_addr()?;
     let mut api = api_server(&config, service.clone(), auth, tls, health)?;
     api.rpc_observer = Some(metrics);
-    let scheme = if api.tls.is_some() { "https" } else { "http" };
-    info!(%local, data_dir = %config.data_dir.display(), "metald serving");
-    // A plain line on stdout tells scripts and tests the API is up and where.
-    println!("metald listening on {scheme}://{local}");
+    let listener = bind_api(&config, api.tls.is_some()).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(metald_api::serve(listener, api, async {
@@ -487,11 +500,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Ok(Err(e)) => warn!(error = %e, "server task failed"),
         Err(_) => warn!("in-flight requests did not finish within the drain timeout"),
     }
-    reconciler.abort();
-    quota_watch.abort();
-    if let Some(m) = metrics_server {
-        m.abort();
+    for task in [Some(reconciler), Some(quota_watch), metrics_server]
+        .into_iter()
+        .flatten()
+    {
+        task.abort();
     }
+    stop(&config, &service, billing_tasks, &store).await;
+    Ok(())
+}
+
+/// After the API stopped: VMs shut down if configured, billing flushed,
+/// the database checkpointed.
+async fn stop(
+    config: &Config,
+    service: &VmService,
+    billing_tasks: metald_billing::BillingTasks,
+    store: &metald_store::SqliteStore,
+) {
     if config.shutdown_vms_on_exit {
         match service.shutdown_all().await {
             Ok(n) => info!(vms = n, "shut VMs down (UNKEY_METALD_SHUTDOWN_VMS_ON_EXIT)"),
@@ -508,5 +534,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Checkpoints the write-ahead log into the database file.
     store.close().await;
     info!("stopped cleanly");
-    Ok(())
 }

@@ -118,6 +118,15 @@ impl Metrics {
             Unit::Seconds,
             self.boot_phase_duration.clone(),
         );
+        self.register_host(&mut r);
+        if let Some(b) = billing {
+            r.register_collector(Box::new(b));
+        }
+        r
+    }
+
+    /// What the host holds and what the background passes did.
+    fn register_host(&self, r: &mut Registry) {
         r.register(
             "vms",
             "VMs on this host, by state and backend (read from the store at scrape time)",
@@ -173,10 +182,6 @@ impl Metrics {
             "Store reads and writes that failed",
             self.store_errors.clone(),
         );
-        if let Some(b) = billing {
-            r.register_collector(Box::new(b));
-        }
-        r
     }
 }
 

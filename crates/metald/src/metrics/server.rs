@@ -1,5 +1,6 @@
 //! The metrics listener: `GET /metrics` answers OpenMetrics text on its
-//! own address (`UNKEY_METALD_OTEL_PROMETHEUS_ADDRESS:PORT`). The VM and
+//! own address (`UNKEY_METALD_OTEL_PROMETHEUS_ADDRESS:PORT`), and `GET
+//! /health` the health report with each check's detail. The VM and
 //! lease gauges are read from the store at each scrape, so they are exact.
 
 use std::net::SocketAddr;
@@ -26,6 +27,9 @@ pub struct Scrape {
     pub store: Arc<dyn Store>,
     /// The backend label of the VM gauge.
     pub backend: &'static str,
+    /// `GET /health` here answers with each check's detail (this port is
+    /// the operator's, on loopback by default; the API port's omits them).
+    pub health: metald_api::Health,
 }
 
 impl Scrape {
@@ -81,6 +85,10 @@ pub async fn serve(addr: SocketAddr, state: Scrape) -> anyhow::Result<tokio::tas
     let local = listener.local_addr()?;
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
+        .route(
+            "/health",
+            get(|State(s): State<Arc<Scrape>>| async move { s.health.response(true) }),
+        )
         .with_state(Arc::new(state));
     info!(addr = %local, "metrics serving");
     Ok(tokio::spawn(async move {

@@ -117,6 +117,22 @@ async fn health_names_every_check_and_the_api_port_shows_no_details() {
         grpc_health(&d.url, "vmprovisioner.v1.VmService").await,
         "SERVING"
     );
+    // The operator's port (loopback by default) says what each check found.
+    let (status, full) = health(&format!("http://{}", d.metrics_addr())).await;
+    assert_eq!(status, 200, "{full}");
+    for name in CHECKS {
+        assert!(
+            full["checks"][name]["detail"].is_string(),
+            "detail of {name} on the metrics port: {full}"
+        );
+    }
+    assert!(
+        full["checks"]["data_dir"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&*d.data_dir.to_string_lossy()),
+        "{full}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
