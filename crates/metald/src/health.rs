@@ -10,7 +10,7 @@
 //! | `backend` | yes | runs each VMM binary with `--version` |
 //! | `kvm` | where the backend needs it | opens `/dev/kvm` read-write |
 //! | `tun` | where VM networking is on | opens `/dev/net/tun` read-write |
-//! | `billing` | no | spool depth, delivery retries since the last check |
+//! | `billing` | no | delivery lag (oldest unacknowledged sample), retries since the last check |
 //! | `reconcile` | no | when the periodic reconciler last finished a pass |
 
 use std::path::{Path, PathBuf};
@@ -67,6 +67,9 @@ pub struct Probes {
     pub backend: BackendFacts,
     pub network: bool,
     pub billing: Arc<metald_billing::Billing>,
+    /// Age of the oldest unacknowledged sample beyond which billing is
+    /// behind (samples normally wait up to one batch interval).
+    pub billing_lag_limit: Duration,
     pub reconcile: Arc<ReconcileClock>,
     pub reconcile_interval: Duration,
 }
@@ -185,12 +188,20 @@ impl Probes {
         let retries = metald_billing::Stats::get(&stats.delivery_retries);
         let new_retries = retries.saturating_sub(last.delivery_retries);
         last.delivery_retries = retries;
+        let oldest = stats.oldest_unsent_ns.load(Ordering::Relaxed);
+        let lag = if oldest > 0 {
+            Duration::from_nanos(unix_now_ns().saturating_sub(oldest).max(0) as u64)
+        } else {
+            Duration::ZERO
+        };
         let detail = format!(
-            "{spooled} samples spooled, {new_retries} delivery retries since the last check"
+            "{spooled} samples spooled, the oldest unacknowledged {}s old, \
+             {new_retries} delivery retries since the last check",
+            lag.as_secs()
         );
         // Billing being behind never stops VMs from being served: the
         // spool keeps every sample until it is delivered.
-        if new_retries > 0 {
+        if new_retries > 0 || lag > self.billing_lag_limit {
             Check::degraded(detail).optional()
         } else {
             Check::ok(detail).optional()
@@ -260,6 +271,13 @@ fn device_check(path: &str) -> Check {
         Ok(_) => Check::ok(format!("{path} opens read-write")),
         Err(e) => Check::failing(format!("{path}: {e}")),
     }
+}
+
+fn unix_now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn unix_now() -> i64 {

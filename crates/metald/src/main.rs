@@ -471,6 +471,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             backend,
             network: config.network_enabled,
             billing,
+            billing_lag_limit: (config.billing_batch_interval * 3)
+                .max(std::time::Duration::from_secs(60)),
             reconcile: clock,
             reconcile_interval: config.reconcile_interval,
         },

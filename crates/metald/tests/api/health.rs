@@ -156,3 +156,41 @@ async fn an_unwritable_data_dir_makes_metald_not_serving_until_it_is_fixed() {
     assert_eq!(doc["checks"]["data_dir"]["status"], "ok", "{doc}");
     assert_eq!(grpc_health(&d.url, "").await, "SERVING");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn billing_that_cannot_deliver_degrades_metald_but_it_keeps_serving() {
+    let assets = crate::harness::Assets::load();
+    let d = Daemon::start_with(&[
+        "--auth-mode",
+        "dev",
+        "--billing-enabled",
+        "true",
+        // Nothing listens on the discard port: every delivery fails.
+        "--billing-endpoint",
+        "http://127.0.0.1:9",
+        "--billing-batch-interval",
+        "200ms",
+    ]);
+    let t = "dev_customer_health";
+    d.ok(
+        t,
+        "CreateVm",
+        json!({"vm_id": "metered", "config": assets.config()}),
+    )
+    .await;
+    d.ok(t, "BootVm", json!({"vm_id": "metered"})).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let doc = loop {
+        let (status, doc) = health(&d.url).await;
+        assert_eq!(status, 200, "billing never makes metald fail: {doc}");
+        if doc["checks"]["billing"]["status"] == "degraded" {
+            break doc;
+        }
+        assert!(Instant::now() < deadline, "billing stayed ok: {doc}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(doc["status"], "degraded", "{doc}");
+    assert_eq!(grpc_health(&d.url, "").await, "SERVING");
+    d.ok(t, "DeleteVm", json!({"vm_id": "metered", "force": true}))
+        .await;
+}
