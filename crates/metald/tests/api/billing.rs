@@ -33,7 +33,7 @@ struct Got {
 pub(crate) struct Recorded {
     started: Vec<(String, String)>,
     stopped: Vec<(String, i64)>,
-    gaps: Vec<(String, i64, i64)>,
+    pub(crate) gaps: Vec<(String, i64, i64)>,
     heartbeats: Vec<Vec<String>>,
     batch_ids: HashSet<String>,
     duplicate_batches: usize,

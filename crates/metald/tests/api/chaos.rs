@@ -90,6 +90,8 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
     let metald_kills = size("METALD_CHAOS_KILLS", 12);
     let vmm_kills = size("METALD_CHAOS_VMM_KILLS", 6);
     let (mut done, mut kills, mut vmms_killed) = (0, 0, 0);
+    // When metald was down: (stopped, serving again), Unix ns.
+    let mut down: Vec<(i64, i64)> = Vec::new();
     let mut codes: HashMap<String, usize> = HashMap::new();
     while done < ops || kills < metald_kills || vmms_killed < vmm_kills {
         // Now and then a VMM dies under metald (a guest OOM, an operator).
@@ -119,6 +121,7 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         if kill {
             // Let the batch get under way, then kill at a random moment.
             tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(0..120))).await;
+            down.push((now_ns(), 0));
             d.stop(Signal::KILL);
             kills += 1;
         }
@@ -141,6 +144,7 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         }
         if kill {
             d.restart();
+            down.last_mut().unwrap().1 = now_ns();
         }
     }
     eprintln!(
@@ -148,8 +152,10 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
     );
 
     // One more restart: its start-up pass reconciles everything.
+    let stopping = now_ns();
     assert!(d.stop(Signal::TERM).success());
     d.restart();
+    down.push((stopping, now_ns()));
     let list = d.ok(T, "ListVms", json!({"page_size": 1000})).await;
     let rows: Vec<Value> = list["vms"].as_array().cloned().unwrap_or_default();
     let mut by_state: HashMap<String, usize> = HashMap::new();
@@ -277,4 +283,47 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         rec.by_key.len(),
         rec.gaps_reported
     );
+    assert_gaps_explained(&rec.gaps, &down, &d.log());
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// Every gap reported lies across a time metald was down, or is a stall
+/// metald logged (`billing sampler stalled` with the VM and the same
+/// length): no gap without a cause.
+fn assert_gaps_explained(gaps: &[(String, i64, i64)], down: &[(i64, i64)], log: &str) {
+    let stalls: Vec<(String, i64)> = log
+        .lines()
+        .map(crate::harness::without_colours)
+        .filter(|l| l.contains("billing sampler stalled"))
+        .filter_map(|l| {
+            let field = |k: &str| {
+                let rest = &l[l.find(&format!("{k}="))? + k.len() + 1..];
+                Some(rest.split_whitespace().next()?.to_owned())
+            };
+            Some((field("vm_id")?, field("stalled_ms")?.parse().ok()?))
+        })
+        .collect();
+    for (vm, from, to) in gaps {
+        let at_a_kill = down.iter().any(|&(stop, up)| *from <= up && *to >= stop);
+        // The log names the VM by its host-wide key (`<name>-<16 hex>`),
+        // the billing service by its name.
+        let same_vm = |key: &str| {
+            key.strip_prefix(vm.as_str())
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
+        let a_stall = stalls
+            .iter()
+            .any(|(key, ms)| same_vm(key) && *ms == (to - from) / 1_000_000);
+        assert!(
+            at_a_kill || a_stall,
+            "{vm}: a gap {from}..{to} with neither metald down ({down:?}) nor a logged stall"
+        );
+    }
 }

@@ -352,7 +352,7 @@ impl Drop for Daemon {
 }
 
 /// A log line without its terminal colour sequences (`ESC [ ... m`).
-fn without_colours(line: &str) -> String {
+pub fn without_colours(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
