@@ -2,7 +2,8 @@
 //! `traceparent` (and `baggage`) becomes the span's parent, the caller's
 //! customer is set on it as `metald.customer_id` once the door knows it,
 //! and a failed call marks it as an error. Every log line written inside
-//! the request carries the span's `trace_id`.
+//! the request carries the span's `trace_id` (and, when spans are
+//! exported, its `span_id`).
 //!
 //! Whether spans are exported (and sampled) is the binary's choice: it
 //! installs the OpenTelemetry layer and the propagators; without them the
@@ -40,6 +41,7 @@ pub async fn rpc(req: Request, next: Next) -> Response {
         rpc.method = %method.get(..64).unwrap_or(method),
         metald.customer_id = Empty,
         trace_id = Empty,
+        span_id = Empty,
     );
     let parent = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&HeaderExtractor(req.headers()))
@@ -53,6 +55,10 @@ pub async fn rpc(req: Request, next: Next) -> Response {
         .map(|t| t.to_string())
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     span.record("trace_id", trace_id.as_str());
+    let span_id = span.context().span().span_context().span_id();
+    if span_id != opentelemetry::trace::SpanId::INVALID {
+        span.record("span_id", span_id.to_string().as_str());
+    }
     let resp = next.run(req).instrument(span.clone()).await;
     if failed(&resp) {
         span.record("otel.status_code", "ERROR");

@@ -114,7 +114,9 @@ pub fn init(config: &Config) -> Telemetry {
         tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
-            .with_span_list(false)
+            // Every span the line is in: a line inside a lifecycle step
+            // still carries its request's trace id.
+            .with_span_list(true)
             .with_writer(std::io::stderr)
     });
     let text_lines = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));

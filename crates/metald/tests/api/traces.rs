@@ -238,6 +238,11 @@ async fn create_and_boot_spans_continue_the_callers_trace_with_their_steps() {
         .find(|v| v["target"] == "metald::audit" && v["fields"]["rpc"] == "BootVm")
         .unwrap_or_else(|| panic!("no JSON audit line for BootVm in:\n{log}"));
     assert_eq!(audit["span"]["trace_id"], trace.as_str(), "{audit}");
+    let exported = ours
+        .iter()
+        .find(|s| s.name == "vmprovisioner.v1.VmService/BootVm")
+        .unwrap();
+    assert_eq!(audit["span"]["span_id"], exported.id.as_str(), "{audit}");
     d.ok(T, "DeleteVm", json!({"vm_id": "traced", "force": true}))
         .await;
 }
