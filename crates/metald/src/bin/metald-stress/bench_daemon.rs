@@ -173,6 +173,9 @@ impl Daemon {
             ("UNKEY_METALD_BILLING_ENABLED", "false".into()),
             ("UNKEY_METALD_NETWORK_ENABLED", "false".into()),
             ("UNKEY_METALD_OTEL_ENABLED", "false".into()),
+            // Its own metrics port: benches (and a metald already on the
+            // host) never fight over 9464.
+            ("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0".into()),
             ("UNKEY_METALD_JAILER_ENABLED", "false".into()),
             // Many VMs fit: vCPUs overcommitted, little memory held back.
             ("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "4096".into()),
@@ -236,12 +239,20 @@ impl Daemon {
             }
         });
         self.child = Some(child);
-        let url = rx.recv_timeout(Duration::from_secs(120)).map_err(|_| {
-            format!(
-                "metald did not start within 120 s; its log: {}",
-                self.dir.with_extension("log").display()
-            )
-        })?;
+        let log = self.dir.with_extension("log");
+        let url = rx
+            .recv_timeout(Duration::from_secs(120))
+            .map_err(|e| match e {
+                std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                    format!("metald exited before serving; its log: {}", log.display())
+                }
+                std::sync::mpsc::RecvTimeoutError::Timeout => {
+                    format!(
+                        "metald did not start within 120 s; its log: {}",
+                        log.display()
+                    )
+                }
+            })?;
         self.api = client(&url, token)?;
         self.url = url;
         Ok(())
