@@ -6,6 +6,7 @@
 //! The schema lives in `migrations/` and is compiled in; its SQL is kept
 //! portable so a PostgreSQL store can share it later.
 
+mod counts;
 mod sqlite;
 
 pub use sqlite::SqliteStore;

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::fmt::Display;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,6 +19,8 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, FromRow};
+
+use crate::counts::Counts;
 
 /// The schema, compiled into the binary so a fresh data directory needs
 /// nothing but the executable.
@@ -48,6 +51,8 @@ pub struct SqliteStore {
     /// One connection with `synchronous=NORMAL`, for plan progress: its
     /// commits reach the disk with the next durable write of the pool.
     progress: SqlitePool,
+    /// ListVms totals between writes.
+    counts: Arc<Counts>,
 }
 
 impl SqliteStore {
@@ -89,7 +94,11 @@ impl SqliteStore {
             .connect_with(options.synchronous(SqliteSynchronous::Normal))
             .await
             .map_err(|e| db_err(format_args!("opening {}", path.display()), e))?;
-        Ok(SqliteStore { pool, progress })
+        Ok(SqliteStore {
+            pool,
+            progress,
+            counts: Arc::default(),
+        })
     }
 
     /// Writes (and fsyncs) one row: the health check's proof that the
@@ -241,6 +250,7 @@ impl Store for SqliteStore {
         .bind(vm.name.as_str())
         .execute(&self.pool)
         .await;
+        self.counts.invalidate(vm.customer.as_str());
         match result {
             Ok(_) => Ok(()),
             // (customer_id, name) is the only unique key a caller controls
@@ -311,6 +321,7 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(|e| db_err(format_args!("updating vm {:?}", vm.id.as_str()), e))?;
+        self.counts.invalidate(vm.customer.as_str());
         if result.rows_affected() == 0 {
             return Err(StoreError::Other(format!(
                 "updating vm {:?}: no such vm in the store",
@@ -336,11 +347,15 @@ impl Store for SqliteStore {
     }
 
     async fn remove(&self, id: &VmId) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM vms WHERE vm_id = $1")
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| db_err(format_args!("removing vm {:?}", id.as_str()), e))?;
+        let owner: Option<String> =
+            sqlx::query_scalar("DELETE FROM vms WHERE vm_id = $1 RETURNING customer_id")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| db_err(format_args!("removing vm {:?}", id.as_str()), e))?;
+        if let Some(customer) = owner {
+            self.counts.invalidate(&customer);
+        }
         Ok(())
     }
 
@@ -348,8 +363,9 @@ impl Store for SqliteStore {
     /// `cursor` (from the start when `None`), so VMs created or deleted
     /// between pages never shift later pages. One row beyond `limit` is
     /// fetched to learn whether another page exists. `total` counts every
-    /// matching VM regardless of the cursor. The page and the count are read
-    /// in one transaction, so they agree with each other. A `limit` of 0
+    /// matching VM regardless of the cursor; it is counted once and kept
+    /// until the customer's rows change ([`crate::counts`]), so a page
+    /// costs its rows, not a scan of all of them. A `limit` of 0
     /// returns no VMs and no cursor, only the total.
     async fn list(
         &self,
@@ -385,16 +401,23 @@ impl Store for SqliteStore {
                 .await
                 .map_err(|e| db_err(ctx(), e))?
         };
-        // As above: placeholders only.
-        let mut count =
-            sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql)).bind(customer.as_str());
-        for s in &states {
-            count = count.bind(*s);
-        }
-        let total = count
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| db_err(ctx(), e))?;
+        let total = match self.counts.get(customer.as_str(), &states) {
+            Ok(n) => n,
+            Err(token) => {
+                // As above: placeholders only.
+                let mut count =
+                    sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql)).bind(customer.as_str());
+                for s in &states {
+                    count = count.bind(*s);
+                }
+                let n = count
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| db_err(ctx(), e))?;
+                self.counts.put(customer.as_str(), states, token, n);
+                n
+            }
+        };
         tx.commit().await.map_err(|e| db_err(ctx(), e))?;
 
         let limit = limit as usize;

@@ -300,3 +300,47 @@ async fn an_address_is_leased_once_even_under_concurrent_callers() {
         "released addresses are reusable"
     );
 }
+
+#[tokio::test]
+async fn list_totals_kept_between_pages_follow_every_write() {
+    let (_dir, _path, store) = open().await;
+    let acme = CustomerId::parse("acme").unwrap();
+    let total = |states: &'static [VmState]| {
+        let store = store.clone();
+        let acme = acme.clone();
+        async move { store.list(&acme, states, None, 1).await.unwrap().total }
+    };
+    for i in 0..3 {
+        store
+            .insert(&record(&format!("t-{i}"), "acme"))
+            .await
+            .unwrap();
+    }
+    // Read twice: the second read is served from what the first counted.
+    assert_eq!((total(&[]).await, total(&[]).await), (3, 3));
+    assert_eq!(total(&[VmState::Running]).await, 0);
+
+    store.insert(&record("t-3", "acme")).await.unwrap();
+    assert_eq!(total(&[]).await, 4, "an insert counts");
+    assert!(store.insert(&record("t-3", "acme")).await.is_err());
+    assert_eq!(total(&[]).await, 4, "a refused insert does not");
+    assert_eq!(total(&[VmState::Running]).await, 0);
+    assert_eq!(total(&[VmState::Created]).await, 4);
+
+    let mut vm = store
+        .find(&acme, &VmId::parse("t-1", "t").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    vm.state = VmState::Running;
+    store.update(&vm).await.unwrap();
+    assert_eq!(total(&[VmState::Running]).await, 1, "a state change counts");
+    assert_eq!(total(&[VmState::Created]).await, 3);
+
+    store.remove(&vm.id).await.unwrap();
+    assert_eq!(total(&[]).await, 3, "a delete counts");
+    assert_eq!(total(&[VmState::Running]).await, 0);
+
+    store.insert(&record("g-0", "globex")).await.unwrap();
+    assert_eq!(total(&[]).await, 3, "another customer's VM does not");
+}
