@@ -1,4 +1,5 @@
-//! What one billing sample costs: reading a VMM's usage from `/proc`.
+//! What one billing sample costs: reading a VMM's usage from `/proc`
+//! through the files a `Reader` keeps open.
 //!
 //! Run with `cargo bench -p metald-billing`. The process measured is this
 //! bench itself with 8 extra idle threads (a QEMU microVM has about as
@@ -7,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use metald_billing::usage::{CpuTracker, read};
+use metald_billing::usage::Reader;
 
 fn main() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -22,24 +23,24 @@ fn main() {
         })
         .collect();
     let pid = std::process::id() as i32;
-    let mut cpu = CpuTracker::default();
+    let mut reader = Reader::new(pid);
     // Warm up.
     for _ in 0..100 {
-        read(pid, &mut cpu).unwrap();
+        reader.read().unwrap();
     }
     let n = 5_000;
     let mut samples = Vec::with_capacity(n);
     let all = Instant::now();
     for _ in 0..n {
         let t = Instant::now();
-        std::hint::black_box(read(pid, &mut cpu).unwrap());
+        std::hint::black_box(reader.read().unwrap());
         samples.push(t.elapsed());
     }
     let total = all.elapsed();
     samples.sort();
     let pct = |p: f64| samples[((n as f64 * p) as usize).min(n - 1)];
     println!(
-        "usage::read, process with {} threads: mean {:?}, p50 {:?}, p99 {:?}, max {:?} over {n} reads",
+        "usage::Reader::read, process with {} threads: mean {:?}, p50 {:?}, p99 {:?}, max {:?} over {n} reads",
         9,
         total / n as u32,
         pct(0.50),

@@ -18,7 +18,9 @@ use crate::{BillingConfig, Stats, now_ns, usage};
 pub(crate) struct Meter {
     name: String,
     customer: String,
-    cpu: usage::CpuTracker,
+    /// The VMM's open `/proc` files; lent to the blocking pool while a
+    /// sample is read.
+    reader: Option<usage::Reader>,
     /// What the VM's counters reached before this VMM process.
     carried: usage::Carried,
     /// The VM's counters at its last sample (`carried` plus the process's
@@ -229,7 +231,7 @@ impl MeterTask {
             // do its counters.
             if (pid, start_time) != (m.pid, m.start_time) {
                 m.carried = usage::Carried::from_total(m.total);
-                m.cpu = usage::CpuTracker::default();
+                m.reader = Some(usage::Reader::new(pid));
             }
             m.pid = pid;
             m.start_time = start_time;
@@ -264,7 +266,7 @@ impl MeterTask {
         let m = Meter {
             name: ev.name,
             customer: ev.customer,
-            cpu: usage::CpuTracker::default(),
+            reader: Some(usage::Reader::new(pid)),
             carried,
             total,
             last_cpu: None,
@@ -336,18 +338,24 @@ impl MeterTask {
         }
         let targets: Vec<Target> = self
             .meters
-            .iter()
-            .map(|(id, m)| (id.clone(), m.pid, m.cpu.clone(), m.veth.clone(), m.carried))
+            .iter_mut()
+            .map(|(id, m)| {
+                let reader = m.reader.take().unwrap_or_else(|| usage::Reader::new(m.pid));
+                (id.clone(), reader, m.veth.clone(), m.carried)
+            })
             .collect();
         let Ok(read) = tokio::task::spawn_blocking(move || {
             targets
                 .into_iter()
-                .filter_map(|(id, pid, mut cpu, veth, carried)| {
-                    let mut u = carried.onto(usage::read(pid, &mut cpu).ok()?);
-                    if let Some(veth) = veth {
-                        (u.net_rx, u.net_tx) = usage::veth_traffic(&veth);
-                    }
-                    Some((id, u, cpu, now_ns()))
+                .map(|(id, mut reader, veth, carried)| {
+                    let u = reader.read().ok().map(|own| {
+                        let mut u = carried.onto(own);
+                        if let Some(veth) = veth {
+                            (u.net_rx, u.net_tx) = usage::veth_traffic(&veth);
+                        }
+                        (u, now_ns())
+                    });
+                    (id, reader, u)
                 })
                 .collect::<Vec<_>>()
         })
@@ -358,11 +366,18 @@ impl MeterTask {
         let stall = self.config.sample_interval.as_nanos() as i64 * 3;
         let mut gaps = Vec::new();
         let mut fresh = Vec::new();
-        for (id, u, cpu, ts) in read {
+        for (id, reader, u) in read {
             let Some(m) = self.meters.get_mut(&id) else {
                 continue;
             };
-            m.cpu = cpu;
+            // A reader of an older process (the VMM was replaced while
+            // this sample was read) is dropped; the meter has a fresh one.
+            if m.reader.is_none() && reader.pid() == m.pid {
+                m.reader = Some(reader);
+            }
+            let Some((u, ts)) = u else {
+                continue;
+            };
             m.total = u;
             if m.next_seq > 0 && ts - m.last_ts > stall {
                 // The sampler stalled (host overload): say so.
@@ -425,15 +440,9 @@ impl MeterTask {
     }
 }
 
-/// What one sample reads: VM key, VMM pid, its CPU tracker, its veth and
-/// what its counters carry.
-type Target = (
-    String,
-    i32,
-    usage::CpuTracker,
-    Option<String>,
-    usage::Carried,
-);
+/// What one sample reads: VM key, the VMM's reader, its veth and what its
+/// counters carry.
+type Target = (String, usage::Reader, Option<String>, usage::Carried);
 
 /// Each metered VM as (name, customer).
 pub(crate) type Active = Arc<Mutex<Vec<(String, String)>>>;

@@ -3,10 +3,9 @@
 //! - CPU: the sum over the VMM's threads of the first field of
 //!   `/proc/<pid>/task/<tid>/schedstat` (nanoseconds on a CPU). This is the
 //!   VMM's CPU time, vCPU threads and device emulation together. VMMs start
-//!   and end worker threads as they go; a [`CpuTracker`] keeps the last
+//!   and end worker threads as they go; a [`Reader`] keeps the last
 //!   reading of every thread that has exited, so the total never goes
-//!   back (the time an exited thread used after its last reading, at most
-//!   one sample interval of one worker, is not counted).
+//!   back.
 //! - Memory: resident set size (`/proc/<pid>/statm`, field 2, in pages).
 //! - Disk: `read_bytes` / `write_bytes` of `/proc/<pid>/io`: bytes the VMM
 //!   made the host's storage layer read or write for the guest's disks.
@@ -16,7 +15,9 @@
 //!   (`net_rx`). Zero for a VM without an interface.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 
 /// Cumulative usage of one VMM at one instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,75 +63,171 @@ impl Carried {
     }
 }
 
-/// CPU time of one VMM across its threads' lives.
-#[derive(Debug, Default, Clone)]
-pub struct CpuTracker {
-    /// Last reading per live thread id.
-    threads: HashMap<u32, i64>,
+/// Samples between rescans of a VMM's thread list. A thread started in
+/// between is first read at the next rescan; its counter is cumulative, so
+/// none of its time is lost, only reported up to this many samples late.
+const RESCAN_EVERY: u32 = 10;
+
+/// Reads one VMM process's usage, sample after sample, with every `/proc`
+/// file it needs kept open: a sample is one `pread` per file, not an open,
+/// read and close of each (opening is most of a `/proc` read's cost). The
+/// open files also pin the process: once it exits they fail with `ESRCH`,
+/// even if its pid is reused, so a successor's counters are never read as
+/// the VM's.
+///
+/// CPU time across threads' lives: the last reading of every thread that
+/// has exited is kept, so the total never goes back (the time an exited
+/// thread used after its last reading, at most one sample interval of one
+/// worker, is not counted).
+#[derive(Debug)]
+pub struct Reader {
+    pid: i32,
+    statm: Option<File>,
+    io: Option<File>,
+    /// Per live thread: its `schedstat` and last reading.
+    threads: HashMap<u32, (File, i64)>,
     /// What threads that have exited had used at their last reading.
     exited: i64,
     /// The last total reported; totals never go below it.
     last: i64,
+    /// Samples since the thread list was last read.
+    since_scan: u32,
+    buf: Vec<u8>,
 }
 
-impl CpuTracker {
-    /// Folds a reading of every live thread into the running total.
-    fn total(&mut self, now: HashMap<u32, i64>) -> i64 {
-        for (tid, ns) in &self.threads {
-            if !now.contains_key(tid) {
-                self.exited += ns;
+impl Reader {
+    /// A reader of process `pid`; nothing is opened until the first read.
+    pub fn new(pid: i32) -> Self {
+        Reader {
+            pid,
+            statm: None,
+            io: None,
+            threads: HashMap::new(),
+            exited: 0,
+            last: 0,
+            since_scan: 0,
+            buf: Vec::with_capacity(512),
+        }
+    }
+
+    /// The process this reader reads.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The process's cumulative usage now (network counters zero).
+    pub fn read(&mut self) -> io::Result<Usage> {
+        if self.statm.is_none() {
+            self.statm = Some(File::open(format!("/proc/{}/statm", self.pid))?);
+            // Without /proc/<pid>/io (a kernel without task I/O
+            // accounting) disk counters stay zero.
+            self.io = File::open(format!("/proc/{}/io", self.pid)).ok();
+        }
+        if self.since_scan == 0 || self.threads.is_empty() {
+            self.scan()?;
+        }
+        self.since_scan = (self.since_scan + 1) % RESCAN_EVERY;
+        let cpu_ns = self.cpu();
+        let pages = match self.statm.as_ref().map(|f| pread(f, &mut self.buf)) {
+            Some(Ok(())) => nth_field(&self.buf, 1),
+            _ => 0,
+        };
+        if pages == 0 {
+            // Only an exiting process (or a zombie) has no resident memory;
+            // its counters are no longer the VM's.
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {} has exited", self.pid),
+            ));
+        }
+        let (disk_read, disk_write) = match self.io.as_ref().map(|f| pread(f, &mut self.buf)) {
+            Some(Ok(())) => {
+                let text = String::from_utf8_lossy(&self.buf);
+                (field(&text, "read_bytes:"), field(&text, "write_bytes:"))
+            }
+            _ => (0, 0),
+        };
+        Ok(Usage {
+            cpu_ns,
+            memory_bytes: pages * page_size(),
+            disk_read,
+            disk_write,
+            net_rx: 0,
+            net_tx: 0,
+        })
+    }
+
+    /// Opens the `schedstat` of every thread not yet known.
+    fn scan(&mut self) -> io::Result<()> {
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid))? {
+            let task = task?;
+            let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if self.threads.contains_key(&tid) {
+                continue;
+            }
+            // A thread may exit between listing and opening: skip it.
+            if let Ok(f) = File::open(task.path().join("schedstat")) {
+                self.threads.insert(tid, (f, 0));
             }
         }
-        self.threads = now;
-        let total = self.exited + self.threads.values().sum::<i64>();
+        Ok(())
+    }
+
+    /// Reads every known thread; a thread that has exited keeps its last
+    /// reading in the total.
+    fn cpu(&mut self) -> i64 {
+        let buf = &mut self.buf;
+        let exited = &mut self.exited;
+        self.threads.retain(|_, (f, last)| match pread(f, buf) {
+            Ok(()) => {
+                *last = (*last).max(nth_field(buf, 0));
+                true
+            }
+            Err(_) => {
+                *exited += *last;
+                false
+            }
+        });
+        let total = self.exited + self.threads.values().map(|(_, ns)| ns).sum::<i64>();
         self.last = self.last.max(total);
         self.last
     }
 }
 
-/// Reads the usage of process `pid`.
-pub fn read(pid: i32, cpu: &mut CpuTracker) -> io::Result<Usage> {
-    let mut threads = HashMap::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let task = task?;
-        let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        // A thread may exit between listing and reading: skip it.
-        if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
-            let ns = s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<i64>().ok());
-            threads.insert(tid, ns.unwrap_or(0));
+/// Reads all of `f` from its start into `buf`. `/proc` files regenerate
+/// their text on a read at offset 0.
+fn pread(f: &File, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.clear();
+    buf.resize(buf.capacity().max(512), 0);
+    let mut len = 0;
+    loop {
+        let n = f.read_at(&mut buf[len..], len as u64)?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
         }
     }
-    let cpu_ns = cpu.total(threads);
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
-    let pages: i64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    if pages == 0 {
-        // Only an exiting process (or a zombie) has no resident memory; its
-        // counters are no longer the VM's.
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("process {pid} has exited"),
-        ));
+    buf.truncate(len);
+    if len == 0 {
+        // A dead process's files read as empty on some kernels.
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
     }
-    let (disk_read, disk_write) = std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .map(|io| (field(&io, "read_bytes:"), field(&io, "write_bytes:")))
-        .unwrap_or((0, 0));
-    Ok(Usage {
-        cpu_ns,
-        memory_bytes: pages * page_size(),
-        disk_read,
-        disk_write,
-        net_rx: 0,
-        net_tx: 0,
-    })
+    Ok(())
+}
+
+/// Whitespace-separated field `n` of `buf` as a number (0 if absent).
+fn nth_field(buf: &[u8], n: usize) -> i64 {
+    buf.split(|b| b.is_ascii_whitespace())
+        .filter(|f| !f.is_empty())
+        .nth(n)
+        .and_then(|f| std::str::from_utf8(f).ok())
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Bytes the guest received and sent, from the host side of its veth.
@@ -160,17 +257,21 @@ fn page_size() -> i64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn own_process_uses_cpu_and_memory_and_cpu_only_grows() {
-        let me = std::process::id() as i32;
-        let mut cpu = CpuTracker::default();
-        let a = read(me, &mut cpu).unwrap();
+    fn spin(n: u64) {
         let mut x: u64 = 0;
-        for i in 0..5_000_000u64 {
+        for i in 0..n {
             x = x.wrapping_mul(31).wrapping_add(i);
         }
         std::hint::black_box(x);
-        let b = read(me, &mut cpu).unwrap();
+    }
+
+    #[test]
+    fn own_process_uses_cpu_and_memory_and_cpu_only_grows() {
+        let me = std::process::id() as i32;
+        let mut r = Reader::new(me);
+        let a = r.read().unwrap();
+        spin(5_000_000);
+        let b = r.read().unwrap();
         assert!(a.cpu_ns > 0 && a.memory_bytes > 0, "{a:?}");
         assert!(
             b.cpu_ns > a.cpu_ns,
@@ -180,7 +281,51 @@ mod tests {
 
     #[test]
     fn a_missing_process_is_an_error() {
-        assert!(read(i32::MAX, &mut CpuTracker::default()).is_err());
+        assert!(Reader::new(i32::MAX).read().is_err());
+    }
+
+    #[test]
+    fn a_process_that_exited_is_an_error_even_with_its_files_open() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut r = Reader::new(child.id() as i32);
+        assert!(r.read().is_ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(r.read().is_err(), "a reaped process has no usage");
+    }
+
+    #[test]
+    fn a_thread_started_later_is_counted_and_one_that_ended_keeps_its_time() {
+        use std::sync::mpsc::channel;
+        let me = std::process::id() as i32;
+        let mut r = Reader::new(me);
+        let before = r.read().unwrap().cpu_ns;
+        // A thread that starts after the first read, burns CPU, reports its
+        // own CPU time and waits to be let go.
+        let (burnt_tx, burnt) = channel();
+        let (go, go_rx) = channel::<()>();
+        let thread = std::thread::spawn(move || {
+            spin(20_000_000);
+            let own = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+            burnt_tx.send(nth_field(own.as_bytes(), 0)).unwrap();
+            let _ = go_rx.recv();
+        });
+        let spent = burnt.recv().unwrap();
+        // Within RESCAN_EVERY reads one rescans and finds the thread.
+        for _ in 0..RESCAN_EVERY {
+            r.read().unwrap();
+        }
+        go.send(()).unwrap();
+        thread.join().unwrap();
+        let after = r.read().unwrap().cpu_ns;
+        assert!(spent > 0);
+        assert!(
+            after - before >= spent,
+            "the thread's {spent} ns count after it ended: {before} -> {after}"
+        );
     }
 
     #[test]
@@ -214,15 +359,5 @@ mod tests {
                 net_tx: 4,
             }
         );
-    }
-
-    #[test]
-    fn exited_threads_keep_their_time_and_the_total_never_drops() {
-        let mut t = CpuTracker::default();
-        assert_eq!(t.total(HashMap::from([(1, 100), (2, 50)])), 150);
-        // Thread 2 exited; thread 3 is new.
-        assert_eq!(t.total(HashMap::from([(1, 120), (3, 5)])), 175);
-        // A thread id reused by a fresh thread with less time.
-        assert_eq!(t.total(HashMap::from([(1, 120), (3, 1)])), 175);
     }
 }
