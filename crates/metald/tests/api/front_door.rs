@@ -15,7 +15,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Assets, Daemon};
+use crate::harness::{Assets, Daemon, without_colours};
 
 /// A test CA that issues server and client certificates.
 struct Ca {
@@ -253,21 +253,7 @@ async fn mtls_refuses_clients_without_a_certificate_and_names_customers_by_spiff
 /// metald's log, without colour codes, once a line `want` accepts is in
 /// it (bounded).
 async fn log_with(d: &Daemon, want: impl Fn(&str) -> bool) -> String {
-    strip_ansi(&d.log_when(|l| want(&strip_ansi(l))).await)
-}
-
-/// Log text without terminal colour codes.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().find(|c| c.is_ascii_alphabetic());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    without_colours(&d.log_when(|l| want(&without_colours(l))).await)
 }
 
 /// Polls `f` until it returns true, for at most `limit`.

@@ -140,6 +140,35 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_metald")
 }
 
+/// metald as every test starts it: loopback on an ephemeral port, QEMU
+/// under TCG, the data dir and asset roots under `data_dir`, its own
+/// metrics port, text logs, and no billing or host bridge unless a test
+/// asks (flags win over the environment).
+pub fn base_command(data_dir: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.args([
+        "--address",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--qemu-accel",
+        "tcg",
+    ])
+    .arg("--data-dir")
+    .arg(data_dir)
+    .arg("--asset-dirs")
+    .arg(asset_dirs(data_dir))
+    .env_remove("UNKEY_METALD_AUTH_MODE")
+    .env("UNKEY_METALD_BACKEND", "qemu")
+    .env("UNKEY_METALD_BILLING_ENABLED", "false")
+    .env("UNKEY_METALD_NETWORK_ENABLED", "false")
+    .env("UNKEY_METALD_LOG_FORMAT", "text")
+    // Every test's metald on its own metrics port (a test that needs
+    // it reads it with `Daemon::metrics_addr`).
+    .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0");
+    c
+}
+
 impl Daemon {
     /// metald in dev-auth mode on a fresh data dir.
     pub fn start() -> Daemon {
@@ -165,36 +194,9 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(bin())
-            .args([
-                "--address",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--qemu-accel",
-                "tcg",
-                "--log",
-                "info",
-            ])
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--asset-dirs")
-            .arg(asset_dirs(&self.data_dir))
+        let mut child = base_command(&self.data_dir)
+            .args(["--log", "info"])
             .args(&self.extra_args)
-            .env_remove("UNKEY_METALD_AUTH_MODE")
-            // QEMU unless a test passes --backend (flags win over the
-            // environment).
-            .env("UNKEY_METALD_BACKEND", "qemu")
-            // No billing service unless a test starts one (and passes
-            // --billing-enabled true, which wins over the environment).
-            .env("UNKEY_METALD_BILLING_ENABLED", "false")
-            // Likewise no host bridge unless a network test asks for one.
-            .env("UNKEY_METALD_NETWORK_ENABLED", "false")
-            // Text lines the tests search; a test may ask for JSON.
-            .env("UNKEY_METALD_LOG_FORMAT", "text")
-            // Every test's metald on its own metrics port (a test that
-            // needs it reads it with `Daemon::metrics_addr`).
-            .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{asset_dirs, bin};
+use crate::harness::{base_command, bin};
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -59,26 +59,9 @@ fn metald_notifies_ready_once_it_serves_and_stopping_on_sigterm() {
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let data = dir.path().join("data");
-    let mut child = Command::new(bin())
-        .args([
-            "--address",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--qemu-accel",
-            "tcg",
-        ])
-        .args(["--auth-mode", "dev", "--log-format", "text"])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--asset-dirs")
-        .arg(asset_dirs(&data))
+    let mut child = base_command(&data)
+        .args(["--auth-mode", "dev"])
         .env("NOTIFY_SOCKET", &sock_path)
-        // Its own metrics port: other tests' metalds run at the same time.
-        .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0")
-        .env("UNKEY_METALD_BACKEND", "qemu")
-        .env("UNKEY_METALD_BILLING_ENABLED", "false")
-        .env("UNKEY_METALD_NETWORK_ENABLED", "false")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
