@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `store` | yes | writes and fsyncs one row of metald.db |
 //! | `data_dir` | yes | creates, fsyncs and removes a file in the data directory; free space |
-//! | `backend` | yes | runs each VMM binary with `--version` |
+//! | `backend` | yes | runs each VMM binary with `--version` (again only once the file changed) |
 //! | `kvm` | where the backend needs it | opens `/dev/kvm` read-write |
 //! | `tun` | where VM networking is on | opens `/dev/net/tun` read-write |
 //! | `billing` | no | delivery lag (oldest unacknowledged sample), retries since the last check |
@@ -72,6 +72,60 @@ pub struct Probes {
     pub billing_lag_limit: Duration,
     pub reconcile: Arc<ReconcileClock>,
     pub reconcile_interval: Duration,
+    /// Binaries whose `--version` answered, as they were then.
+    pub versions: Versions,
+}
+
+/// The VMM binaries that answered `--version`, by file identity (device,
+/// inode, size, modification time). A binary is run again only when it
+/// changed (an upgrade, a replacement) or is not yet known: QEMU loads
+/// dozens of libraries to print its version, which every 3 s would cost
+/// about 1% of a core for nothing. A binary that is gone or no longer
+/// executable fails at once, without being run.
+#[derive(Debug, Default)]
+pub struct Versions {
+    known: Mutex<std::collections::HashMap<PathBuf, (u64, u64, u64, i64)>>,
+}
+
+impl Versions {
+    async fn check(&self, bin: &Path) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = tokio::fs::metadata(bin)
+            .await
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        if !meta.is_file() || meta.mode() & 0o111 == 0 {
+            return Err(format!("{}: not an executable file", bin.display()));
+        }
+        let id = (meta.dev(), meta.ino(), meta.size(), meta.mtime());
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(bin)
+            == Some(&id);
+        if known {
+            return Ok(());
+        }
+        let run = tokio::process::Command::new(bin)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        match tokio::time::timeout(CHECK_TIMEOUT, run).await {
+            Ok(Ok(s)) if s.success() => {
+                self.known
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(bin.to_owned(), id);
+                Ok(())
+            }
+            Ok(Ok(s)) => Err(format!("{} --version: {s}", bin.display())),
+            Ok(Err(e)) => Err(format!("{}: {e}", bin.display())),
+            Err(_) => Err(format!("{} --version did not answer", bin.display())),
+        }
+    }
 }
 
 /// Runs the checks once now (so the first answer is a real one) and then
@@ -147,23 +201,10 @@ impl Probes {
     async fn backend(&self) -> Check {
         let mut found = Vec::new();
         for bin in &self.backend.binaries {
-            let run = tokio::process::Command::new(bin)
-                .arg("--version")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .status();
-            match tokio::time::timeout(CHECK_TIMEOUT, run).await {
-                Ok(Ok(s)) if s.success() => found.push(bin.display().to_string()),
-                Ok(Ok(s)) => {
-                    return Check::failing(format!("{} --version: {s}", bin.display()));
-                }
-                Ok(Err(e)) => return Check::failing(format!("{}: {e}", bin.display())),
-                Err(_) => {
-                    return Check::failing(format!("{} --version did not answer", bin.display()));
-                }
+            if let Err(why) = self.versions.check(bin).await {
+                return Check::failing(why);
             }
+            found.push(bin.display().to_string());
         }
         Check::ok(format!("{}: {}", self.backend.name, found.join(", ")))
     }
@@ -285,4 +326,54 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in VMM binary that records each run in `runs` and exits
+    /// with `code`.
+    fn vmm(dir: &Path, runs: &Path, code: i32) -> PathBuf {
+        let bin = dir.join("vmm");
+        // Written beside and renamed over, as an upgrade replaces a binary
+        // (writing a file that is being executed fails with ETXTBSY).
+        let tmp = dir.join("vmm.new");
+        std::fs::write(
+            &tmp,
+            format!("#!/bin/sh\necho run >> '{}'\nexit {code}\n", runs.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &bin).unwrap();
+        bin
+    }
+
+    fn count(runs: &Path) -> usize {
+        std::fs::read_to_string(runs).map_or(0, |s| s.lines().count())
+    }
+
+    #[tokio::test]
+    async fn a_binary_is_run_again_only_once_it_changed_and_a_missing_one_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        let versions = Versions::default();
+        let bin = vmm(dir.path(), &runs, 0);
+        versions.check(&bin).await.unwrap();
+        versions.check(&bin).await.unwrap();
+        assert_eq!(count(&runs), 1, "an unchanged binary is not run again");
+
+        let bin = vmm(dir.path(), &runs, 3);
+        let err = versions.check(&bin).await.unwrap_err();
+        assert!(err.contains("--version"), "{err}");
+        assert_eq!(count(&runs), 2, "a replaced binary is run again");
+
+        std::fs::remove_file(&bin).unwrap();
+        assert!(
+            versions.check(&bin).await.is_err(),
+            "a missing binary fails"
+        );
+        assert_eq!(count(&runs), 2);
+    }
 }

@@ -475,6 +475,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 .max(std::time::Duration::from_secs(60)),
             reconcile: clock,
             reconcile_interval: config.reconcile_interval,
+            versions: health::Versions::default(),
         },
     )
     .await;
