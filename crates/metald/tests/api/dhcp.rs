@@ -12,7 +12,7 @@ use std::time::Duration;
 use rustix::process::Signal;
 use serde_json::{Value, json};
 
-use crate::harness::{Assets, Daemon, vm_key, wait_for_console};
+use crate::harness::{Assets, Daemon, is_dnsmasq, vm_key, wait_for_console};
 use crate::network::{Lan, leases, netns_list, ping, with_nic};
 
 const T: &str = "dev_customer_dhcp";
@@ -41,15 +41,7 @@ fn dnsmasq_pid(d: &Daemon) -> Option<i32> {
         .trim()
         .parse()
         .ok()?;
-    alive_dnsmasq(pid).then_some(pid)
-}
-
-fn alive_dnsmasq(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-        c.split(|b| *b == 0)
-            .next()
-            .is_some_and(|a| a.ends_with(b"dnsmasq"))
-    })
+    is_dnsmasq(pid).then_some(pid)
 }
 
 /// A dual-stack VM whose guest configures itself (`metald.dhcp=1`).
@@ -201,7 +193,7 @@ async fn hosts_lines_go_with_failed_creates_and_crashes_and_a_restart_keeps_leas
     assert!(line_of(&d, &ghost).is_some());
     let server = dnsmasq_pid(&d).expect("dnsmasq serves");
     d.stop(Signal::KILL);
-    assert!(alive_dnsmasq(server), "dnsmasq outlives metald");
+    assert!(is_dnsmasq(server), "dnsmasq outlives metald");
     sqlite(
         &d.data_dir.join("metald.db"),
         "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nc.execute('delete from vms where name=?',(sys.argv[2],))\nc.commit()",
@@ -248,7 +240,7 @@ async fn hosts_lines_go_with_failed_creates_and_crashes_and_a_restart_keeps_leas
     assert_eq!(hosts(&d), "", "no line left");
     d.stop(Signal::TERM);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while alive_dnsmasq(server) {
+    while is_dnsmasq(server) {
         assert!(
             std::time::Instant::now() < deadline,
             "dnsmasq still runs after metald stopped with no VM"
