@@ -157,20 +157,36 @@ fn is_dnsmasq(argv: &[String]) -> bool {
         .is_some_and(|n| n == "dnsmasq")
 }
 
+/// The pid in `dir`'s pid file and its command line, if that process is a
+/// dnsmasq serving `dir`'s hosts file.
+fn of_dir(dir: &Path) -> Option<(i32, Vec<String>)> {
+    let text = std::fs::read_to_string(dir.join("dnsmasq.pid")).ok()?;
+    let pid: i32 = text.trim().parse().ok().filter(|p| *p > 0)?;
+    let argv = cmdline(pid)?;
+    let hosts = format!("--dhcp-hostsfile={}", dir.join("hosts").display());
+    (is_dnsmasq(&argv) && argv.contains(&hosts)).then_some((pid, argv))
+}
+
 /// The pid in the pid file, if its process is a dnsmasq of this directory:
 /// `Ok` when it runs with exactly `args`, `Err` when with other ones.
 fn recorded(c: &DhcpConfig, args: &[String]) -> Option<Result<i32, i32>> {
-    let text = std::fs::read_to_string(c.file("dnsmasq.pid")).ok()?;
-    let pid: i32 = text.trim().parse().ok().filter(|p| *p > 0)?;
-    let argv = cmdline(pid)?;
-    if !is_dnsmasq(&argv) {
-        return None;
-    }
-    if argv[1..] == *args {
-        return Some(Ok(pid));
-    }
-    let hosts = format!("--dhcp-hostsfile={}", c.file("hosts").display());
-    argv.contains(&hosts).then_some(Err(pid))
+    let (pid, argv) = of_dir(&c.dir)?;
+    Some(if argv[1..] == *args {
+        Ok(pid)
+    } else {
+        Err(pid)
+    })
+}
+
+/// With the server turned off: stops a dnsmasq an earlier metald left
+/// serving `dir` (its DHCP directory); returns its pid if there was one.
+pub fn stop_leftover(dir: &Path) -> Result<Option<i32>, String> {
+    let Some((pid, _)) = of_dir(dir) else {
+        return Ok(None);
+    };
+    terminate(pid)?;
+    let _ = std::fs::remove_file(dir.join("dnsmasq.pid"));
+    Ok(Some(pid))
 }
 
 fn signal(pid: i32, sig: libc::c_int) -> Result<(), String> {

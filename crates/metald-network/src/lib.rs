@@ -102,7 +102,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 pub use dhcp_hosts::HostEntry;
-pub use dnsmasq::{DhcpConfig, DhcpServer};
+pub use dnsmasq::{DhcpConfig, DhcpServer, stop_leftover as stop_leftover_dhcp};
 pub use guard::link_local;
 pub use names::mac_for;
 pub use netns::{in_netns, netns_path};

@@ -68,10 +68,22 @@ impl HostNetwork {
 /// `<data_dir>/dhcp`.
 pub async fn dhcp_server(config: &crate::config::Config) -> anyhow::Result<Option<DhcpServer>> {
     let d = &config.dhcp;
+    let dir = config.data_dir.join("dhcp");
     if !d.network_dhcp {
         tracing::info!(
             "no DHCP server (UNKEY_METALD_NETWORK_DHCP=false): guests need the kernel command line"
         );
+        match tokio::task::spawn_blocking(move || metald_network::stop_leftover_dhcp(&dir)).await {
+            Ok(Ok(Some(pid))) => tracing::info!(
+                pid,
+                "stopped the DHCP server an earlier metald left running"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot stop the DHCP server an earlier metald left running")
+            }
+            Err(e) => tracing::warn!(error = %e, "stopping a leftover DHCP server"),
+        }
         return Ok(None);
     }
     let bridge = &config.network_bridge;
@@ -81,7 +93,7 @@ pub async fn dhcp_server(config: &crate::config::Config) -> anyhow::Result<Optio
         .unwrap_or(1500);
     let server = DhcpServer::start(metald_network::DhcpConfig {
         bridge: bridge.clone(),
-        dir: config.data_dir.join("dhcp"),
+        dir,
         ipv4_subnet: config.network_ipv4_subnet,
         ipv6_subnet: config.network_ipv6_subnet,
         dns: d.network_dns.0.clone(),
