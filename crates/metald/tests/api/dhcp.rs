@@ -85,7 +85,12 @@ fn sqlite(db: &Path, script: &str, args: &[&str]) {
 async fn a_guest_with_only_udhcpc_and_slaac_gets_its_leased_addresses_and_answers_ping_on_both() {
     let assets = Assets::load();
     let lan = Lan::new(14);
-    let d = lan.daemon(&["--network-kernel-args", "false"]);
+    let d = lan.daemon(&[
+        "--network-kernel-args",
+        "false",
+        "--network-dns",
+        "192.0.2.53,198.51.100.53,fd00::53",
+    ]);
     let info = create(&d, &assets, "selfconf").await;
     let (v4, v6, mac) = addresses(&info);
     let key = vm_key(&d, T, "selfconf").await;
@@ -120,6 +125,12 @@ async fn a_guest_with_only_udhcpc_and_slaac_gets_its_leased_addresses_and_answer
     assert!(
         text.contains(&format!("METALD-DHCP bound ipv4={v4}/24 router=")),
         "udhcpc got the leased IPv4 address:\n{text}"
+    );
+    let gateway = format!("{}.1", v4.rsplit_once('.').unwrap().0);
+    let options = format!("router={gateway} mtu=1500 lease=3600 dns=192.0.2.53,198.51.100.53");
+    assert!(
+        text.lines().any(|l| l.trim_end().ends_with(&options)),
+        "router, MTU, lease time and the IPv4 DNS servers of UNKEY_METALD_NETWORK_DNS:\n{text}"
     );
     assert!(
         text.contains(&format!("METALD-NET ipv6={v6}/64")),
