@@ -520,20 +520,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     {
         task.abort();
     }
-    stop(&config, &service, billing_tasks, &store).await;
-    if let Some(net) = network {
-        net.stop().await;
-    }
+    stop(&config, &service, billing_tasks, &store, network.as_deref()).await;
     Ok(())
 }
 
 /// After the API stopped: VMs shut down if configured, billing flushed,
-/// the database checkpointed.
+/// the DHCP server stopped if no VM needs it, the database checkpointed.
 async fn stop(
     config: &Config,
     service: &VmService,
     billing_tasks: metald_billing::BillingTasks,
     store: &metald_store::SqliteStore,
+    network: Option<&network::HostNetwork>,
 ) {
     if config.shutdown_vms_on_exit {
         match service.shutdown_all().await {
@@ -548,6 +546,9 @@ async fn stop(
     // sent. Bounded like the drain; what is cut off is reported as a gap by
     // the next start.
     billing_tasks.shutdown(config.drain_timeout).await;
+    if let Some(net) = network {
+        net.stop().await;
+    }
     // Checkpoints the write-ahead log into the database file.
     store.close().await;
     info!("stopped cleanly");
