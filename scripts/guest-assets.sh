@@ -214,6 +214,7 @@ build() {
 		[[ -e $root/$p ]] || ln -s /bin/busybox "$root/$p"
 	done
 	install -m 0755 "$GUEST_SRC/init" "$root/init"
+	install -D -m 0755 "$GUEST_SRC/udhcpc.script" "$root/etc/udhcpc.script"
 	printf '#!/bin/sh\nkill -USR2 1\n' >"$root/etc/acpi/PWRF/00000080"
 	chmod 0755 "$root/etc/acpi/PWRF/00000080"
 	: >"$root/lib/modules/load.order"

@@ -14,6 +14,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 # nft: each VM interface's anti-spoofing rules (nftables' bridge family).
 command -v nft >/dev/null || need+=(nftables)
+# dnsmasq: the guests' DHCPv4 and IPv6 router advertisements on the bridge.
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v python3 >/dev/null || need+=(python3)
 command -v cc >/dev/null || need+=(gcc)
 # libfuzzer-sys (the fuzz targets) compiles libFuzzer's C++.

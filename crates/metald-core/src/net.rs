@@ -64,15 +64,28 @@ pub struct NicAttachment {
     pub tap: String,
     /// Host side of the veth pair, on the host bridge.
     pub host_veth: String,
+    /// Whether the addresses also go on the guest's kernel command line
+    /// ([`NicAttachment::kernel_args`]), for guests without a DHCP client
+    /// and SLAAC. Rows written before the setting existed had them.
+    #[serde(default = "yes")]
+    pub cmdline: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl NicAttachment {
     /// Kernel arguments telling the guest its addresses: the kernel's own
     /// `ip=` for IPv4, and `metald.ip6=` / `metald.gw6=` for IPv6 (the
     /// kernel has no IPv6 equivalent; metald's test guest applies them,
-    /// other guests can read /proc/cmdline or use SLAAC).
+    /// other guests can read /proc/cmdline or use SLAAC). Empty when
+    /// [`NicAttachment::cmdline`] is off.
     pub fn kernel_args(&self) -> String {
         let mut args = Vec::new();
+        if !self.cmdline {
+            return String::new();
+        }
         if let Some((ip, prefix)) = self.ipv4 {
             let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0));
             let gw = self.gateway4.map(|g| g.to_string()).unwrap_or_default();
@@ -206,6 +219,20 @@ pub fn v4_candidates(net: Ipv4Addr, prefix: u8) -> impl Iterator<Item = Ipv4Addr
     };
     v4.hosts()
         .filter(move |a| !candidates_exclude(n.network(), n.prefix_len(), IpAddr::V4(*a)))
+}
+
+/// The address SLAAC gives a NIC with this MAC in a /64: the prefix and
+/// the modified EUI-64 interface identifier (`ff:fe` in the middle, the
+/// universal/local bit flipped), as the guest's kernel forms it. `None`
+/// for any other prefix length: SLAAC needs 64 interface bits.
+pub fn eui64(net: Ipv6Addr, prefix: u8, mac: Mac) -> Option<Ipv6Addr> {
+    if prefix != 64 {
+        return None;
+    }
+    let m = mac.octets();
+    let iid = u64::from_be_bytes([m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]);
+    let high = u128::from(net) & !u128::from(u64::MAX);
+    Some(Ipv6Addr::from(high | u128::from(iid)))
 }
 
 /// Host addresses of an IPv6 prefix in order, skipping `::` and the
@@ -364,10 +391,52 @@ mod tests {
             netns: "n".into(),
             tap: "tap0".into(),
             host_veth: "v".into(),
+            cmdline: true,
         };
         assert_eq!(
             a.kernel_args(),
             "ip=10.9.0.2::10.9.0.1:255.255.0.0::eth0:off metald.ip6=fd00:1::2/64 metald.gw6=fd00:1::1"
         );
+        let off = NicAttachment {
+            cmdline: false,
+            ..a
+        };
+        assert_eq!(off.kernel_args(), "", "no addresses on the command line");
+    }
+
+    #[test]
+    fn attachments_stored_before_the_cmdline_setting_keep_their_kernel_args() {
+        let old = r#"{"mac":"02:00:00:00:00:01","ipv4":["10.9.0.2",16],"gateway4":"10.9.0.1",
+            "ipv6":null,"gateway6":null,"netns":"n","tap":"tap0","host_veth":"v"}"#;
+        let a: NicAttachment = serde_json::from_str(old).unwrap();
+        assert!(a.cmdline);
+        assert!(
+            a.kernel_args().starts_with("ip=10.9.0.2::"),
+            "{}",
+            a.kernel_args()
+        );
+    }
+
+    #[test]
+    fn the_slaac_address_is_the_eui64_of_the_mac_in_a_64() {
+        let mac = Mac::parse("02:11:22:33:44:55").unwrap();
+        let net: Ipv6Addr = "fd00:1:2:3::".parse().unwrap();
+        assert_eq!(
+            eui64(net, 64, mac),
+            Some("fd00:1:2:3:11:22ff:fe33:4455".parse().unwrap())
+        );
+        // Host bits of the given network do not leak into the address.
+        assert_eq!(
+            eui64("fd00:1:2:3::9".parse().unwrap(), 64, mac),
+            eui64(net, 64, mac)
+        );
+        let universal = Mac::parse("52:54:00:12:34:56").unwrap();
+        assert_eq!(
+            eui64(net, 64, universal),
+            Some("fd00:1:2:3:5054:ff:fe12:3456".parse().unwrap())
+        );
+        for other in [48, 56, 80, 112, 120] {
+            assert_eq!(eui64(net, other, mac), None, "/{other}");
+        }
     }
 }

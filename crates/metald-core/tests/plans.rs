@@ -67,6 +67,7 @@ impl Network for SetNet {
             netns: format!("ns-{vm}"),
             tap: "tap0".into(),
             host_veth: format!("veth-{vm}"),
+            cmdline: true,
         })
     }
     async fn detach(&self, vm: &VmId, index: usize) -> Result<(), PortError> {

@@ -79,11 +79,14 @@
 //! # Addresses
 //!
 //! This crate allocates nothing: address bookkeeping (IPAM) lives in metald's
-//! store, not here. The guest configures its own address from the subnet,
-//! with [`Host::gateway_v4`] / [`Host::gateway_v6`] as its gateway.
+//! store, not here. [`DhcpServer`] (dnsmasq, see `dnsmasq.rs`) tells the
+//! guests what IPAM leased them: DHCPv4 from a hosts file of static leases,
+//! and router advertisements for SLAAC.
 
 #![warn(missing_docs)]
 
+mod dhcp_hosts;
+mod dnsmasq;
 mod guard;
 mod names;
 mod netns;
@@ -98,6 +101,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
+pub use dhcp_hosts::HostEntry;
+pub use dnsmasq::{DhcpConfig, DhcpServer, stop_leftover as stop_leftover_dhcp};
 pub use guard::link_local;
 pub use names::mac_for;
 pub use netns::{in_netns, netns_path};

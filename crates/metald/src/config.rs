@@ -383,6 +383,9 @@ pub struct Config {
     #[command(flatten)]
     pub telemetry: telemetry::TelemetryArgs,
 
+    #[command(flatten)]
+    pub dhcp: dhcp::DhcpArgs,
+
     /// Shut every VM down (gracefully, within the VM shutdown timeout) when
     /// metald stops. By default VMs keep running and the next metald adopts
     /// them.
@@ -591,6 +594,7 @@ fn inner_message(err: &clap::Error) -> String {
     first.trim_start_matches("error: ").to_owned()
 }
 
+pub mod dhcp;
 pub mod telemetry;
 
 #[cfg(test)]

@@ -257,10 +257,12 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Host networking for VMs, when enabled.
+/// Host networking for VMs, when enabled: the bridge, the DHCP server and
+/// its hosts file rebuilt from the VM rows.
 async fn host_network(
     config: &Config,
-) -> anyhow::Result<Option<Arc<dyn metald_core::ports::Network>>> {
+    store: &metald_store::SqliteStore,
+) -> anyhow::Result<Option<Arc<network::HostNetwork>>> {
     if config.network_enabled {
         let host = metald_network::Host::setup(metald_network::NetworkConfig {
             bridge: config.network_bridge.clone(),
@@ -277,7 +279,12 @@ async fn host_network(
             )
         })?;
         info!(bridge = %config.network_bridge, v4 = %config.network_ipv4_subnet, v6 = %config.network_ipv6_subnet, "VM networking ready");
-        Ok(Some(Arc::new(network::HostNetwork::new(host))))
+        let dhcp = network::dhcp_server(config).await?;
+        let net = network::HostNetwork::new(host, dhcp, config.dhcp.network_kernel_args);
+        net.restore(store)
+            .await
+            .map_err(|e| anyhow::anyhow!("rebuilding the DHCP hosts file: {e}"))?;
+        Ok(Some(Arc::new(net)))
     } else {
         info!("VM networking disabled (UNKEY_METALD_NETWORK_ENABLED=false)");
         Ok(None)
@@ -334,6 +341,7 @@ struct Opened {
     billing_tasks: metald_billing::BillingTasks,
     backend: health::BackendFacts,
     metrics: Arc<metrics::Metrics>,
+    network: Option<Arc<network::HostNetwork>>,
 }
 
 /// The service over its adapters: the backend, the store, billing, the
@@ -352,12 +360,14 @@ async fn open_service(
         metald_billing::Billing::start(billing_config(config)?, &config.data_dir)
             .await
             .map_err(anyhow::Error::msg)?;
-    let network = host_network(config).await?;
+    let network = host_network(config, &store).await?;
     let service = VmService::new(
         Ports {
             store: Arc::new(store.clone()),
             vmm,
-            network,
+            network: network
+                .clone()
+                .map(|n| n as Arc<dyn metald_core::ports::Network>),
             usage: Some(billing.clone()),
             observers: vec![billing.clone()],
             telemetry: metrics.clone(),
@@ -376,6 +386,7 @@ async fn open_service(
         billing_tasks,
         backend: backend_facts,
         metrics,
+        network,
     })
 }
 
@@ -458,6 +469,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         billing_tasks,
         backend,
         metrics,
+        network,
     } = opened;
     settle(&service).await?;
     let clock = Arc::new(health::ReconcileClock::default());
@@ -509,17 +521,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     {
         task.abort();
     }
-    stop(&config, &service, billing_tasks, &store).await;
+    stop(&config, &service, billing_tasks, &store, network.as_deref()).await;
     Ok(())
 }
 
 /// After the API stopped: VMs shut down if configured, billing flushed,
-/// the database checkpointed.
+/// the DHCP server stopped if no VM needs it, the database checkpointed.
 async fn stop(
     config: &Config,
     service: &VmService,
     billing_tasks: metald_billing::BillingTasks,
     store: &metald_store::SqliteStore,
+    network: Option<&network::HostNetwork>,
 ) {
     if config.shutdown_vms_on_exit {
         match service.shutdown_all().await {
@@ -534,6 +547,9 @@ async fn stop(
     // sent. Bounded like the drain; what is cut off is reported as a gap by
     // the next start.
     billing_tasks.shutdown(config.drain_timeout).await;
+    if let Some(net) = network {
+        net.stop().await;
+    }
     // Checkpoints the write-ahead log into the database file.
     store.close().await;
     info!("stopped cleanly");

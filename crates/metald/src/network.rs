@@ -1,21 +1,111 @@
-//! Adapts `metald_network::Host` (bridge, namespaces, veth, TAP) to the
-//! service's `Network` port.
+//! Adapts `metald_network::Host` (bridge, namespaces, veth, TAP) and its
+//! DHCP server to the service's `Network` port.
+
+use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use metald_core::net::{NicAttachment, NicSpec};
-use metald_core::ports::{Network, PortError, Subnets};
+use metald_core::ports::{Network, PortError, Store, Subnets};
 use metald_core::{Mac, VmId};
-use metald_network::{Host, InterfaceSpec};
+use metald_network::{DhcpServer, Host, HostEntry, InterfaceSpec};
 
 /// Host networking for metald's VMs.
 pub struct HostNetwork {
     host: Host,
+    /// Serves each interface's IPv4 lease (and the RAs); `None` when off.
+    dhcp: Option<DhcpServer>,
+    /// Whether attachments put the addresses on the kernel command line.
+    kernel_args: bool,
 }
 
 impl HostNetwork {
-    pub fn new(host: Host) -> Self {
-        HostNetwork { host }
+    pub fn new(host: Host, dhcp: Option<DhcpServer>, kernel_args: bool) -> Self {
+        HostNetwork {
+            host,
+            dhcp,
+            kernel_args,
+        }
     }
+
+    /// Rebuilds the DHCP hosts file from the VM rows (before recovery, so
+    /// a row's line is there whatever the file held when metald stopped).
+    pub async fn restore(&self, store: &dyn Store) -> Result<(), String> {
+        let Some(dhcp) = &self.dhcp else {
+            return Ok(());
+        };
+        let rows = store.all().await.map_err(|e| format!("reading VMs: {e}"))?;
+        let entries = rows.iter().flat_map(|vm| {
+            vm.spec.nics.iter().enumerate().filter_map(|(i, nic)| {
+                let att = nic.attachment.as_ref()?;
+                let (ipv4, _) = att.ipv4?;
+                let entry = HostEntry {
+                    mac: att.mac.octets(),
+                    ipv4,
+                };
+                Some(((vm.id.to_string(), i), entry))
+            })
+        });
+        dhcp.replace_all(entries.collect::<Vec<_>>()).await
+    }
+
+    /// On a clean stop: the DHCP server stops when no VM interface needs
+    /// it; otherwise it keeps serving and the next metald adopts it.
+    pub async fn stop(&self) {
+        if let Some(dhcp) = &self.dhcp {
+            match dhcp.stop_if_unused().await {
+                Ok(true) => tracing::info!("DHCP server stopped: no VM interface left"),
+                Ok(false) => {
+                    tracing::info!("DHCP server keeps serving the VMs; the next metald adopts it")
+                }
+                Err(e) => tracing::warn!(error = %e, "stopping the DHCP server failed"),
+            }
+        }
+    }
+}
+
+/// The DHCP / router advertisement server on the bridge
+/// (`UNKEY_METALD_NETWORK_DHCP`), adopted or started; its files live in
+/// `<data_dir>/dhcp`.
+pub async fn dhcp_server(config: &crate::config::Config) -> anyhow::Result<Option<DhcpServer>> {
+    let d = &config.dhcp;
+    let dir = config.data_dir.join("dhcp");
+    if !d.network_dhcp {
+        tracing::info!(
+            "no DHCP server (UNKEY_METALD_NETWORK_DHCP=false): guests need the kernel command line"
+        );
+        match tokio::task::spawn_blocking(move || metald_network::stop_leftover_dhcp(&dir)).await {
+            Ok(Ok(Some(pid))) => tracing::info!(
+                pid,
+                "stopped the DHCP server an earlier metald left running"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot stop the DHCP server an earlier metald left running")
+            }
+            Err(e) => tracing::warn!(error = %e, "stopping a leftover DHCP server"),
+        }
+        return Ok(None);
+    }
+    let bridge = &config.network_bridge;
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/{bridge}/mtu"))
+        .ok()
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(1500);
+    let server = DhcpServer::start(metald_network::DhcpConfig {
+        bridge: bridge.clone(),
+        dir,
+        ipv4_subnet: config.network_ipv4_subnet,
+        ipv6_subnet: config.network_ipv6_subnet,
+        dns: d.network_dns.0.clone(),
+        mtu,
+        lease_secs: d.network_dhcp_lease_time,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("UNKEY_METALD_NETWORK_DHCP: {e}"))?;
+    if !server.config().router_advertisements() {
+        tracing::warn!(v6 = %config.network_ipv6_subnet, "the IPv6 subnet is not a /64: no router advertisements, guests need the kernel command line for IPv6");
+    }
+    Ok(Some(server))
 }
 
 /// Whether host device `dev` is a port of `bridge`.
@@ -67,6 +157,14 @@ impl Network for HostNetwork {
             tx_rate_bytes_per_sec: nic.tx_bytes_per_sec,
         };
         self.host.create_interface(&spec).await?;
+        // Before the VMM starts, so the guest's first DISCOVER is answered.
+        if let (Some(dhcp), Some(ipv4)) = (&self.dhcp, nic.ipv4) {
+            let entry = HostEntry {
+                mac: mac.octets(),
+                ipv4,
+            };
+            dhcp.set(vm.as_str(), index, entry).await?;
+        }
         Ok(NicAttachment {
             mac,
             ipv4: None,
@@ -76,10 +174,14 @@ impl Network for HostNetwork {
             netns: names.netns,
             tap: names.tap,
             host_veth: names.host_veth,
+            cmdline: self.kernel_args,
         })
     }
 
     async fn detach(&self, vm: &VmId, index: usize) -> Result<(), PortError> {
+        if let Some(dhcp) = &self.dhcp {
+            dhcp.remove(vm.as_str(), index).await?;
+        }
         self.host
             .destroy_interface(&Host::names(vm.as_str(), index))
             .await
@@ -87,16 +189,24 @@ impl Network for HostNetwork {
 
     /// Only interfaces on this metald's bridge count: another metald on the
     /// host (with its own bridge) owns the rest. An interface whose host
-    /// veth is gone cannot be placed and is left alone.
+    /// veth is gone cannot be placed and is left alone. Lines of this
+    /// metald's DHCP hosts file count too, devices or not.
     async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError> {
         let bridge = &self.host.config().bridge;
-        Ok(self
+        let mut found: BTreeSet<(String, usize)> = self
             .host
             .scan()
             .await?
             .into_iter()
             .filter(|o| on_bridge(&o.names.host_veth, bridge))
-            .filter_map(|o| VmId::parse(&o.vm_id, "vm_id").ok().map(|id| (id, o.index)))
+            .map(|o| (o.vm_id, o.index))
+            .collect();
+        if let Some(dhcp) = &self.dhcp {
+            found.extend(dhcp.owners().await);
+        }
+        Ok(found
+            .into_iter()
+            .filter_map(|(vm, i)| VmId::parse(&vm, "vm_id").ok().map(|id| (id, i)))
             .collect())
     }
 

@@ -12,6 +12,7 @@ impl VmService {
         let subnets = net.subnets();
         for i in 0..vm.spec.nics.len() {
             let nic = vm.spec.nics[i].clone();
+            let mac = nic.mac.unwrap_or_else(|| net.mac_for(&vm.id, i));
             let ipv4 = if nic.want_v4 {
                 let (n, p, _) = subnets.v4;
                 let addr = self
@@ -31,24 +32,10 @@ impl VmService {
                 None
             };
             let ipv6 = if nic.want_v6 {
-                let (n, p, _) = subnets.v6;
-                let addr = self
-                    .lease_one(
-                        &vm.id,
-                        nic.ipv6.map(IpAddr::V6),
-                        net::v6_candidates(n, p).map(IpAddr::V6),
-                        &format!("config.network[{i}].ipv6_config.address"),
-                        (IpAddr::V6(n), p),
-                    )
-                    .await?;
-                match addr {
-                    IpAddr::V6(a) => Some((a, p)),
-                    IpAddr::V4(_) => None,
-                }
+                self.lease_v6(&vm.id, i, &nic, mac, subnets.v6).await?
             } else {
                 None
             };
-            let mac = nic.mac.unwrap_or_else(|| net.mac_for(&vm.id, i));
             // The port is told the leased addresses: its anti-spoofing rules
             // let the guest send from them only.
             let leased = net::NicSpec {
@@ -68,6 +55,40 @@ impl VmService {
             vm.spec.nics[i].attachment = Some(att);
         }
         Ok(())
+    }
+
+    /// Leases interface `i`'s IPv6 address: the client's, else in a /64 the
+    /// EUI-64 address of the MAC, which the guest's SLAAC forms by itself
+    /// (the next free address if another VM holds it, with a warning: the
+    /// guest then needs the kernel command line), else the first free one.
+    async fn lease_v6(
+        &self,
+        vm: &VmId,
+        i: usize,
+        nic: &net::NicSpec,
+        mac: crate::Mac,
+        (n, p, _): (std::net::Ipv6Addr, u8, std::net::Ipv6Addr),
+    ) -> Result<Option<(std::net::Ipv6Addr, u8)>> {
+        let slaac = net::eui64(n, p, mac).filter(|_| nic.ipv6.is_none());
+        let addr = self
+            .lease_one(
+                vm,
+                nic.ipv6.map(IpAddr::V6),
+                slaac
+                    .into_iter()
+                    .chain(net::v6_candidates(n, p))
+                    .map(IpAddr::V6),
+                &format!("config.network[{i}].ipv6_config.address"),
+                (IpAddr::V6(n), p),
+            )
+            .await?;
+        let IpAddr::V6(a) = addr else {
+            return Ok(None);
+        };
+        if slaac.is_some_and(|s| s != a) {
+            warn!(vm_id = %vm, mac = %mac, address = %a, "the SLAAC address of this MAC is leased to another VM: the guest needs its kernel command line for IPv6");
+        }
+        Ok(Some((a, p)))
     }
 
     /// Leases the requested address (checked against the subnet and other

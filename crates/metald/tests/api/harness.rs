@@ -327,8 +327,17 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("{method} failed: {e:?}"))
     }
 
-    /// Processes (of any kind) whose command line mentions this data dir.
+    /// Processes whose command line mentions this data dir, but metald
+    /// itself and its DHCP server (dnsmasq): the VMMs.
     pub fn vmm_pids(&self) -> Vec<i32> {
+        self.processes()
+            .into_iter()
+            .filter(|p| !is_dnsmasq(*p))
+            .collect()
+    }
+
+    /// Every process but metald whose command line mentions this data dir.
+    fn processes(&self) -> Vec<i32> {
         let me = self.child.as_ref().map(|c| c.id() as i32);
         processes_mentioning(&self.data_dir.to_string_lossy())
             .into_iter()
@@ -343,14 +352,24 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // VMMs outlive metald by design; never leak them from a test.
-        for pid in self.vmm_pids() {
+        // VMMs (and the DHCP server) outlive metald by design; never leak
+        // them from a test.
+        for pid in self.processes() {
             if let Some(p) = rustix::process::Pid::from_raw(pid) {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
             }
         }
         let _ = std::fs::remove_file(self.log_path());
     }
+}
+
+/// Whether `pid` runs dnsmasq (metald's DHCP server).
+pub fn is_dnsmasq(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        c.split(|b| *b == 0)
+            .next()
+            .is_some_and(|a| a.ends_with(b"dnsmasq"))
+    })
 }
 
 /// A log line without its terminal colour sequences (`ESC [ ... m`).

@@ -9,6 +9,7 @@ mod blocking;
 mod bounds;
 mod buf_curl;
 mod chaos;
+mod dhcp;
 mod front_door;
 mod harness;
 mod health;
