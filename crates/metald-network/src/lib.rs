@@ -85,6 +85,7 @@
 #![warn(missing_docs)]
 
 mod guard;
+mod host_rules;
 mod names;
 mod netns;
 mod nl;
@@ -113,21 +114,40 @@ pub struct NetworkConfig {
     /// IPv6 subnet of the VMs (default `fd6d:6574:616c:6400::/64`); the bridge
     /// gets `::1` of it as the gateway.
     pub ipv6_subnet: ipnet::Ipv6Net,
-    /// When true, VMs on the bridge cannot reach each other: every host-side
-    /// veth is made an isolated bridge port (`IFLA_BRPORT_ISOLATED`, the same
-    /// as `bridge link set dev X isolated on`). They can still reach the
-    /// gateway. Default false.
-    pub isolate_vms: bool,
+    /// Which VMs on the bridge reach each other (see [`Isolation`]); enforced
+    /// by the host's nftables tables for this bridge (`host_rules.rs`).
+    pub isolation: Isolation,
     /// When true, [`Host::setup`] sets `net.ipv4.ip_forward=1` and
-    /// `net.ipv6.conf.all.forwarding=1` and adds an IPv4 masquerade rule for
-    /// the subnet through `iptables -t nat` (skipped with a warning when
-    /// `iptables` is not installed). Default false.
+    /// `net.ipv6.conf.all.forwarding=1`, and the host's `inet` table for the
+    /// bridge forwards VM traffic to other interfaces (IPv4 masqueraded,
+    /// IPv6 routed; answers back in, nothing new). When false that table
+    /// drops all forwarding between the bridge and other interfaces,
+    /// whatever the sysctls say. Default false.
     ///
     /// Note that with `all.forwarding=1` the kernel stops accepting router
     /// advertisements on interfaces with `accept_ra=1`; a host that gets its
-    /// own IPv6 address by SLAAC needs `accept_ra=2` on its uplink. The
-    /// `FORWARD` chain policy (e.g. DROP, as Docker sets it) is not changed.
+    /// own IPv6 address by SLAAC needs `accept_ra=2` on its uplink. Other
+    /// tables' `forward` hooks (e.g. Docker's DROP policy) still apply.
     pub egress: bool,
+    /// When true, guests reach only ICMP echo and neighbour discovery,
+    /// DHCP, DHCPv6 and DNS on the host, plus answers to the host's own
+    /// connections: every other packet from the bridge to the host is
+    /// dropped. Default false.
+    pub protect_host: bool,
+}
+
+/// Which VMs on one bridge reach each other (at layer 2, and through the
+/// host at layer 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// VMs whose host veths carry the same device group
+    /// ([`InterfaceSpec::group`]) reach each other; others do not.
+    #[default]
+    Customer,
+    /// No VM reaches another.
+    Vm,
+    /// No filtering between VMs.
+    None,
 }
 
 impl Default for NetworkConfig {
@@ -138,8 +158,9 @@ impl Default for NetworkConfig {
             ipv6_subnet: "fd6d:6574:616c:6400::/64"
                 .parse()
                 .expect("valid default subnet"),
-            isolate_vms: false,
+            isolation: Isolation::Customer,
             egress: false,
+            protect_host: false,
         }
     }
 }
@@ -177,6 +198,9 @@ pub struct InterfaceSpec {
     /// The guest's IPv6 address; its MAC's link-local address and `::`
     /// (DAD) are always allowed as well.
     pub ipv6: Option<Ipv6Addr>,
+    /// Device group of the host veth: with [`Isolation::Customer`], VMs
+    /// whose groups are equal reach each other. 0 reaches no other VM.
+    pub group: u32,
     /// Cap on traffic towards the guest, bytes per second; 0 = unlimited.
     pub rx_rate_bytes_per_sec: u64,
     /// Cap on traffic from the guest, bytes per second; 0 = unlimited.
@@ -210,6 +234,8 @@ pub(crate) struct Inner {
     pub(crate) host_ns: OwnedFd,
     /// Serialises operations on the same netns name.
     pub(crate) locks: NameLocks,
+    /// Serialises updates of the host's nftables tables for the bridge.
+    pub(crate) rules: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Host {
@@ -257,7 +283,8 @@ impl Host {
     /// applies its rate limits. Fails without touching anything when a
     /// device with one of the computed names belongs to someone else.
     pub async fn create_interface(&self, spec: &InterfaceSpec) -> Result<(), String> {
-        plumbing::create_interface(self.inner.clone(), spec).await
+        plumbing::create_interface(self.inner.clone(), spec).await?;
+        host_rules::sync(&self.inner).await
     }
 
     /// Removes everything `create_interface` made for these names; missing
@@ -265,7 +292,14 @@ impl Host {
     /// the namespace keeps its `tap0` alive (the namespace itself loses its
     /// name at once and vanishes when the process exits).
     pub async fn destroy_interface(&self, names: &NetNames) -> Result<(), String> {
-        plumbing::destroy_interface(self.inner.clone(), names).await
+        plumbing::destroy_interface(self.inner.clone(), names).await?;
+        host_rules::sync(&self.inner).await
+    }
+
+    /// Name of the host's nftables tables for this bridge (one `bridge` and
+    /// one `inet` table of that name).
+    pub fn table_name(&self) -> String {
+        host_rules::table_name(&self.inner.config.bridge)
     }
 
     /// Every namespace / host veth that metald made (found by naming scheme +

@@ -55,6 +55,18 @@ impl Drop for Lan {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .status();
+        // The bridge's nftables tables outlive metald (its VMs may); the
+        // test's bridge is gone, so are they.
+        for family in ["bridge", "inet"] {
+            let _ = Command::new("nft")
+                .args([
+                    "delete",
+                    "table",
+                    family,
+                    &format!("metald_{}", self.bridge),
+                ])
+                .output();
+        }
     }
 }
 
