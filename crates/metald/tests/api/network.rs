@@ -19,7 +19,7 @@ const T: &str = "dev_customer_net";
 pub(crate) struct Lan {
     pub(crate) bridge: String,
     pub(crate) v4: String,
-    v6: String,
+    pub(crate) v6: String,
 }
 
 impl Lan {
