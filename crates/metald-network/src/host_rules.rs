@@ -221,11 +221,12 @@ pub(crate) fn ruleset(l: &Layout, members: &[Member]) -> String {
     s
 }
 
-/// The VM ports of `bridge` (by metald's veth naming) and their groups.
+/// The VM ports of `bridge` (by metald's veth naming) and their groups;
+/// none when the bridge is gone.
 async fn members(h: &Handle, bridge: &str) -> Result<Vec<Member>, String> {
-    let br = nl::get(h, bridge)
-        .await?
-        .ok_or_else(|| format!("host bridge {bridge} is missing"))?;
+    let Some(br) = nl::get(h, bridge).await? else {
+        return Ok(Vec::new());
+    };
     let mut found: Vec<Member> = nl::dump(h)
         .await?
         .into_iter()

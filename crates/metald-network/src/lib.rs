@@ -13,8 +13,11 @@
 //!
 //! * [`Host::setup`] makes the host bridge (default `metald0`), gives it the
 //!   first host address of the IPv4 and IPv6 subnets as the VMs' gateway, and
-//!   brings it up. With [`NetworkConfig::egress`] it also turns on forwarding
-//!   and adds an IPv4 masquerade rule (via `iptables -t nat`, if installed).
+//!   brings it up. It (re)writes the host's nftables tables for the bridge
+//!   (`host_rules.rs`: isolation between VM ports by device group, no
+//!   routing between VMs, egress with IPv4 masquerade or none, what guests
+//!   reach on the host), filled from the bridge's live ports; with
+//!   [`NetworkConfig::egress`] it also turns on forwarding.
 //! * Per VM interface, [`Host::create_interface`] makes
 //!   - a named network namespace `mtd-<12 hex>` (the same thing as
 //!     `ip netns add`: `/proc/thread-self/ns/net` of a thread that unshared
@@ -22,7 +25,8 @@
 //!     made a shared mount point first, exactly as iproute2 does — so `ip netns`
 //!     sees and can delete our namespaces);
 //!   - a veth pair: `mv<10 hex>` in the host namespace, enslaved to the host
-//!     bridge, and `veth0` inside the namespace. It is created in one netlink
+//!     bridge with [`InterfaceSpec::group`] as its device group, and `veth0`
+//!     inside the namespace. It is created in one netlink
 //!     request with the peer placed straight into the namespace, so a pair is
 //!     never left half-moved;
 //!   - inside the namespace a bridge `br0` with `veth0` and the persistent TAP
@@ -280,20 +284,27 @@ impl Host {
     /// Creates (idempotently: existing pieces with the right owner are reused)
     /// the namespace, veth pair, namespace bridge and TAP for one interface,
     /// installs its anti-spoofing rules (before any VMM can use the TAP) and
-    /// applies its rate limits. Fails without touching anything when a
-    /// device with one of the computed names belongs to someone else.
+    /// applies its rate limits, then refills the bridge table's member sets
+    /// from the live ports. Fails without touching anything when a device
+    /// with one of the computed names belongs to someone else.
     pub async fn create_interface(&self, spec: &InterfaceSpec) -> Result<(), String> {
         plumbing::create_interface(self.inner.clone(), spec).await?;
         host_rules::sync(&self.inner).await
     }
 
     /// Removes everything `create_interface` made for these names; missing
-    /// pieces are not an error. Stop the VM's QEMU first: a process still in
+    /// pieces are not an error; the bridge table's member sets are then
+    /// refilled from the live ports. Stop the VM's QEMU first: a process still in
     /// the namespace keeps its `tap0` alive (the namespace itself loses its
     /// name at once and vanishes when the process exits).
     pub async fn destroy_interface(&self, names: &NetNames) -> Result<(), String> {
         plumbing::destroy_interface(self.inner.clone(), names).await?;
-        host_rules::sync(&self.inner).await
+        // The devices are gone: a stale member names no device, and the
+        // next change or start-up drops it.
+        if let Err(e) = host_rules::sync(&self.inner).await {
+            tracing::warn!(netns = %names.netns, error = %e, "refilling the bridge table's sets after a removal failed");
+        }
+        Ok(())
     }
 
     /// Name of the host's nftables tables for this bridge (one `bridge` and
