@@ -4,8 +4,9 @@
 //! TCP, IPv4 and IPv6, both directions) while a customer's own VMs can;
 //! `vm` isolation (and its deprecated alias) keeps every VM apart; egress
 //! reaches an "outside" namespace masqueraded as the host, and without it
-//! nothing leaves the bridge; delete, a failed create and the reconciler
-//! after a SIGKILL leave no member in the tables' sets.
+//! nothing leaves the bridge; host services are closed to guests unless
+//! opened; delete, a failed create and the reconciler after a SIGKILL
+//! leave no member in the tables' sets.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -119,6 +120,9 @@ fn veth(key: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn customers_reach_their_own_vms_only_by_ping_and_tcp_on_both_families() {
     let lan = Lan::new(11);
+    // The host forwards (as with egress): it still must not route between
+    // customers.
+    let _forwarding = Forwarding::on();
     let d = lan.daemon(&[]);
     let (a1, a2, b) = (addrs(&lan, 11), addrs(&lan, 12), addrs(&lan, 13));
     let serve = "metald.serve=7000";
@@ -155,8 +159,12 @@ async fn customers_reach_their_own_vms_only_by_ping_and_tcp_on_both_families() {
     let (text, kb) = boot(&d, &lan, (B, "b"), (13, true), &args).await;
     expect(&text, "b", &want);
 
-    // And A's VMs cannot reach B's, while still reaching their own.
-    let mut args = format!("metald.ping={} metald.tcp={}/7000", a1.0, a1.0);
+    // And A's VMs cannot reach B's, while still reaching their own: over
+    // IPv6 on the link, over IPv4 through the gateway (layer 3).
+    let mut args = format!(
+        "metald.ping={} metald.tcp={}/7000 metald.via_gw={}",
+        a1.0, a1.0, b.0
+    );
     let mut want = vec![
         format!("METALD-PING {} ok", a1.0),
         format!("METALD-TCP {}/7000 ok", a1.0),
@@ -169,9 +177,16 @@ async fn customers_reach_their_own_vms_only_by_ping_and_tcp_on_both_families() {
     let (text, k3) = boot(&d, &lan, (A, "a3"), (14, true), &args).await;
     expect(&text, "a3", &want);
 
-    let n = drops(&lan, "bridge", "customer");
-    eprintln!("drops: customer {n}");
+    let (n, routed) = (
+        drops(&lan, "bridge", "customer"),
+        drops(&lan, "bridge", "routed-ipv4"),
+    );
+    eprintln!("drops: customer {n}, routed-ipv4 {routed}");
     assert!(n > 0, "frames between customers were dropped by the rule");
+    assert!(
+        routed > 0,
+        "packets the host routed between VMs were dropped"
+    );
     let ports: BTreeSet<String> = [&k1, &k2, &kb, &k3].iter().map(|k| veth(k)).collect();
     assert_eq!(set(&lan, "ports"), ports, "every VM port is a member");
     assert_eq!(set(&lan, "same").len(), 2, "one group per customer");
@@ -277,19 +292,51 @@ async fn vm_isolation_keeps_every_vm_apart_and_members_never_outlive_their_vm() 
     drops(&lan, "bridge", "vm");
 }
 
+/// The host's forwarding sysctls, put back when dropped.
+struct Forwarding(Vec<(&'static str, String)>);
+
+const FORWARDING: [&str; 2] = [
+    "/proc/sys/net/ipv4/ip_forward",
+    "/proc/sys/net/ipv6/conf/all/forwarding",
+];
+
+impl Forwarding {
+    /// Saves the sysctls as they are.
+    fn saved() -> Forwarding {
+        Forwarding(
+            FORWARDING
+                .iter()
+                .map(|p| (*p, std::fs::read_to_string(p).unwrap()))
+                .collect(),
+        )
+    }
+
+    /// Saves them, then turns forwarding on.
+    fn on() -> Forwarding {
+        let f = Forwarding::saved();
+        for p in FORWARDING {
+            std::fs::write(p, "1").unwrap();
+        }
+        f
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        for (p, v) in &self.0 {
+            let _ = std::fs::write(p, v);
+        }
+    }
+}
+
 /// An "outside" network: a namespace joined to the host by a veth pair,
 /// 198.18.<n>.1 on the host and .2 inside. Removed, and the forwarding
 /// sysctls put back, when dropped.
 struct Outside {
     ns: String,
     veth: String,
-    sysctls: Vec<(&'static str, String)>,
+    _sysctls: Forwarding,
 }
-
-const FORWARDING: [&str; 2] = [
-    "/proc/sys/net/ipv4/ip_forward",
-    "/proc/sys/net/ipv6/conf/all/forwarding",
-];
 
 fn run(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -306,10 +353,7 @@ impl Outside {
         let o = Outside {
             ns: format!("mtdo-{tag}"),
             veth: format!("mto{tag}"),
-            sysctls: FORWARDING
-                .iter()
-                .map(|p| (*p, std::fs::read_to_string(p).unwrap()))
-                .collect(),
+            _sysctls: Forwarding::saved(),
         };
         let (host, inside) = (format!("198.18.{n}.1/24"), format!("198.18.{n}.2/24"));
         run(&["ip", "netns", "add", &o.ns]);
@@ -331,20 +375,26 @@ impl Outside {
         let listener = metald_network::in_netns(&self.ns, move || TcpListener::bind(addr))
             .unwrap()
             .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for mut conn in listener.incoming().flatten() {
-                let peer = conn.peer_addr().map(|p| p.ip());
-                let _ = conn.write_all(b"METALD-HELLO\n");
-                if let Ok(p) = peer
-                    && tx.send(p).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        rx
+        greet(listener)
     }
+}
+
+/// Greets each client of `listener` with `METALD-HELLO` and reports its
+/// address.
+fn greet(listener: TcpListener) -> std::sync::mpsc::Receiver<IpAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let peer = conn.peer_addr().map(|p| p.ip());
+            let _ = conn.write_all(b"METALD-HELLO\n");
+            if let Ok(p) = peer
+                && tx.send(p).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 impl Drop for Outside {
@@ -353,58 +403,70 @@ impl Drop for Outside {
             .args(["link", "del", &self.veth])
             .output();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-        for (p, v) in &self.sysctls {
-            let _ = std::fs::write(p, v);
-        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn egress_reaches_the_outside_as_the_host_and_without_it_nothing_leaves() {
+async fn egress_and_host_services_are_reached_only_when_opened() {
     let n = 13;
     let lan = Lan::new(n);
     let outside = Outside::new(n);
     let server: SocketAddr = format!("198.18.{n}.2:7100").parse().unwrap();
     let seen = outside.serve(server);
-    let args = format!("metald.tcp=198.18.{n}.2/7100");
 
     // Egress off, on a host that forwards anyway (other software set the
-    // sysctl): metald's table drops it.
+    // sysctl): metald's table drops it. The host is protected (default):
+    // a service on the gateway address is closed to the guest.
     std::fs::write(FORWARDING[0], "1").unwrap();
     let d = lan.daemon(&["--network-egress", "false"]);
+    let gw = lan.v4.replace(".0/24", ".1");
+    let host_seen = greet(TcpListener::bind(format!("{gw}:7200")).unwrap());
+    let args = format!("metald.tcp=198.18.{n}.2/7100 metald.tcp={gw}/7200 metald.ping={gw}");
     let (text, _) = boot(&d, &lan, (A, "inside"), (11, false), &args).await;
-    expect(
-        &text,
-        "inside",
-        &[format!("METALD-TCP 198.18.{n}.2/7100 fail")],
-    );
-    let dropped = drops(&lan, "inet", "egress");
-    eprintln!("drops: egress {dropped}");
+    let want = [
+        format!("METALD-TCP 198.18.{n}.2/7100 fail"),
+        format!("METALD-TCP {gw}/7200 fail"),
+        format!("METALD-PING {gw} ok"),
+    ];
+    expect(&text, "inside", &want);
+    let (egress, host) = (drops(&lan, "inet", "egress"), drops(&lan, "inet", "host"));
+    eprintln!("drops: egress {egress}, host {host}");
     assert!(
-        dropped > 0,
+        egress > 0,
         "the guest's SYNs were dropped by the egress rule"
     );
+    assert!(host > 0, "the guest's SYNs to the host were dropped");
     assert!(
         seen.try_recv().is_err(),
         "no connection reached the outside"
+    );
+    assert!(
+        host_seen.try_recv().is_err(),
+        "none reached the host service"
     );
     d.ok(A, "DeleteVm", json!({"vm_id": "inside", "force": true}))
         .await;
     drop(d);
 
-    let d = lan.daemon(&["--network-egress", "true"]);
+    let d = lan.daemon(&[
+        "--network-egress",
+        "true",
+        "--network-protect-host",
+        "false",
+    ]);
     let (text, _) = boot(&d, &lan, (A, "inside"), (11, false), &args).await;
-    expect(
-        &text,
-        "inside",
-        &[format!("METALD-TCP 198.18.{n}.2/7100 ok")],
-    );
+    let want = [
+        format!("METALD-TCP 198.18.{n}.2/7100 ok"),
+        format!("METALD-TCP {gw}/7200 ok"),
+    ];
+    expect(&text, "inside", &want);
     let peer = seen.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(
         peer.to_string(),
         format!("198.18.{n}.1"),
         "the outside sees the host's address (masquerade)"
     );
+    host_seen.recv_timeout(Duration::from_secs(10)).unwrap();
     d.ok(A, "DeleteVm", json!({"vm_id": "inside", "force": true}))
         .await;
 }
