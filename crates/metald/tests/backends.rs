@@ -239,6 +239,17 @@ impl Drop for Lan {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.bridge])
             .status();
+        // The bridge's nftables tables go with the test's bridge.
+        for family in ["bridge", "inet"] {
+            let _ = std::process::Command::new("nft")
+                .args([
+                    "delete",
+                    "table",
+                    family,
+                    &format!("metald_{}", self.bridge),
+                ])
+                .output();
+        }
     }
 }
 
