@@ -47,7 +47,7 @@ use crate::{Inner, Isolation, NetworkConfig, names, netns, nl};
 /// Name of both tables of a bridge: `metald_` and the bridge name with
 /// every character but ASCII letters and digits written `_<hex>`, so two
 /// bridges never share a table.
-pub(crate) fn table_name(bridge: &str) -> String {
+pub fn table_name(bridge: &str) -> String {
     let mut t = String::from("metald_");
     for b in bridge.bytes() {
         if b.is_ascii_alphanumeric() {
@@ -57,6 +57,16 @@ pub(crate) fn table_name(bridge: &str) -> String {
         }
     }
     t
+}
+
+/// Deletes both of `bridge`'s tables (a bridge being retired); missing
+/// tables are not an error. Runs `nft` in the calling thread's namespace.
+pub fn remove_tables(bridge: &str) -> Result<(), String> {
+    check_bridge_name(bridge)?;
+    let t = table_name(bridge);
+    apply(&format!(
+        "table bridge {t}\ndelete table bridge {t}\ntable inet {t}\ndelete table inet {t}\n"
+    ))
 }
 
 /// Bridge names go into `nft` input as quoted strings: only these

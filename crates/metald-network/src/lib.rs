@@ -104,6 +104,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 pub use guard::link_local;
+pub use host_rules::{remove_tables as remove_host_tables, table_name as host_table_name};
 pub use names::mac_for;
 pub use netns::{in_netns, netns_path};
 

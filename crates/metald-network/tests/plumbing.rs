@@ -79,12 +79,7 @@ impl Drop for Env {
         let _ = Command::new("ip")
             .args(["link", "del", &self.config.bridge])
             .output();
-        let table = format!("metald_{}", self.config.bridge);
-        for family in ["bridge", "inet"] {
-            let _ = Command::new("nft")
-                .args(["delete", "table", family, &table])
-                .output();
-        }
+        let _ = metald_network::remove_host_tables(&self.config.bridge);
     }
 }
 

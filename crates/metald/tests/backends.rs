@@ -240,16 +240,7 @@ impl Drop for Lan {
             .args(["link", "del", &self.bridge])
             .status();
         // The bridge's nftables tables go with the test's bridge.
-        for family in ["bridge", "inet"] {
-            let _ = std::process::Command::new("nft")
-                .args([
-                    "delete",
-                    "table",
-                    family,
-                    &format!("metald_{}", self.bridge),
-                ])
-                .output();
-        }
+        let _ = metald_network::remove_host_tables(&self.bridge);
     }
 }
 

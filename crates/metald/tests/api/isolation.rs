@@ -27,7 +27,7 @@ const B: &str = "dev_customer_iso_b";
 fn table(lan: &Lan, family: &str) -> Vec<Value> {
     let out = Command::new("nft")
         .args(["-j", "list", "table", family])
-        .arg(format!("metald_{}", lan.bridge))
+        .arg(metald_network::host_table_name(&lan.bridge))
         .output()
         .expect("nft");
     assert!(

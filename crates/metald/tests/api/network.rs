@@ -57,16 +57,7 @@ impl Drop for Lan {
             .status();
         // The bridge's nftables tables outlive metald (its VMs may); the
         // test's bridge is gone, so are they.
-        for family in ["bridge", "inet"] {
-            let _ = Command::new("nft")
-                .args([
-                    "delete",
-                    "table",
-                    family,
-                    &format!("metald_{}", self.bridge),
-                ])
-                .output();
-        }
+        let _ = metald_network::remove_host_tables(&self.bridge);
     }
 }
 
