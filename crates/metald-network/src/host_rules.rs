@@ -237,8 +237,16 @@ async fn members(h: &Handle, bridge: &str) -> Result<Vec<Member>, String> {
     let Some(br) = nl::get(h, bridge).await? else {
         return Ok(Vec::new());
     };
-    let mut found: Vec<Member> = nl::dump(h)
-        .await?
+    // A dump can be cut short by links changing under it (other
+    // interfaces being made): try again.
+    let mut links = nl::dump(h).await;
+    for _ in 0..3 {
+        if links.is_ok() {
+            break;
+        }
+        links = nl::dump(h).await;
+    }
+    let mut found: Vec<Member> = links?
         .into_iter()
         .filter(|l| l.controller == Some(br.index) && names::is_veth_name(&l.name))
         .map(|l| Member {
