@@ -26,9 +26,10 @@
 //!     (`host`).
 //!
 //! Membership is keyed by the veths themselves: a VM's group is the host
-//! veth's device group, set when the veth is made, and the two sets are
-//! recomputed from the bridge's live ports after every interface change
-//! (one transaction: flush and refill). A veth that vanished without metald
+//! veth's device group, set when the veth is made; a port is put in the
+//! sets just before it joins the bridge (an unlisted port is not judged),
+//! and the two sets are recomputed from the bridge's live ports after
+//! every interface change (one transaction: flush and refill). A veth that vanished without metald
 //! (a crash) therefore leaves at most a name and a group in the sets until
 //! the next change, naming no device; [`rebuild`] at start-up writes the
 //! whole tables from the live ports, so VMs that outlived metald keep their
@@ -267,9 +268,11 @@ pub(crate) async fn rebuild(l: &Layout<'_>, h: &Handle) -> Result<(), String> {
         .map_err(|e| format!("writing the bridge's nftables tables: {e}"))?
 }
 
-/// Refills the sets from the bridge's live ports after an interface was
-/// made or removed; rebuilds the tables if they are gone.
-pub(crate) async fn sync(inner: &Arc<Inner>) -> Result<(), String> {
+/// Refills the sets from the bridge's live ports (plus `coming`, a port
+/// about to be made, so it is judged from its first frame) after an
+/// interface was made or removed, or before one is made; rebuilds the
+/// tables if they are gone.
+pub(crate) async fn sync(inner: &Arc<Inner>, coming: Option<Member>) -> Result<(), String> {
     if inner.config.isolation == Isolation::None {
         return Ok(());
     }
@@ -278,7 +281,8 @@ pub(crate) async fn sync(inner: &Arc<Inner>) -> Result<(), String> {
     netns::on_thread("updating the bridge's nftables sets", move || async move {
         crate::plumbing::join_host(&inner)?;
         let h = nl::connect()?;
-        let found = members(&h, &inner.config.bridge).await?;
+        let mut found = members(&h, &inner.config.bridge).await?;
+        found.extend(coming);
         let t = table_name(&inner.config.bridge);
         if apply(&members_update(inner.config.isolation, &t, &found)).is_ok() {
             return Ok(());

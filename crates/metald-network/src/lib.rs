@@ -289,8 +289,18 @@ impl Host {
     /// from the live ports. Fails without touching anything when a device
     /// with one of the computed names belongs to someone else.
     pub async fn create_interface(&self, spec: &InterfaceSpec) -> Result<(), String> {
-        plumbing::create_interface(self.inner.clone(), spec).await?;
-        host_rules::sync(&self.inner).await
+        // The port is a member before it joins the bridge: never a moment
+        // unfiltered. The refill after drops it again if creation failed.
+        let coming = host_rules::Member {
+            veth: spec.names.host_veth.clone(),
+            group: spec.group,
+        };
+        if names::is_veth_name(&coming.veth) {
+            host_rules::sync(&self.inner, Some(coming)).await?;
+        }
+        let made = plumbing::create_interface(self.inner.clone(), spec).await;
+        let synced = host_rules::sync(&self.inner, None).await;
+        made.and(synced)
     }
 
     /// Removes everything `create_interface` made for these names; missing
@@ -302,7 +312,7 @@ impl Host {
         plumbing::destroy_interface(self.inner.clone(), names).await?;
         // The devices are gone: a stale member names no device, and the
         // next change or start-up drops it.
-        if let Err(e) = host_rules::sync(&self.inner).await {
+        if let Err(e) = host_rules::sync(&self.inner, None).await {
             tracing::warn!(netns = %names.netns, error = %e, "refilling the bridge table's sets after a removal failed");
         }
         Ok(())

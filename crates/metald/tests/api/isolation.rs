@@ -122,7 +122,7 @@ async fn customers_reach_their_own_vms_only_by_ping_and_tcp_on_both_families() {
     let lan = Lan::new(11);
     // The host forwards (as with egress): it still must not route between
     // customers.
-    let _forwarding = Forwarding::on();
+    let _forwarding = Forwarding::on().await;
     let d = lan.daemon(&[]);
     let (a1, a2, b) = (addrs(&lan, 11), addrs(&lan, 12), addrs(&lan, 13));
     let serve = "metald.serve=7000";
@@ -292,8 +292,14 @@ async fn vm_isolation_keeps_every_vm_apart_and_members_never_outlive_their_vm() 
     drops(&lan, "bridge", "vm");
 }
 
-/// The host's forwarding sysctls, put back when dropped.
-struct Forwarding(Vec<(&'static str, String)>);
+/// The host's forwarding sysctls, put back when dropped. They are
+/// host-wide: tests that depend on them hold this lock while they run.
+struct Forwarding {
+    saved: Vec<(&'static str, String)>,
+    _lock: tokio::sync::MutexGuard<'static, ()>,
+}
+
+static FORWARDING_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const FORWARDING: [&str; 2] = [
     "/proc/sys/net/ipv4/ip_forward",
@@ -302,18 +308,20 @@ const FORWARDING: [&str; 2] = [
 
 impl Forwarding {
     /// Saves the sysctls as they are.
-    fn saved() -> Forwarding {
-        Forwarding(
-            FORWARDING
+    async fn saved() -> Forwarding {
+        let lock = FORWARDING_LOCK.lock().await;
+        Forwarding {
+            saved: FORWARDING
                 .iter()
                 .map(|p| (*p, std::fs::read_to_string(p).unwrap()))
                 .collect(),
-        )
+            _lock: lock,
+        }
     }
 
     /// Saves them, then turns forwarding on.
-    fn on() -> Forwarding {
-        let f = Forwarding::saved();
+    async fn on() -> Forwarding {
+        let f = Forwarding::saved().await;
         for p in FORWARDING {
             std::fs::write(p, "1").unwrap();
         }
@@ -323,7 +331,7 @@ impl Forwarding {
 
 impl Drop for Forwarding {
     fn drop(&mut self) {
-        for (p, v) in &self.0 {
+        for (p, v) in &self.saved {
             let _ = std::fs::write(p, v);
         }
     }
@@ -348,12 +356,13 @@ fn run(args: &[&str]) {
 }
 
 impl Outside {
-    fn new(n: u8) -> Outside {
+    async fn new(n: u8) -> Outside {
+        let sysctls = Forwarding::saved().await;
         let tag = format!("{:05x}", std::process::id() & 0xfffff);
         let o = Outside {
             ns: format!("mtdo-{tag}"),
             veth: format!("mto{tag}"),
-            _sysctls: Forwarding::saved(),
+            _sysctls: sysctls,
         };
         let (host, inside) = (format!("198.18.{n}.1/24"), format!("198.18.{n}.2/24"));
         run(&["ip", "netns", "add", &o.ns]);
@@ -410,7 +419,7 @@ impl Drop for Outside {
 async fn egress_and_host_services_are_reached_only_when_opened() {
     let n = 13;
     let lan = Lan::new(n);
-    let outside = Outside::new(n);
+    let outside = Outside::new(n).await;
     let server: SocketAddr = format!("198.18.{n}.2:7100").parse().unwrap();
     let seen = outside.serve(server);
 
