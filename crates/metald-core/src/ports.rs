@@ -144,10 +144,13 @@ pub trait Network: Send + Sync + 'static {
     /// A stable locally administered MAC for interface `index` of `vm`.
     fn mac_for(&self, vm: &VmId, index: usize) -> Mac;
     /// Creates (idempotently) the devices of one interface with the given
-    /// MAC and rate limits; returns the names it used.
+    /// MAC and rate limits; returns the names it used. The VM belongs to
+    /// `customer`: with isolation by customer, only that customer's VMs
+    /// reach it.
     async fn attach(
         &self,
         vm: &VmId,
+        customer: &CustomerId,
         index: usize,
         nic: &NicSpec,
         mac: Mac,

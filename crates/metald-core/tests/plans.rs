@@ -47,6 +47,7 @@ impl Network for SetNet {
     async fn attach(
         &self,
         vm: &VmId,
+        _customer: &CustomerId,
         index: usize,
         _nic: &NicSpec,
         mac: Mac,

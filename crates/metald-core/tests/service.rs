@@ -402,6 +402,7 @@ impl Network for FlakyNet {
     async fn attach(
         &self,
         _vm: &VmId,
+        _customer: &CustomerId,
         _index: usize,
         _nic: &NicSpec,
         _mac: Mac,

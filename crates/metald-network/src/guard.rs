@@ -19,7 +19,6 @@
 //! bridge, and these rules, after shaping.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::process::Command;
 
 /// Name of the table (one per namespace, so one per VM interface).
 pub(crate) const TABLE: &str = "metald_guard";
@@ -131,23 +130,9 @@ pub(crate) fn ruleset(
     )
 }
 
-/// Runs `nft -f -` with `input` from the calling thread (and so in its
-/// network namespace).
+/// Runs `nft -f -` with `input` in the calling thread's namespace.
 pub(crate) fn apply(input: &str) -> Result<(), String> {
-    let mut cmd = Command::new("nft");
-    cmd.args(["-f", "-"]);
-    let out = crate::tc::run_fed(cmd, input).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => {
-            "nft (nftables) is not installed: VM interfaces need its anti-spoofing rules"
-                .to_string()
-        }
-        _ => format!("running nft: {e}"),
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(crate::tc::failure("nft", &out))
-    }
+    crate::host_rules::apply(input)
 }
 
 #[cfg(test)]

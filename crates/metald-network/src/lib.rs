@@ -13,8 +13,11 @@
 //!
 //! * [`Host::setup`] makes the host bridge (default `metald0`), gives it the
 //!   first host address of the IPv4 and IPv6 subnets as the VMs' gateway, and
-//!   brings it up. With [`NetworkConfig::egress`] it also turns on forwarding
-//!   and adds an IPv4 masquerade rule (via `iptables -t nat`, if installed).
+//!   brings it up. It (re)writes the host's nftables tables for the bridge
+//!   (`host_rules.rs`: isolation between VM ports by device group, no
+//!   routing between VMs, egress with IPv4 masquerade or none, what guests
+//!   reach on the host), filled from the bridge's live ports; with
+//!   [`NetworkConfig::egress`] it also turns on forwarding.
 //! * Per VM interface, [`Host::create_interface`] makes
 //!   - a named network namespace `mtd-<12 hex>` (the same thing as
 //!     `ip netns add`: `/proc/thread-self/ns/net` of a thread that unshared
@@ -22,7 +25,8 @@
 //!     made a shared mount point first, exactly as iproute2 does — so `ip netns`
 //!     sees and can delete our namespaces);
 //!   - a veth pair: `mv<10 hex>` in the host namespace, enslaved to the host
-//!     bridge, and `veth0` inside the namespace. It is created in one netlink
+//!     bridge with [`InterfaceSpec::group`] as its device group, and `veth0`
+//!     inside the namespace. It is created in one netlink
 //!     request with the peer placed straight into the namespace, so a pair is
 //!     never left half-moved;
 //!   - inside the namespace a bridge `br0` with `veth0` and the persistent TAP
@@ -88,6 +92,7 @@
 mod dhcp_hosts;
 mod dnsmasq;
 mod guard;
+mod host_rules;
 mod names;
 mod netns;
 mod nl;
@@ -104,6 +109,7 @@ use std::sync::{Arc, Mutex};
 pub use dhcp_hosts::HostEntry;
 pub use dnsmasq::{DhcpConfig, DhcpServer, stop_leftover as stop_leftover_dhcp};
 pub use guard::link_local;
+pub use host_rules::{remove_tables as remove_host_tables, table_name as host_table_name};
 pub use names::mac_for;
 pub use netns::{in_netns, netns_path};
 
@@ -118,21 +124,40 @@ pub struct NetworkConfig {
     /// IPv6 subnet of the VMs (default `fd6d:6574:616c:6400::/64`); the bridge
     /// gets `::1` of it as the gateway.
     pub ipv6_subnet: ipnet::Ipv6Net,
-    /// When true, VMs on the bridge cannot reach each other: every host-side
-    /// veth is made an isolated bridge port (`IFLA_BRPORT_ISOLATED`, the same
-    /// as `bridge link set dev X isolated on`). They can still reach the
-    /// gateway. Default false.
-    pub isolate_vms: bool,
+    /// Which VMs on the bridge reach each other (see [`Isolation`]); enforced
+    /// by the host's nftables tables for this bridge (`host_rules.rs`).
+    pub isolation: Isolation,
     /// When true, [`Host::setup`] sets `net.ipv4.ip_forward=1` and
-    /// `net.ipv6.conf.all.forwarding=1` and adds an IPv4 masquerade rule for
-    /// the subnet through `iptables -t nat` (skipped with a warning when
-    /// `iptables` is not installed). Default false.
+    /// `net.ipv6.conf.all.forwarding=1`, and the host's `inet` table for the
+    /// bridge forwards VM traffic to other interfaces (IPv4 masqueraded,
+    /// IPv6 routed; answers back in, nothing new). When false that table
+    /// drops all forwarding between the bridge and other interfaces,
+    /// whatever the sysctls say. Default false.
     ///
     /// Note that with `all.forwarding=1` the kernel stops accepting router
     /// advertisements on interfaces with `accept_ra=1`; a host that gets its
-    /// own IPv6 address by SLAAC needs `accept_ra=2` on its uplink. The
-    /// `FORWARD` chain policy (e.g. DROP, as Docker sets it) is not changed.
+    /// own IPv6 address by SLAAC needs `accept_ra=2` on its uplink. Other
+    /// tables' `forward` hooks (e.g. Docker's DROP policy) still apply.
     pub egress: bool,
+    /// When true, guests reach only ICMP echo and neighbour discovery,
+    /// DHCP, DHCPv6 and DNS on the host, plus answers to the host's own
+    /// connections: every other packet from the bridge to the host is
+    /// dropped. Default false.
+    pub protect_host: bool,
+}
+
+/// Which VMs on one bridge reach each other (at layer 2, and through the
+/// host at layer 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// VMs whose host veths carry the same device group
+    /// ([`InterfaceSpec::group`]) reach each other; others do not.
+    #[default]
+    Customer,
+    /// No VM reaches another.
+    Vm,
+    /// No filtering between VMs.
+    None,
 }
 
 impl Default for NetworkConfig {
@@ -143,8 +168,9 @@ impl Default for NetworkConfig {
             ipv6_subnet: "fd6d:6574:616c:6400::/64"
                 .parse()
                 .expect("valid default subnet"),
-            isolate_vms: false,
+            isolation: Isolation::Customer,
             egress: false,
+            protect_host: false,
         }
     }
 }
@@ -182,6 +208,9 @@ pub struct InterfaceSpec {
     /// The guest's IPv6 address; its MAC's link-local address and `::`
     /// (DAD) are always allowed as well.
     pub ipv6: Option<Ipv6Addr>,
+    /// Device group of the host veth: with [`Isolation::Customer`], VMs
+    /// whose groups are equal reach each other. 0 reaches no other VM.
+    pub group: u32,
     /// Cap on traffic towards the guest, bytes per second; 0 = unlimited.
     pub rx_rate_bytes_per_sec: u64,
     /// Cap on traffic from the guest, bytes per second; 0 = unlimited.
@@ -215,6 +244,8 @@ pub(crate) struct Inner {
     pub(crate) host_ns: OwnedFd,
     /// Serialises operations on the same netns name.
     pub(crate) locks: NameLocks,
+    /// Serialises updates of the host's nftables tables for the bridge.
+    pub(crate) rules: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Host {
@@ -259,18 +290,43 @@ impl Host {
     /// Creates (idempotently: existing pieces with the right owner are reused)
     /// the namespace, veth pair, namespace bridge and TAP for one interface,
     /// installs its anti-spoofing rules (before any VMM can use the TAP) and
-    /// applies its rate limits. Fails without touching anything when a
-    /// device with one of the computed names belongs to someone else.
+    /// applies its rate limits, then refills the bridge table's member sets
+    /// from the live ports. Fails without touching anything when a device
+    /// with one of the computed names belongs to someone else.
     pub async fn create_interface(&self, spec: &InterfaceSpec) -> Result<(), String> {
-        plumbing::create_interface(self.inner.clone(), spec).await
+        // The port is a member before it joins the bridge: never a moment
+        // unfiltered. The refill after drops it again if creation failed.
+        let coming = host_rules::Member {
+            veth: spec.names.host_veth.clone(),
+            group: spec.group,
+        };
+        if names::is_veth_name(&coming.veth) {
+            host_rules::sync(&self.inner, Some(coming)).await?;
+        }
+        let made = plumbing::create_interface(self.inner.clone(), spec).await;
+        let synced = host_rules::sync(&self.inner, None).await;
+        made.and(synced)
     }
 
     /// Removes everything `create_interface` made for these names; missing
-    /// pieces are not an error. Stop the VM's QEMU first: a process still in
+    /// pieces are not an error; the bridge table's member sets are then
+    /// refilled from the live ports. Stop the VM's QEMU first: a process still in
     /// the namespace keeps its `tap0` alive (the namespace itself loses its
     /// name at once and vanishes when the process exits).
     pub async fn destroy_interface(&self, names: &NetNames) -> Result<(), String> {
-        plumbing::destroy_interface(self.inner.clone(), names).await
+        plumbing::destroy_interface(self.inner.clone(), names).await?;
+        // The devices are gone: a stale member names no device, and the
+        // next change or start-up drops it.
+        if let Err(e) = host_rules::sync(&self.inner, None).await {
+            tracing::warn!(netns = %names.netns, error = %e, "refilling the bridge table's sets after a removal failed");
+        }
+        Ok(())
+    }
+
+    /// Name of the host's nftables tables for this bridge (one `bridge` and
+    /// one `inet` table of that name).
+    pub fn table_name(&self) -> String {
+        host_rules::table_name(&self.inner.config.bridge)
     }
 
     /// Every namespace / host veth that metald made (found by naming scheme +

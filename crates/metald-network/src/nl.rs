@@ -20,6 +20,10 @@ pub(crate) struct Link {
     pub(crate) name: String,
     pub(crate) alias: Option<String>,
     pub(crate) kind: Option<InfoKind>,
+    /// Index of the bridge (or other controller) it is a port of.
+    pub(crate) controller: Option<u32>,
+    /// Its device group (`ip link set DEV group N`).
+    pub(crate) group: u32,
 }
 
 impl From<LinkMessage> for Link {
@@ -29,11 +33,15 @@ impl From<LinkMessage> for Link {
             name: String::new(),
             alias: None,
             kind: None,
+            controller: None,
+            group: 0,
         };
         for attr in m.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n,
                 LinkAttribute::IfAlias(a) if !a.is_empty() => link.alias = Some(a),
+                LinkAttribute::Controller(c) => link.controller = Some(c),
+                LinkAttribute::Group(g) => link.group = g,
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(k) = info {

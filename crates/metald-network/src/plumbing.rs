@@ -15,7 +15,9 @@ use rtnetlink::{
 
 use crate::names::{self, GUEST_VETH, IFB, NS_BRIDGE, TAP};
 use crate::nl::{self, Link};
-use crate::{Host, Inner, InterfaceSpec, NetNames, NetworkConfig, Owned, guard, netns, tap, tc};
+use crate::{
+    Host, Inner, InterfaceSpec, NetNames, NetworkConfig, Owned, guard, host_rules, netns, tap, tc,
+};
 
 fn validate_ifname(name: &str) -> Result<(), String> {
     if name.is_empty()
@@ -33,6 +35,7 @@ fn validate_ifname(name: &str) -> Result<(), String> {
 
 pub(crate) async fn setup(config: NetworkConfig) -> Result<Host, String> {
     validate_ifname(&config.bridge)?;
+    host_rules::check_bridge_name(&config.bridge)?;
     if config.ipv4_subnet.prefix_len() > 30 {
         return Err(format!(
             "ipv4_subnet {} is too small for a gateway and VMs",
@@ -68,11 +71,16 @@ pub(crate) async fn setup(config: NetworkConfig) -> Result<Host, String> {
     nl::up(&h, &config.bridge).await?;
 
     if config.egress {
-        let c = config.clone();
-        tokio::task::spawn_blocking(move || enable_egress(&c))
+        tokio::task::spawn_blocking(enable_forwarding)
             .await
             .map_err(|e| format!("enabling egress: {e}"))??;
     }
+    let layout = host_rules::Layout {
+        config: &config,
+        gateway_v4,
+        gateway_v6,
+    };
+    host_rules::rebuild(&layout, &h).await?;
 
     Ok(Host {
         inner: Arc::new(Inner {
@@ -81,6 +89,7 @@ pub(crate) async fn setup(config: NetworkConfig) -> Result<Host, String> {
             gateway_v6,
             host_ns,
             locks: Default::default(),
+            rules: Default::default(),
         }),
     })
 }
@@ -122,7 +131,9 @@ async fn add_address(h: &Handle, link: &Link, addr: IpAddr, prefix: u8) -> Resul
     }
 }
 
-fn enable_egress(config: &NetworkConfig) -> Result<(), String> {
+/// Egress needs the host to forward; what is forwarded is decided by the
+/// bridge's `inet` table.
+fn enable_forwarding() -> Result<(), String> {
     for (path, what) in [
         ("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
         (
@@ -132,48 +143,7 @@ fn enable_egress(config: &NetworkConfig) -> Result<(), String> {
     ] {
         std::fs::write(path, "1").map_err(|e| format!("setting {what}=1: {e}"))?;
     }
-    let subnet = config.ipv4_subnet.trunc().to_string();
-    let rule = [
-        "POSTROUTING",
-        "-s",
-        &subnet,
-        "!",
-        "-o",
-        &config.bridge,
-        "-j",
-        "MASQUERADE",
-    ];
-    let iptables = |op: &str| {
-        std::process::Command::new("iptables")
-            .args(["-w", "-t", "nat", op])
-            .args(rule)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .output()
-    };
-    match iptables("-C") {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            tracing::warn!(
-                subnet,
-                "iptables is not installed: no masquerading for VM egress"
-            );
-            Ok(())
-        }
-        Err(e) => Err(format!("running iptables: {e}")),
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(_) => {
-            let out = iptables("-A").map_err(|e| format!("running iptables: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "iptables -t nat -A {}: {}",
-                    rule.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        }
-    }
+    Ok(())
 }
 
 /// Checks the ownership mark of an existing device.
@@ -204,7 +174,7 @@ fn check_spec(spec: &InterfaceSpec) -> Result<(), String> {
     Ok(())
 }
 
-fn join_host(inner: &Inner) -> Result<(), String> {
+pub(crate) fn join_host(inner: &Inner) -> Result<(), String> {
     setns(&inner.host_ns, CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("joining the host network namespace: {e}"))
 }
@@ -278,6 +248,7 @@ async fn create_on_thread(
         &n.host_veth,
         LinkUnspec::new_with_name(&n.host_veth)
             .alias(&mark)
+            .link_group(spec.group)
             .controller(bridge.index)
             .up()
             .build(),
@@ -286,7 +257,9 @@ async fn create_on_thread(
     let host_veth = nl::get(host, &n.host_veth)
         .await?
         .ok_or_else(|| format!("{} vanished right after creation", n.host_veth))?;
-    h_set_isolated(host, &host_veth, inner.config.isolate_vms).await?;
+    // Isolation is the bridge's nftables table; clear the port flag an
+    // older metald may have set.
+    h_set_isolated(host, &host_veth, false).await?;
     let tap_existed = tap_and_ports(&ns, spec, &br0).await?;
     guard::apply(&guard::ruleset(TAP, spec.mac, spec.ipv4, spec.ipv6))?;
     if tap_existed {

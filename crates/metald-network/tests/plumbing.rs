@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, TryStreamExt};
-use metald_network::{Host, InterfaceSpec, NetNames, NetworkConfig, in_netns, mac_for};
+use metald_network::{Host, InterfaceSpec, Isolation, NetNames, NetworkConfig, in_netns, mac_for};
 
 fn random_u32() -> u32 {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -61,8 +61,9 @@ impl Env {
                 ipv6_subnet: format!("fd6d:6574:616c:{:x}::/64", r & 0xffff)
                     .parse()
                     .unwrap(),
-                isolate_vms: false,
+                isolation: Isolation::None,
                 egress: false,
+                protect_host: false,
             },
             prefix: format!("t{:08x}", random_u32()),
         }
@@ -78,6 +79,7 @@ impl Drop for Env {
         let _ = Command::new("ip")
             .args(["link", "del", &self.config.bridge])
             .output();
+        let _ = metald_network::remove_host_tables(&self.config.bridge);
     }
 }
 
@@ -87,6 +89,7 @@ fn spec(vm_id: &str, index: usize) -> InterfaceSpec {
         index,
         names: Host::names(vm_id, index),
         mac: mac_for(vm_id, index),
+        group: 1,
         ipv4: Some(Ipv4Addr::new(10, 0, 0, 2)),
         ipv6: None,
         rx_rate_bytes_per_sec: 0,
@@ -507,7 +510,11 @@ async fn traffic_flows_and_isolation_holds() {
     require_root!();
     for isolate in [false, true] {
         let mut env = Env::new();
-        env.config.isolate_vms = isolate;
+        env.config.isolation = if isolate {
+            Isolation::Vm
+        } else {
+            Isolation::None
+        };
         let host = Host::setup(env.config.clone()).await.unwrap();
         let net = env.config.ipv4_subnet.network().octets();
         let ip = |last: u8| Ipv4Addr::new(net[0], net[1], net[2], last);

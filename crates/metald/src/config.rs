@@ -384,6 +384,9 @@ pub struct Config {
     pub telemetry: telemetry::TelemetryArgs,
 
     #[command(flatten)]
+    pub network: network::NetworkArgs,
+
+    #[command(flatten)]
     pub dhcp: dhcp::DhcpArgs,
 
     /// Shut every VM down (gracefully, within the VM shutdown timeout) when
@@ -397,60 +400,6 @@ pub struct Config {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub shutdown_vms_on_exit: bool,
-
-    /// Give VMs network interfaces (a namespace, veth and TAP per
-    /// interface on a host bridge). When false, CreateVm with an interface
-    /// answers unimplemented.
-    #[arg(
-        long,
-        env = "UNKEY_METALD_NETWORK_ENABLED",
-        default_value_t = true,
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub network_enabled: bool,
-
-    /// Host bridge VMs attach to (created if missing).
-    #[arg(long, env = "UNKEY_METALD_NETWORK_BRIDGE", default_value = "metald0")]
-    pub network_bridge: String,
-
-    /// IPv4 subnet VMs get addresses from; the first host address is the
-    /// gateway on the bridge.
-    #[arg(
-        long,
-        env = "UNKEY_METALD_NETWORK_IPV4_SUBNET",
-        default_value = "10.100.0.0/16"
-    )]
-    pub network_ipv4_subnet: ipnet::Ipv4Net,
-
-    /// IPv6 subnet VMs get addresses from; `::1` is the gateway.
-    #[arg(
-        long,
-        env = "UNKEY_METALD_NETWORK_IPV6_SUBNET",
-        default_value = "fd6d:6574:616c:6400::/64"
-    )]
-    pub network_ipv6_subnet: ipnet::Ipv6Net,
-
-    /// Keep VMs on the bridge from reaching each other (they still reach
-    /// the host and, with egress, the outside).
-    #[arg(
-        long,
-        env = "UNKEY_METALD_NETWORK_ISOLATE_VMS",
-        default_value_t = false,
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub network_isolate_vms: bool,
-
-    /// Route VM traffic to the outside (IP forwarding and IPv4 masquerade).
-    #[arg(
-        long,
-        env = "UNKEY_METALD_NETWORK_EGRESS",
-        default_value_t = false,
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub network_egress: bool,
 
     /// Send usage to the billing service. When false, VMs are still
     /// sampled (for GetVmInfo) but nothing is spooled or sent.
@@ -595,6 +544,7 @@ fn inner_message(err: &clap::Error) -> String {
 }
 
 pub mod dhcp;
+pub mod network;
 pub mod telemetry;
 
 #[cfg(test)]

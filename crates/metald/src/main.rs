@@ -263,22 +263,32 @@ async fn host_network(
     config: &Config,
     store: &metald_store::SqliteStore,
 ) -> anyhow::Result<Option<Arc<network::HostNetwork>>> {
-    if config.network_enabled {
+    let n = &config.network;
+    if n.enabled {
+        let (isolation, deprecated) = n.isolation();
+        if let Some(w) = deprecated {
+            warn!("{w}");
+        }
         let host = metald_network::Host::setup(metald_network::NetworkConfig {
-            bridge: config.network_bridge.clone(),
-            ipv4_subnet: config.network_ipv4_subnet,
-            ipv6_subnet: config.network_ipv6_subnet,
-            isolate_vms: config.network_isolate_vms,
-            egress: config.network_egress,
+            bridge: n.bridge.clone(),
+            ipv4_subnet: n.ipv4_subnet,
+            ipv6_subnet: n.ipv6_subnet,
+            isolation: match isolation {
+                config::network::Isolation::Customer => metald_network::Isolation::Customer,
+                config::network::Isolation::Vm => metald_network::Isolation::Vm,
+                config::network::Isolation::None => metald_network::Isolation::None,
+            },
+            egress: n.egress,
+            protect_host: n.protect_host,
         })
         .await
         .map_err(|e| {
             anyhow::anyhow!(
                 "UNKEY_METALD_NETWORK_*: setting up bridge {}: {e}",
-                config.network_bridge
+                n.bridge
             )
         })?;
-        info!(bridge = %config.network_bridge, v4 = %config.network_ipv4_subnet, v6 = %config.network_ipv6_subnet, "VM networking ready");
+        info!(bridge = %n.bridge, v4 = %n.ipv4_subnet, v6 = %n.ipv6_subnet, ?isolation, egress = n.egress, protect_host = n.protect_host, "VM networking ready");
         let dhcp = network::dhcp_server(config).await?;
         let net = network::HostNetwork::new(host, dhcp, config.dhcp.network_kernel_args);
         net.restore(store)
@@ -481,7 +491,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             store: store.clone(),
             data_dir: config.data_dir.clone(),
             backend,
-            network: config.network_enabled,
+            network: config.network.enabled,
             billing,
             billing_lag_limit: (config.billing_batch_interval * 3)
                 .max(std::time::Duration::from_secs(60)),

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use async_trait::async_trait;
 use metald_core::net::{NicAttachment, NicSpec};
 use metald_core::ports::{Network, PortError, Store, Subnets};
-use metald_core::{Mac, VmId};
+use metald_core::{CustomerId, Mac, VmId};
 use metald_network::{DhcpServer, Host, HostEntry, InterfaceSpec};
 
 /// Host networking for metald's VMs.
@@ -86,7 +86,7 @@ pub async fn dhcp_server(config: &crate::config::Config) -> anyhow::Result<Optio
         }
         return Ok(None);
     }
-    let bridge = &config.network_bridge;
+    let bridge = &config.network.bridge;
     let mtu = std::fs::read_to_string(format!("/sys/class/net/{bridge}/mtu"))
         .ok()
         .and_then(|m| m.trim().parse().ok())
@@ -94,8 +94,8 @@ pub async fn dhcp_server(config: &crate::config::Config) -> anyhow::Result<Optio
     let server = DhcpServer::start(metald_network::DhcpConfig {
         bridge: bridge.clone(),
         dir,
-        ipv4_subnet: config.network_ipv4_subnet,
-        ipv6_subnet: config.network_ipv6_subnet,
+        ipv4_subnet: config.network.ipv4_subnet,
+        ipv6_subnet: config.network.ipv6_subnet,
         dns: d.network_dns.0.clone(),
         mtu,
         lease_secs: d.network_dhcp_lease_time,
@@ -103,9 +103,22 @@ pub async fn dhcp_server(config: &crate::config::Config) -> anyhow::Result<Optio
     .await
     .map_err(|e| anyhow::anyhow!("UNKEY_METALD_NETWORK_DHCP: {e}"))?;
     if !server.config().router_advertisements() {
-        tracing::warn!(v6 = %config.network_ipv6_subnet, "the IPv6 subnet is not a /64: no router advertisements, guests need the kernel command line for IPv6");
+        tracing::warn!(v6 = %config.network.ipv6_subnet, "the IPv6 subnet is not a /64: no router advertisements, guests need the kernel command line for IPv6");
     }
     Ok(Some(server))
+}
+
+/// The device group a customer's host veths carry: with isolation by
+/// customer, VMs reach each other exactly when their groups are equal.
+/// FNV-1a 32 of the customer id (already validated: printable ASCII); 0,
+/// the kernel's default group, is nobody's and becomes 1. Two customers
+/// share a group with probability about n²/2³³ for n customers on a host.
+pub fn customer_group(customer: &CustomerId) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in customer.as_str().bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
 }
 
 /// Whether host device `dev` is a port of `bridge`.
@@ -141,6 +154,7 @@ impl Network for HostNetwork {
     async fn attach(
         &self,
         vm: &VmId,
+        customer: &CustomerId,
         index: usize,
         nic: &NicSpec,
         mac: Mac,
@@ -151,6 +165,7 @@ impl Network for HostNetwork {
             index,
             names: names.clone(),
             mac: mac.octets(),
+            group: customer_group(customer),
             ipv4: nic.ipv4,
             ipv6: nic.ipv6,
             rx_rate_bytes_per_sec: nic.rx_bytes_per_sec,
@@ -217,5 +232,26 @@ impl Network for HostNetwork {
 
     async fn remove_stray(&self, name: &str) -> Result<(), PortError> {
         self.host.remove_unmarked_namespace(name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(id: &str) -> u32 {
+        customer_group(&CustomerId::parse(id).unwrap())
+    }
+
+    #[test]
+    fn a_customers_group_is_stable_non_zero_and_differs_between_customers() {
+        assert_eq!(group("acme"), group("acme"));
+        assert_ne!(group("acme"), group("acme2"));
+        assert_ne!(group("a"), group("b"));
+        // FNV-1a 32 reference value.
+        assert_eq!(group("a"), 0xe40c_292c);
+        for id in ["x", "customer_1", "~!@#$%^&*()"] {
+            assert_ne!(group(id), 0);
+        }
     }
 }

@@ -239,6 +239,8 @@ impl Drop for Lan {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.bridge])
             .status();
+        // The bridge's nftables tables go with the test's bridge.
+        let _ = metald_network::remove_host_tables(&self.bridge);
     }
 }
 

@@ -44,7 +44,7 @@ impl VmService {
                 ..nic
             };
             let mut att = net
-                .attach(&vm.id, i, &leased, mac)
+                .attach(&vm.id, &vm.customer, i, &leased, mac)
                 .await
                 .map_err(Error::Backend)?;
             self.inner.telemetry.network(true);

@@ -14,6 +14,7 @@ mod front_door;
 mod harness;
 mod health;
 mod host_safety;
+mod isolation;
 mod lifecycle;
 mod listing;
 mod metaldctl;

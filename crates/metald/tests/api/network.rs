@@ -19,7 +19,7 @@ const T: &str = "dev_customer_net";
 pub(crate) struct Lan {
     pub(crate) bridge: String,
     pub(crate) v4: String,
-    v6: String,
+    pub(crate) v6: String,
 }
 
 impl Lan {
@@ -55,6 +55,9 @@ impl Drop for Lan {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .status();
+        // The bridge's nftables tables outlive metald (its VMs may); the
+        // test's bridge is gone, so are they.
+        let _ = metald_network::remove_host_tables(&self.bridge);
     }
 }
 
