@@ -106,6 +106,14 @@ impl VmService {
         if vm.runtime.as_ref() != Some(rt) || !vm.state.has_process() {
             return;
         }
+        // A plan still recorded (one interrupted, or given up mid-way) owns
+        // the VM: its resumption, at the next start or reconcile, finds the
+        // VMM gone and finishes. Recording the exit here would clear the
+        // record and lose that intent (a delete would leave the VM behind).
+        if vm.plan.is_some() {
+            tracing::debug!(vm_id = %id, plan = ?vm.plan, "VMM exited under a recorded plan; the plan settles it");
+            return;
+        }
         if let Err(e) = self.record_exit(&mut vm, exit).await {
             warn!(vm_id = %id, error = %e, "cannot record VMM exit");
         }
