@@ -21,6 +21,9 @@ use metald_store::SqliteStore;
 mod fake;
 use fake::FakeVmm;
 
+#[path = "service/vmm_errors.rs"]
+mod vmm_errors;
+
 struct World {
     _dir: tempfile::TempDir,
     store: Arc<SqliteStore>,

@@ -182,13 +182,7 @@ impl VmService {
             _ => unreachable!("only pause and resume come here"),
         };
         if let Err(e) = done {
-            // The VMM may have died under the request: report that rather
-            // than a bare backend error.
-            self.refresh(&mut vm).await?;
-            if !vm.state.has_process() {
-                return Err(Self::check(&vm, op).err().unwrap_or(Error::Backend(e)));
-            }
-            return Err(Error::Backend(e));
+            return Err(self.call_failed(&mut vm, op, e).await?);
         }
         self.save(&mut vm, to, Some(rt), None).await?;
         Ok(vm)

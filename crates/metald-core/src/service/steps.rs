@@ -68,11 +68,16 @@ impl VmService {
                 if let Some(rt) = vm.runtime.clone() {
                     match vmm.shutdown(&rt, args.mode).await {
                         Ok(()) => self.inner.telemetry.vmm_exit(vmm.name(), true),
+                        // Gone before it was asked: the stop is done.
+                        Err(e) if e.is_gone() && !vmm.is_alive(&rt) => {
+                            warn!(vm_id = %id, error = %e, "the VMM was gone before the stop");
+                            self.inner.telemetry.vmm_exit(vmm.name(), false);
+                        }
                         // A teardown goes on: its destroy step kills the VMM.
                         Err(e) if vm.plan.is_some_and(|p| p.plan.removes_row()) => {
                             warn!(vm_id = %id, error = %e, "graceful stop before removal failed; killing");
                         }
-                        Err(e) => return Err(Error::Backend(e)),
+                        Err(e) => return Err(vmm_err(e)),
                     }
                 }
             }
@@ -86,7 +91,7 @@ impl VmService {
             Step::Destroy => vmm
                 .destroy(&id, vm.runtime.as_ref())
                 .await
-                .map_err(Error::Backend)?,
+                .map_err(vmm_err)?,
             Step::Unwire => self.unwire(&id, vm.spec.nics.len()).await?,
             Step::RemoveRow => self.inner.store.remove(&id).await.map_err(store_err)?,
         }
@@ -114,7 +119,7 @@ impl VmService {
                 }
                 booted
             }
-            Err(e) => Err(BootError::Failed(e)),
+            Err(e) => Err(e),
         };
         let rt = started.map_err(|e| boot_err(id, e, &resolved, &vm.spec))?;
         vm.runtime = Some(rt);
