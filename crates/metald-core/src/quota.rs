@@ -126,9 +126,9 @@ impl Usage {
     /// Adds one VM of `spec` (running or not).
     pub fn add(&mut self, spec: &VmSpec, running: bool) {
         self.vms += 1;
-        self.vcpus += u64::from(spec.vcpus);
-        self.memory += spec.memory_bytes;
-        self.interfaces += spec.nics.len() as u64;
+        self.vcpus += u64::from(spec.vcpus());
+        self.memory += spec.memory_bytes();
+        self.interfaces += spec.nics().len() as u64;
         self.running += u64::from(running);
     }
 }
@@ -148,21 +148,21 @@ pub fn check_create(limits: &Limits, used: &Usage, spec: &VmSpec) -> Result<()> 
             "max_vcpus",
             limits.max_vcpus,
             used.vcpus,
-            u64::from(spec.vcpus),
+            u64::from(spec.vcpus()),
             "",
         ),
         (
             "max_memory",
             limits.max_memory,
             used.memory,
-            spec.memory_bytes,
+            spec.memory_bytes(),
             " bytes",
         ),
         (
             "max_interfaces",
             limits.max_interfaces,
             used.interfaces,
-            spec.nics.len() as u64,
+            spec.nics().len() as u64,
             "",
         ),
     ];
@@ -190,8 +190,8 @@ pub fn check_boot(
         return Err(exhausted("max_running_vms", limit, customer.running, ""));
     }
     if let Some((cap, running)) = host {
-        let vcpus = running.vcpus.saturating_add(u64::from(spec.vcpus));
-        let memory = running.memory.saturating_add(spec.memory_bytes);
+        let vcpus = running.vcpus.saturating_add(u64::from(spec.vcpus()));
+        let memory = running.memory.saturating_add(spec.memory_bytes());
         if vcpus > cap.vcpus || memory > cap.memory_bytes {
             let message = format!(
                 "host capacity: {} vCPUs and {} bytes of memory are committed to running VMs \
@@ -200,8 +200,8 @@ pub fn check_boot(
                 running.memory,
                 cap.vcpus,
                 cap.memory_bytes,
-                spec.vcpus,
-                spec.memory_bytes
+                spec.vcpus(),
+                spec.memory_bytes()
             );
             return Err(Error::ResourceExhausted {
                 quota: "host_capacity",

@@ -23,7 +23,7 @@ impl VmService {
                 .is_some_and(|rt| self.inner.vmm.is_alive(rt))
         };
         Ok(match step {
-            Step::Wire => vm.spec.nics.iter().all(|n| n.attachment.is_some()),
+            Step::Wire => vm.spec.nics().iter().all(|n| n.attachment.is_some()),
             Step::Spawn => vm.state == VmState::Running && alive(),
             // A reset cannot be seen from outside; after a restart a live
             // VMM runs the guest either way.
@@ -55,9 +55,9 @@ impl VmService {
                 // A resumed wiring starts clean, so a crash mid-way never
                 // leaves a second set of addresses leased.
                 if args.resumed {
-                    self.unwire(&id, vm.spec.nics.len()).await?;
-                    for nic in &mut vm.spec.nics {
-                        nic.attachment = None;
+                    self.unwire(&id, vm.spec.nics().len()).await?;
+                    for i in 0..vm.spec.nics().len() {
+                        vm.spec.set_attachment(i, None);
                     }
                 }
                 self.wire(vm).await?;
@@ -92,7 +92,7 @@ impl VmService {
                 .destroy(&id, vm.runtime.as_ref())
                 .await
                 .map_err(vmm_err)?,
-            Step::Unwire => self.unwire(&id, vm.spec.nics.len()).await?,
+            Step::Unwire => self.unwire(&id, vm.spec.nics().len()).await?,
             Step::RemoveRow => self.inner.store.remove(&id).await.map_err(store_err)?,
         }
         Ok(())

@@ -92,7 +92,7 @@ fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
 fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let mut disks = Vec::new();
-    for d in &spec.disks {
+    for d in spec.disks() {
         disks.push(api::Disk {
             id: d.id.clone(),
             path: path(&d.path),
@@ -103,7 +103,7 @@ fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
     // Cloud Hypervisor has one rate limiter per interface for both
     // directions; metald's tc limits on the host side hold each direction.
     let net = spec
-        .nics
+        .nics()
         .iter()
         .enumerate()
         .filter_map(|(i, n)| {
@@ -117,15 +117,15 @@ fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
         .collect();
     Ok(api::VmConfig {
         cpus: api::Cpus {
-            boot_vcpus: spec.vcpus,
-            max_vcpus: spec.vcpus,
+            boot_vcpus: spec.vcpus(),
+            max_vcpus: spec.vcpus(),
         },
         memory: api::Memory {
-            size: spec.memory_bytes,
+            size: spec.memory_bytes(),
         },
         payload: api::Payload {
-            kernel: path(&spec.kernel),
-            initramfs: spec.initrd.as_deref().map(path),
+            kernel: path(spec.kernel()),
+            initramfs: spec.initrd().map(path),
             cmdline: Some(launch::kernel_cmdline(spec, DEFAULT_KERNEL_ARGS)),
         },
         disks,
@@ -199,12 +199,12 @@ impl CloudHypervisorBackend {
         let mut cmd = tokio::process::Command::new(&self.config.binary);
         cmd.arg("--api-socket")
             .arg(format!("path={}", socket.display()));
-        if let Some(att) = spec.nics.iter().find_map(|n| n.attachment.as_ref()) {
+        if let Some(att) = spec.nics().iter().find_map(|n| n.attachment.as_ref()) {
             launch::join_netns_on_exec(&mut cmd, &att.netns)
                 .map_err(|e| launch::host_failure("join the VM's network namespace", e))?;
         }
         if let Some(cg) = &self.config.cgroups {
-            let procs = cgroup::create(cg, id.as_str(), spec.vcpus, spec.memory_bytes)
+            let procs = cgroup::create(cg, id.as_str(), spec.vcpus(), spec.memory_bytes())
                 .map_err(|e| launch::host_failure("set up the VM's cgroups", e))?;
             cgroup::join_on_exec(&mut cmd, procs);
         }
@@ -485,6 +485,7 @@ pub fn sum_counters(all: &api::Counters) -> DeviceCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metald_core::vm::VmSpecRow;
 
     #[test]
     fn recognises_only_its_own_cloud_hypervisors() {
@@ -507,7 +508,7 @@ mod tests {
 
     #[test]
     fn the_serial_port_goes_to_the_stdout_metald_opened() {
-        let spec = VmSpec {
+        let spec = VmSpec::try_from(VmSpecRow {
             vcpus: 1,
             topology: None,
             memory_bytes: 128 << 20,
@@ -519,7 +520,8 @@ mod tests {
             nics: Vec::new(),
             console_enabled: true,
             metadata: Default::default(),
-        };
+        })
+        .unwrap();
         let c = vm_config(&spec).unwrap();
         // Tty: Cloud Hypervisor writes to its (O_APPEND) stdout, so the log
         // can be trimmed under it; File mode would write at its own offset.

@@ -24,8 +24,8 @@ impl FirecrackerBackend {
         fc.put(
             "/machine-config",
             &api::MachineConfig {
-                vcpu_count: spec.vcpus,
-                mem_size_mib: spec.memory_bytes >> 20,
+                vcpu_count: spec.vcpus(),
+                mem_size_mib: spec.memory_bytes() >> 20,
                 smt: false,
             },
         )
@@ -40,7 +40,7 @@ impl FirecrackerBackend {
         )
         .await?;
         // The root device first, as Firecracker expects (VmSpec sorts so).
-        for (d, path) in spec.disks.iter().zip(files.drives) {
+        for (d, path) in spec.disks().iter().zip(files.drives) {
             let drive = api::Drive {
                 drive_id: d.id.clone(),
                 path_on_host: path,
@@ -50,7 +50,7 @@ impl FirecrackerBackend {
             };
             fc.put(&format!("/drives/{}", d.id), &drive).await?;
         }
-        for (i, n) in spec.nics.iter().enumerate() {
+        for (i, n) in spec.nics().iter().enumerate() {
             let Some(att) = &n.attachment else { continue };
             let iface = api::NetworkInterface {
                 iface_id: format!("eth{i}"),

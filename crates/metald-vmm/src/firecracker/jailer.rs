@@ -113,7 +113,7 @@ impl Jail {
 /// The jailer's `--cgroup` arguments: the VM's limits (see
 /// [`crate::cgroup::limits`]).
 pub fn cgroup_args(version: u8, spec: &VmSpec) -> Vec<String> {
-    crate::cgroup::limits(version, spec.vcpus, spec.memory_bytes)
+    crate::cgroup::limits(version, spec.vcpus(), spec.memory_bytes())
         .into_iter()
         .flat_map(|(file, value)| ["--cgroup".to_owned(), format!("{file}={value}")])
         .collect()
@@ -170,7 +170,7 @@ impl FirecrackerBackend {
         let uid = self.free_uid(jc, id).map_err(VmmError::Io)?;
         let owner = (uid, uid);
         let writable = spec
-            .disks
+            .disks()
             .iter()
             .enumerate()
             .filter(|(_, d)| !d.read_only)
@@ -201,10 +201,10 @@ impl FirecrackerBackend {
     /// runtime: a copy may be large).
     async fn place_files(&self, spec: &VmSpec, root: &Path) -> Result<GuestFiles, VmmError> {
         let root = root.to_path_buf();
-        let kernel = spec.kernel.clone();
-        let initrd = spec.initrd.clone();
+        let kernel = spec.kernel().to_path_buf();
+        let initrd = spec.initrd().map(Path::to_path_buf);
         let disks: Vec<(PathBuf, bool, String)> = spec
-            .disks
+            .disks()
             .iter()
             .map(|d| (d.path.clone(), d.read_only, drive_field(&d.id)))
             .collect();

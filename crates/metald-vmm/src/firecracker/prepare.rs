@@ -73,7 +73,7 @@ impl FirecrackerBackend {
         layout: &Layout,
     ) -> Result<Prepared<'_>, VmmError> {
         let netns = spec
-            .nics
+            .nics()
             .iter()
             .find_map(|n| n.attachment.as_ref())
             .map(|a| a.netns.clone());
@@ -96,9 +96,9 @@ impl FirecrackerBackend {
             fifo(&layout.fifo, None)?;
             let host = |p: &Path| p.to_string_lossy().into_owned();
             let files = GuestFiles {
-                kernel: host(&spec.kernel),
-                initrd: spec.initrd.as_deref().map(host),
-                drives: spec.disks.iter().map(|d| host(&d.path)).collect(),
+                kernel: host(spec.kernel()),
+                initrd: spec.initrd().map(host),
+                drives: spec.disks().iter().map(|d| host(&d.path)).collect(),
             };
             return Ok(Prepared {
                 cmd,

@@ -113,12 +113,12 @@ pub fn redact(text: &str) -> String {
 /// The guest's kernel command line: the VM's own arguments (or
 /// `default`), then what its network interfaces tell the guest.
 pub fn kernel_cmdline(spec: &VmSpec, default: &str) -> String {
-    let mut cmdline = if spec.kernel_args.is_empty() {
+    let mut cmdline = if spec.kernel_args().is_empty() {
         default.to_owned()
     } else {
-        spec.kernel_args.clone()
+        spec.kernel_args().to_owned()
     };
-    for att in spec.nics.iter().filter_map(|n| n.attachment.as_ref()) {
+    for att in spec.nics().iter().filter_map(|n| n.attachment.as_ref()) {
         cmdline.push(' ');
         cmdline.push_str(&att.kernel_args());
     }

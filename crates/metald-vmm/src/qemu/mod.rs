@@ -190,7 +190,7 @@ impl Vmm for QemuBackend {
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-            if let Some(att) = spec.nics.iter().find_map(|n| n.attachment.as_ref()) {
+            if let Some(att) = spec.nics().iter().find_map(|n| n.attachment.as_ref()) {
                 launch::join_netns_on_exec(&mut cmd, &att.netns)?;
             }
             let rec = launch::spawn_recorded(&self.children, cmd, &dir)?;
