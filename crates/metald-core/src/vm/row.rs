@@ -150,8 +150,14 @@ mod tests {
         assert_eq!(spec.disks()[0].path, PathBuf::from("/images/disk.ext4"));
         let att = spec.nics()[0].attachment.as_ref().expect("the attachment");
         assert_eq!(att.tap, "tap0");
+        // Written back, it reads as the same spec, in the same shape: only
+        // fields added since (with their defaults) join it.
         let again = serde_json::to_string(&VmSpecRow::from(&spec)).unwrap();
-        assert_eq!(again, STORED, "the stored shape is unchanged");
+        assert_eq!(load(&again).unwrap(), spec);
+        let mut want: serde_json::Value = serde_json::from_str(STORED).unwrap();
+        want["nics"][0]["attachment"]["cmdline"] = true.into();
+        let got: serde_json::Value = serde_json::from_str(&again).unwrap();
+        assert_eq!(got, want, "the stored shape is unchanged");
         let old = load(STORED_WITHOUT_NICS).unwrap();
         assert!(old.nics().is_empty() && !old.console_enabled());
         assert_eq!(old.metadata()["team"], "blue");
