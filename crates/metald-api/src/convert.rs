@@ -136,7 +136,7 @@ pub fn spec_from_pb(config: Option<&pb::VmConfig>) -> Result<VmSpec, Error> {
 
 /// The configuration GetVmInfo returns: what metald runs, as a VmConfig.
 pub fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
-    let topology = s.topology.map(|(so, co, th)| pb::CpuTopology {
+    let topology = s.topology().map(|(so, co, th)| pb::CpuTopology {
         sockets: so as i32,
         cores_per_socket: co as i32,
         threads_per_core: th as i32,
@@ -144,29 +144,29 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
     });
     pb::VmConfig {
         cpu: buffa::MessageField::some(pb::CpuConfig {
-            vcpu_count: s.vcpus as i32,
-            max_vcpu_count: s.vcpus as i32,
+            vcpu_count: s.vcpus() as i32,
+            max_vcpu_count: s.vcpus() as i32,
             topology: topology.map(buffa::MessageField::some).unwrap_or_default(),
             ..Default::default()
         }),
         memory: buffa::MessageField::some(pb::MemoryConfig {
-            size_bytes: s.memory_bytes as i64,
-            max_size_bytes: s.memory_bytes as i64,
+            size_bytes: s.memory_bytes() as i64,
+            max_size_bytes: s.memory_bytes() as i64,
             ..Default::default()
         }),
         boot: buffa::MessageField::some(pb::BootConfig {
-            kernel_path: s.kernel.display().to_string(),
+            kernel_path: s.kernel().display().to_string(),
             initrd_path: s
-                .initrd
+                .initrd()
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            kernel_args: s.kernel_args.clone(),
-            boot_options: s.boot_options.clone().into_iter().collect(),
+            kernel_args: s.kernel_args().to_owned(),
+            boot_options: s.boot_options().clone().into_iter().collect(),
             ..Default::default()
         }),
         storage: s
-            .disks
+            .disks()
             .iter()
             .map(|d| pb::StorageDevice {
                 id: d.id.clone(),
@@ -182,13 +182,13 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
                 ..Default::default()
             })
             .collect(),
-        network: s.nics.iter().map(nic_to_pb).collect(),
+        network: s.nics().iter().map(nic_to_pb).collect(),
         console: buffa::MessageField::some(pb::ConsoleConfig {
-            enabled: s.console_enabled,
+            enabled: s.console_enabled(),
             console_type: "serial".into(),
             ..Default::default()
         }),
-        metadata: s.metadata.clone().into_iter().collect(),
+        metadata: s.metadata().clone().into_iter().collect(),
         ..Default::default()
     }
 }
@@ -269,7 +269,7 @@ pub fn metrics(u: &metald_core::ports::VmUsage) -> pb::VmMetrics {
 
 /// GetVmInfo's `network_info`: the first interface as attached.
 pub fn network_info(s: &VmSpec) -> Option<pb::VmNetworkInfo> {
-    let att = s.nics.first()?.attachment.as_ref()?;
+    let att = s.nics().first()?.attachment.as_ref()?;
     let ips: Vec<String> = att
         .ipv4
         .map(|(a, _)| a.to_string())
@@ -298,11 +298,11 @@ pub fn vm_info(vm: &VmRecord) -> pb::VmInfo {
     pb::VmInfo {
         vm_id: vm.name.to_string(),
         state: state_to_pb(vm.state).into(),
-        vcpu_count: vm.spec.vcpus as i32,
-        memory_size_bytes: vm.spec.memory_bytes as i64,
+        vcpu_count: vm.spec.vcpus() as i32,
+        memory_size_bytes: vm.spec.memory_bytes() as i64,
         created_timestamp: vm.created_at,
         modified_timestamp: vm.modified_at,
-        metadata: vm.spec.metadata.clone().into_iter().collect(),
+        metadata: vm.spec.metadata().clone().into_iter().collect(),
         customer_id: vm.customer.to_string(),
         ..Default::default()
     }

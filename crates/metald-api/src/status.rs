@@ -25,7 +25,7 @@ pub fn to_connect_with_id(err: Error) -> (ConnectError, Option<String>) {
         Error::Unimplemented(_) => ErrorCode::Unimplemented,
         Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
         Error::Unavailable(_) => ErrorCode::Unavailable,
-        Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+        Error::ResourceExhausted { .. } => ErrorCode::ResourceExhausted,
         Error::Backend(_) | Error::Store(_) => ErrorCode::Internal,
     };
     match code {

@@ -48,7 +48,7 @@ impl Observer for Billing {
                 process,
                 veth: vm
                     .spec
-                    .nics
+                    .nics()
                     .iter()
                     .find_map(|n| n.attachment.as_ref())
                     .map(|a| a.host_veth.clone()),

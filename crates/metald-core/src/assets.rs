@@ -145,15 +145,21 @@ impl AssetPolicy {
     /// VMM must be given. Touches the filesystem: call it off the async
     /// runtime ([`tokio::task::spawn_blocking`]).
     pub fn resolve(&self, customer: &CustomerId, spec: &VmSpec) -> Result<Resolved> {
-        let mut out = spec.clone();
-        let kernel = self.check(customer, &spec.kernel, "config.boot.kernel_path", Use::Boot)?;
-        out.kernel = kernel.path;
-        if let Some(initrd) = &spec.initrd {
-            let f = self.check(customer, initrd, "config.boot.initrd_path", Use::Boot)?;
-            out.initrd = Some(f.path);
-        }
-        let mut disks = Vec::with_capacity(spec.disks.len());
-        for (i, d) in spec.disks.iter().enumerate() {
+        let kernel = self.check(
+            customer,
+            spec.kernel(),
+            "config.boot.kernel_path",
+            Use::Boot,
+        )?;
+        let initrd = match spec.initrd() {
+            Some(initrd) => {
+                let f = self.check(customer, initrd, "config.boot.initrd_path", Use::Boot)?;
+                Some(f.path)
+            }
+            None => None,
+        };
+        let mut disks = Vec::with_capacity(spec.disks().len());
+        for (i, d) in spec.disks().iter().enumerate() {
             // Disk fields are named by their position in the stored spec
             // (root device first), which is how GetVmInfo shows them.
             let field = format!("config.storage[{i}].path");
@@ -165,9 +171,10 @@ impl AssetPolicy {
                     writable: !d.read_only,
                 },
             )?;
-            out.disks[i].path = f.path.clone();
             disks.push(f);
         }
+        let paths = disks.iter().map(|f| f.path.clone());
+        let out = spec.at_host_paths(kernel.path, initrd, paths);
         Ok(Resolved { spec: out, disks })
     }
 
@@ -276,11 +283,12 @@ fn parse_root(raw: &str) -> std::result::Result<Root, String> {
 mod tests {
     use super::*;
     use crate::vm::DiskSpec;
+    use crate::vm::VmSpecRow;
     use std::collections::BTreeMap;
 
     /// A spec with `kernel` and disks given as (path, writable).
     fn spec(kernel: &Path, disks: &[(&Path, bool)]) -> VmSpec {
-        VmSpec {
+        VmSpec::try_from(VmSpecRow {
             vcpus: 1,
             topology: None,
             memory_bytes: 128 << 20,
@@ -303,7 +311,8 @@ mod tests {
             nics: Vec::new(),
             console_enabled: true,
             metadata: BTreeMap::new(),
-        }
+        })
+        .unwrap()
     }
 
     fn cust(s: &str) -> CustomerId {
@@ -361,9 +370,9 @@ mod tests {
             &[(&w.base.join("private/acme/disk.img"), true)],
         );
         let r = w.policy.resolve(&cust("acme"), &s).unwrap();
-        assert_eq!(r.spec.kernel, w.base.join("shared/vmlinux"));
+        assert_eq!(r.spec.kernel(), w.base.join("shared/vmlinux"));
         assert!(r.disks[0].writable);
-        assert_eq!(r.spec.disks[0].path, w.base.join("private/acme/disk.img"));
+        assert_eq!(r.spec.disks()[0].path, w.base.join("private/acme/disk.img"));
     }
 
     #[test]

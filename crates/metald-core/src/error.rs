@@ -45,8 +45,13 @@ pub enum Error {
     Store(String),
     /// A quota or the host's capacity does not allow the request; the
     /// message names the quota, its limit and the current use.
-    #[error("{0}")]
-    ResourceExhausted(String),
+    #[error("{message}")]
+    ResourceExhausted {
+        /// Which limit refused: a quota's name (`max_vms`, ...,
+        /// `create_rate`) or `host_capacity`.
+        quota: &'static str,
+        message: String,
+    },
     /// metald is shutting down or a dependency is unreachable.
     #[error("{0}")]
     Unavailable(String),

@@ -17,7 +17,8 @@ use crate::plan::PlanRecord;
 use crate::state::{Op, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
 
-/// How a store or backend failure is described to the service.
+/// How a store or network failure is described to the service (the VMM
+/// port has its own [`VmmError`]).
 pub type PortError = String;
 
 /// Where a VMM process can be found again after metald restarts. Written to
@@ -218,23 +219,66 @@ pub struct HostResources {
     pub dirs: Vec<VmId>,
 }
 
-/// Why a VMM could not start (or restart) a guest.
+/// How a [`Vmm`] call failed, classified where it happened (in the
+/// backend) so the service can react without reading the text. Every
+/// variant keeps a message for metald's log and the VM's `last_error`; it
+/// never holds a host path (backends redact what a VMM says, and the
+/// service cleans it again before a client sees it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BootError {
-    /// The VMM rejected the configuration, in its own words (a kernel that
-    /// is a directory, more memory than the host allows): retrying the same
-    /// request cannot succeed.
+pub enum VmmError {
+    /// The VMM refused the request or the configuration, in its own words
+    /// (a QMP error reply, an HTTP 4xx from Firecracker or Cloud
+    /// Hypervisor, a kernel that is a directory): retrying the same request
+    /// cannot succeed.
     #[error("{0}")]
     Refused(String),
-    /// Anything else: the VMM could not be started, crashed or did not
-    /// answer in time.
+    /// The VMM process is gone or is not this VM's any more: nothing
+    /// listens on its control socket (refused, or no socket), the pid
+    /// names no process or another one (its start time differs). The
+    /// service treats it as the VMM having exited.
     #[error("{0}")]
-    Failed(String),
+    Gone(String),
+    /// The VMM did not answer within its limit.
+    #[error("{0}")]
+    Timeout(String),
+    /// A failure on the host's side (files, processes, cgroups, a broken
+    /// exchange) or an answer metald cannot use.
+    #[error("{0}")]
+    Io(String),
 }
 
-impl From<String> for BootError {
-    fn from(e: String) -> Self {
-        BootError::Failed(e)
+impl VmmError {
+    /// The message, whatever the kind.
+    pub fn message(&self) -> &str {
+        match self {
+            VmmError::Refused(m) | VmmError::Gone(m) | VmmError::Timeout(m) | VmmError::Io(m) => m,
+        }
+    }
+
+    /// The same kind of error with its message changed by `f`.
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            VmmError::Refused(m) => VmmError::Refused(f(m)),
+            VmmError::Gone(m) => VmmError::Gone(f(m)),
+            VmmError::Timeout(m) => VmmError::Timeout(f(m)),
+            VmmError::Io(m) => VmmError::Io(f(m)),
+        }
+    }
+
+    /// Whether the VMM process is gone ([`VmmError::Gone`]).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, VmmError::Gone(_))
+    }
+
+    /// A bounded label for logs and metrics: `refused`, `gone`, `timeout`
+    /// or `io`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VmmError::Refused(_) => "refused",
+            VmmError::Gone(_) => "gone",
+            VmmError::Timeout(_) => "timeout",
+            VmmError::Io(_) => "io",
+        }
     }
 }
 
@@ -266,13 +310,13 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Starts a VMM process for `id` and lets the guest run. Returns once
     /// the VMM reports the guest running. On error nothing is left behind.
-    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError>;
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, VmmError>;
 
     /// Stops the guest's vCPUs.
-    async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError>;
+    async fn pause(&self, rt: &VmmRuntime) -> Result<(), VmmError>;
 
     /// Lets a paused guest's vCPUs run again.
-    async fn resume(&self, rt: &VmmRuntime) -> Result<(), PortError>;
+    async fn resume(&self, rt: &VmmRuntime) -> Result<(), VmmError>;
 
     /// Resets the guest. Backends that must restart the process return the
     /// new runtime.
@@ -281,27 +325,29 @@ pub trait Vmm: Send + Sync + 'static {
         id: &VmId,
         spec: &VmSpec,
         rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, BootError>;
+    ) -> Result<VmmRuntime, VmmError>;
 
     /// Stops the guest; when this returns the VMM process is gone.
-    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError>;
+    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), VmmError>;
 
     /// Kills the VM's process if it is still the recorded one, and removes
     /// every file the backend made for `id`. Idempotent; `rt` may be absent
     /// when a crash lost it.
-    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError>;
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError>;
 
     /// Re-attaches to a VMM after metald restarted: checks the pid and its
     /// start time, then asks the VMM for the guest's state. An error means
     /// the process is not (or no longer) this VM's VMM.
-    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError>;
+    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, VmmError>;
 
     /// What the VMM says about its guest right now, for reads and the
     /// reconciler to catch drift (a guest paused or resumed outside metald,
     /// or halted while the VMM runs). An error means "unknown": the row is
     /// left as it is.
-    async fn status(&self, _rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
-        Err("this backend does not report its guest's state".into())
+    async fn status(&self, _rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
+        Err(VmmError::Io(
+            "this backend does not report its guest's state".into(),
+        ))
     }
 
     /// Resolves when the VMM process exits.
@@ -329,7 +375,7 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Kills a VMM process the reconciler found unclaimed, if it is still
     /// the process that started at `start_time`.
-    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError>;
+    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), VmmError>;
 
     /// Backend facts for GetVmInfo (`backend_info`): VMM name and version,
     /// pid, socket, console log.

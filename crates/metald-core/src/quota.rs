@@ -126,17 +126,18 @@ impl Usage {
     /// Adds one VM of `spec` (running or not).
     pub fn add(&mut self, spec: &VmSpec, running: bool) {
         self.vms += 1;
-        self.vcpus += u64::from(spec.vcpus);
-        self.memory += spec.memory_bytes;
-        self.interfaces += spec.nics.len() as u64;
+        self.vcpus += u64::from(spec.vcpus());
+        self.memory += spec.memory_bytes();
+        self.interfaces += spec.nics().len() as u64;
         self.running += u64::from(running);
     }
 }
 
-fn exhausted(quota: &str, limit: u64, used: u64, unit: &str) -> Error {
-    Error::ResourceExhausted(format!(
-        "quota {quota} exceeded: limit {limit}{unit}, in use {used}{unit}"
-    ))
+fn exhausted(quota: &'static str, limit: u64, used: u64, unit: &str) -> Error {
+    Error::ResourceExhausted {
+        quota,
+        message: format!("quota {quota} exceeded: limit {limit}{unit}, in use {used}{unit}"),
+    }
 }
 
 /// Whether a new VM of `spec` fits the customer's limits beside `used`.
@@ -147,21 +148,21 @@ pub fn check_create(limits: &Limits, used: &Usage, spec: &VmSpec) -> Result<()> 
             "max_vcpus",
             limits.max_vcpus,
             used.vcpus,
-            u64::from(spec.vcpus),
+            u64::from(spec.vcpus()),
             "",
         ),
         (
             "max_memory",
             limits.max_memory,
             used.memory,
-            spec.memory_bytes,
+            spec.memory_bytes(),
             " bytes",
         ),
         (
             "max_interfaces",
             limits.max_interfaces,
             used.interfaces,
-            spec.nics.len() as u64,
+            spec.nics().len() as u64,
             "",
         ),
     ];
@@ -189,19 +190,23 @@ pub fn check_boot(
         return Err(exhausted("max_running_vms", limit, customer.running, ""));
     }
     if let Some((cap, running)) = host {
-        let vcpus = running.vcpus.saturating_add(u64::from(spec.vcpus));
-        let memory = running.memory.saturating_add(spec.memory_bytes);
+        let vcpus = running.vcpus.saturating_add(u64::from(spec.vcpus()));
+        let memory = running.memory.saturating_add(spec.memory_bytes());
         if vcpus > cap.vcpus || memory > cap.memory_bytes {
-            return Err(Error::ResourceExhausted(format!(
+            let message = format!(
                 "host capacity: {} vCPUs and {} bytes of memory are committed to running VMs \
                  of the {} vCPUs and {} bytes this host offers; this VM needs {} and {}",
                 running.vcpus,
                 running.memory,
                 cap.vcpus,
                 cap.memory_bytes,
-                spec.vcpus,
-                spec.memory_bytes
-            )));
+                spec.vcpus(),
+                spec.memory_bytes()
+            );
+            return Err(Error::ResourceExhausted {
+                quota: "host_capacity",
+                message,
+            });
         }
     }
     Ok(())
@@ -239,9 +244,12 @@ impl CreateRate {
         } else {
             60.0
         };
-        Err(Error::ResourceExhausted(format!(
-            "quota create_rate exceeded: limit {per_minute} creates per minute; retry in {wait} s"
-        )))
+        Err(Error::ResourceExhausted {
+            quota: "create_rate",
+            message: format!(
+                "quota create_rate exceeded: limit {per_minute} creates per minute; retry in {wait} s"
+            ),
+        })
     }
 
     /// Returns a create [`take`](Self::take)n for one that was refused
@@ -299,6 +307,14 @@ mod tests {
         }
     }
 
+    /// The quota a refusal carries (what metrics label it with).
+    fn quota(e: &Error) -> &'static str {
+        match e {
+            Error::ResourceExhausted { quota, .. } => quota,
+            other => panic!("not a quota refusal: {other:?}"),
+        }
+    }
+
     #[test]
     fn every_quota_names_itself_its_limit_and_the_use() {
         let limits = Limits {
@@ -316,6 +332,7 @@ mod tests {
             e.to_string().contains("max_vms") && e.to_string().contains("limit 2, in use 2"),
             "{e}"
         );
+        assert_eq!(quota(&e), "max_vms");
         let e = check_create(
             &Limits {
                 max_vms: None,
@@ -326,6 +343,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("max_vcpus"), "{e}");
+        assert_eq!(quota(&e), "max_vcpus");
         let roomy = Limits {
             max_vms: None,
             max_vcpus: None,
@@ -333,6 +351,7 @@ mod tests {
         };
         let e = check_create(&roomy, &used, &spec(1, 1 << 30)).unwrap_err();
         assert!(e.to_string().contains("max_memory"), "{e}");
+        assert_eq!(quota(&e), "max_memory");
         let host = HostCapacity {
             vcpus: 4,
             memory_bytes: 1 << 30,
@@ -345,6 +364,7 @@ mod tests {
         check_boot(&roomy, &used, Some((&host, &running)), &spec(1, 64 << 20)).unwrap();
         let e = check_boot(&roomy, &used, Some((&host, &running)), &spec(2, 64 << 20)).unwrap_err();
         assert!(e.to_string().contains("host capacity"), "{e}");
+        assert_eq!(quota(&e), "host_capacity");
     }
 
     #[test]
@@ -357,6 +377,7 @@ mod tests {
         }
         let e = r.take(&me, 3).unwrap_err();
         assert!(e.to_string().contains("retry in"), "{e}");
+        assert_eq!(quota(&e), "create_rate");
         r.take(&you, 3)
             .expect("another customer has its own bucket");
     }

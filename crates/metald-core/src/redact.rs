@@ -19,16 +19,16 @@ const MAX_REASON: usize = 240;
 /// path (metald's data dir, jail, sockets, logs) replaced by `<path>`.
 pub fn scrub(reason: &str, resolved: &Resolved, client: &VmSpec) -> String {
     let mut known: Vec<(String, String)> = Vec::new();
-    let pairs = [(&resolved.spec.kernel, &client.kernel)]
+    let pairs = [(resolved.spec.kernel(), client.kernel())]
         .into_iter()
-        .chain(resolved.spec.initrd.iter().zip(client.initrd.iter()))
+        .chain(resolved.spec.initrd().zip(client.initrd()))
         .chain(
             resolved
                 .spec
-                .disks
+                .disks()
                 .iter()
-                .zip(&client.disks)
-                .map(|(r, c)| (&r.path, &c.path)),
+                .zip(client.disks())
+                .map(|(r, c)| (r.path.as_path(), c.path.as_path())),
         );
     for (r, c) in pairs {
         known.push((r.display().to_string(), c.display().to_string()));
@@ -76,11 +76,12 @@ pub fn scrub(reason: &str, resolved: &Resolved, client: &VmSpec) -> String {
 mod tests {
     use super::*;
     use crate::vm::DiskSpec;
+    use crate::vm::VmSpecRow;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
 
     fn spec(kernel: &str, disk: &str) -> VmSpec {
-        VmSpec {
+        VmSpec::try_from(VmSpecRow {
             vcpus: 1,
             topology: None,
             memory_bytes: 128 << 20,
@@ -99,7 +100,8 @@ mod tests {
             nics: Vec::new(),
             console_enabled: true,
             metadata: BTreeMap::new(),
-        }
+        })
+        .unwrap()
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! What a VM is: identifiers and the validated machine specification.
 //!
 //! Every entry point (API, reconciler, tests) builds a [`VmSpec`] through
-//! [`VmSpec::new`], so the rules below are the only place input is judged.
+//! [`VmSpec::new`], so the rules below are the only place input is judged;
+//! a stored spec ([`VmSpecRow`], `vm/row.rs`) is judged by them again on
+//! its way back. The spec's fields are private (`vm/access.rs` reads them).
 //! Field names in errors are the wire names, prefixed the way a client
 //! wrote them (`config.cpu.vcpu_count`).
 
@@ -187,23 +189,25 @@ pub struct DiskSpec {
     pub options: BTreeMap<String, String>,
 }
 
-/// A validated VM specification. Only [`VmSpec::new`] (and the store, which
-/// persists specs that passed it) creates one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A validated VM specification. Its fields are private: only
+/// [`VmSpec::new`] (a client's configuration, judged) and
+/// `TryFrom<`[`VmSpecRow`]`>` (a stored spec, judged again) create one, and
+/// what changes after validation (resolved host paths, the network
+/// attachment) changes through a narrow method each.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
-    pub vcpus: u32,
-    pub topology: Option<(u32, u32, u32)>,
-    pub memory_bytes: u64,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub kernel_args: String,
-    pub boot_options: BTreeMap<String, String>,
-    pub disks: Vec<DiskSpec>,
+    vcpus: u32,
+    topology: Option<(u32, u32, u32)>,
+    memory_bytes: u64,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    kernel_args: String,
+    boot_options: BTreeMap<String, String>,
+    disks: Vec<DiskSpec>,
     /// Network interfaces; empty for a VM without network.
-    #[serde(default)]
-    pub nics: Vec<NicSpec>,
-    pub console_enabled: bool,
-    pub metadata: BTreeMap<String, String>,
+    nics: Vec<NicSpec>,
+    console_enabled: bool,
+    metadata: BTreeMap<String, String>,
 }
 
 impl VmSpec {
@@ -459,6 +463,11 @@ fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
     }
     Ok(())
 }
+
+mod access;
+mod row;
+
+pub use row::VmSpecRow;
 
 #[cfg(test)]
 mod tests;

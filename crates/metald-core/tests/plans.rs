@@ -208,7 +208,7 @@ fn assert_truthful(host: &Host, plan: Plan, step: usize, vm: Option<VmRecord>, l
     assert_eq!(alive, want, "{at}: exactly the recorded VMM runs");
     assert_eq!(vm.state.has_process(), vm.runtime.is_some(), "{at}");
     assert!(
-        vm.spec.nics.iter().all(|n| n.attachment.is_some()),
+        vm.spec.nics().iter().all(|n| n.attachment.is_some()),
         "{at}: the interface is recorded"
     );
     assert_eq!((attached, leases), (1, 1), "{at}: one interface, one lease");

@@ -21,6 +21,9 @@ use metald_store::SqliteStore;
 mod fake;
 use fake::FakeVmm;
 
+#[path = "service/vmm_errors.rs"]
+mod vmm_errors;
+
 struct World {
     _dir: tempfile::TempDir,
     store: Arc<SqliteStore>,
@@ -435,12 +438,12 @@ async fn a_create_that_could_not_undo_itself_is_undone_by_the_periodic_reconcile
             network: Some(net.clone()),
             ..Ports::new(w.store.clone(), w.vmm.clone())
         },
-        config(w.spec.kernel.parent().unwrap()),
+        config(w.spec.kernel().parent().unwrap()),
     );
     let spec = VmSpec::new(VmSpecInput {
         vcpu_count: 1,
         memory_bytes: 128 << 20,
-        kernel_path: w.spec.kernel.to_string_lossy().into_owned(),
+        kernel_path: w.spec.kernel().to_string_lossy().into_owned(),
         network: vec![NicInput {
             id: "eth0".into(),
             mode: 2,

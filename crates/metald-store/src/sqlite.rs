@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use metald_core::plan::PlanRecord;
 use metald_core::ports::{Store, StoreError, VmPage, VmRecord, VmmRuntime};
+use metald_core::vm::VmSpecRow;
 use metald_core::{CustomerId, VmId, VmSpec, VmState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -129,6 +130,12 @@ impl SqliteStore {
     }
 }
 
+/// A stored `spec_json`, judged again ([`VmSpecRow`]).
+fn spec_of(json: &str) -> Result<VmSpec, String> {
+    let row: VmSpecRow = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    VmSpec::try_from(row).map_err(|e| e.to_string())
+}
+
 /// A `vms` row as stored, before its text is checked.
 #[derive(FromRow)]
 struct VmRow {
@@ -161,7 +168,7 @@ impl VmRow {
             .map_err(|_| bad("customer id", &format_args!("{:?}", self.customer_id)))?;
         let state = VmState::parse(&self.state)
             .ok_or_else(|| bad("state", &format_args!("{:?}", self.state)))?;
-        let spec: VmSpec = serde_json::from_str(&self.spec_json).map_err(|e| bad("spec", &e))?;
+        let spec = spec_of(&self.spec_json).map_err(|e| bad("spec", &e))?;
         let runtime: Option<VmmRuntime> = self
             .runtime_json
             .as_deref()
@@ -229,7 +236,7 @@ fn list_sql(n_states: usize) -> (String, String) {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let spec = serde_json::to_string(&vm.spec).map_err(|e| {
+        let spec = serde_json::to_string(&VmSpecRow::from(&vm.spec)).map_err(|e| {
             StoreError::Other(format!("encoding spec of vm {:?}: {e}", vm.id.as_str()))
         })?;
         let runtime = runtime_json(vm)?;
@@ -304,7 +311,7 @@ impl Store for SqliteStore {
     /// running VMM's runtime) would silently be lost.
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let runtime = runtime_json(vm)?;
-        let spec = serde_json::to_string(&vm.spec).map_err(|e| {
+        let spec = serde_json::to_string(&VmSpecRow::from(&vm.spec)).map_err(|e| {
             StoreError::Other(format!("encoding spec of vm {:?}: {e}", vm.id.as_str()))
         })?;
         let result = sqlx::query(

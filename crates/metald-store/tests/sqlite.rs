@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use metald_core::plan::{Plan, PlanRecord};
 use metald_core::ports::{Store, StoreError, VmRecord, VmmRuntime};
+use metald_core::vm::VmSpecRow;
 use metald_core::{CustomerId, DiskSpec, VmId, VmSpec, VmState};
 use metald_store::SqliteStore;
 
 fn spec() -> VmSpec {
-    VmSpec {
+    VmSpec::try_from(VmSpecRow {
         vcpus: 2,
         topology: Some((1, 2, 1)),
         memory_bytes: 256 << 20,
@@ -28,7 +29,8 @@ fn spec() -> VmSpec {
         nics: Vec::new(),
         console_enabled: true,
         metadata: BTreeMap::from([("team".into(), "blue".into())]),
-    }
+    })
+    .unwrap()
 }
 
 fn record(id: &str, customer: &str) -> VmRecord {
@@ -147,7 +149,7 @@ async fn rows_from_before_per_customer_names_keep_their_id_as_name() {
             "INSERT INTO vms (vm_id, customer_id, state, spec_json, created_at, modified_at) \
              VALUES ('old-vm', 'acme', 'created', $1, 1, 1)",
         )
-        .bind(serde_json::to_string(&spec()).unwrap())
+        .bind(serde_json::to_string(&VmSpecRow::from(&spec())).unwrap())
         .execute(&pool)
         .await
         .unwrap();

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use metald_core::ports::VmmError;
 use tracing::{debug, warn};
 
 pub use crate::beneath::Endpoint;
@@ -44,6 +45,22 @@ pub enum CallError {
         path: String,
         reason: String,
     },
+    /// No answer within [`CALL_TIMEOUT`].
+    #[error("{method} {path}: no answer within {CALL_TIMEOUT:?}")]
+    Timeout { method: String, path: String },
+}
+
+impl From<CallError> for VmmError {
+    /// Nothing listening is a VMM that is gone; silence is a timeout; a
+    /// broken exchange is I/O.
+    fn from(e: CallError) -> Self {
+        let text = e.to_string();
+        match e {
+            CallError::Connect => VmmError::Gone(text),
+            CallError::Timeout { .. } => VmmError::Timeout(text),
+            CallError::Exchange { .. } => VmmError::Io(text),
+        }
+    }
 }
 
 /// Sends one request with an optional JSON body on a fresh connection.
@@ -108,7 +125,12 @@ pub async fn call(
     };
     tokio::time::timeout(CALL_TIMEOUT, work)
         .await
-        .unwrap_or_else(|_| Err(exchange_err(format!("no answer within {CALL_TIMEOUT:?}"))))
+        .unwrap_or_else(|_| {
+            Err(CallError::Timeout {
+                method: method.to_string(),
+                path: path.to_owned(),
+            })
+        })
 }
 
 #[cfg(test)]
@@ -164,6 +186,41 @@ mod tests {
         .unwrap_err();
         assert_eq!(e, CallError::Connect);
         assert!(!e.to_string().contains('/'), "{e}");
+        assert!(VmmError::from(e).is_gone());
+    }
+
+    #[tokio::test]
+    async fn a_socket_nobody_listens_on_is_a_gone_vmm() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        drop(tokio::net::UnixListener::bind(&sock).unwrap());
+        let e = call(&Endpoint::Path(sock), Method::GET, "/", None)
+            .await
+            .unwrap_err();
+        assert_eq!(e, CallError::Connect);
+        assert!(VmmError::from(e).is_gone());
+    }
+
+    #[test]
+    fn silence_is_a_timeout_and_a_broken_exchange_is_io() {
+        let (method, path) = ("GET".to_string(), "/vm".to_string());
+        let late = CallError::Timeout {
+            method: method.clone(),
+            path: path.clone(),
+        };
+        assert_eq!(
+            VmmError::from(late),
+            VmmError::Timeout(format!("GET /vm: no answer within {CALL_TIMEOUT:?}"))
+        );
+        let broken = CallError::Exchange {
+            method,
+            path,
+            reason: "connection reset".into(),
+        };
+        assert_eq!(
+            VmmError::from(broken),
+            VmmError::Io("GET /vm: connection reset".into())
+        );
     }
 
     /// Serves one connection: reads the request head, then answers with

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use metald_core::ports::VmmExit;
+use metald_core::ports::{VmmError, VmmExit};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
@@ -205,7 +205,7 @@ impl Children {
 
     /// [`Self::kill`], then [`Self::forget`]: for a process that will not
     /// be asked about again.
-    pub async fn kill_and_forget(&self, pid: i32, start_time: u64) -> Result<(), String> {
+    pub async fn kill_and_forget(&self, pid: i32, start_time: u64) -> Result<(), VmmError> {
         self.kill(pid, start_time).await?;
         self.forget(pid, start_time);
         Ok(())
@@ -213,18 +213,18 @@ impl Children {
 
     /// SIGKILLs the process if it is still ours and waits (bounded) until
     /// it is gone.
-    pub async fn kill(&self, pid: i32, start_time: u64) -> Result<(), String> {
+    pub async fn kill(&self, pid: i32, start_time: u64) -> Result<(), VmmError> {
         let exited = self.wait_exit(pid, start_time);
         match signal(pid, start_time, Signal::KILL) {
             Ok(true) => {}
             Ok(false) => return Ok(()),
-            Err(e) => return Err(format!("cannot kill VMM process {pid}: {e}")),
+            Err(e) => return Err(VmmError::Io(format!("cannot kill VMM process {pid}: {e}"))),
         }
         match tokio::time::timeout(Duration::from_secs(10), exited).await {
             Ok(_) => Ok(()),
-            Err(_) => Err(format!(
+            Err(_) => Err(VmmError::Timeout(format!(
                 "VMM process {pid} did not exit within 10 s of SIGKILL"
-            )),
+            ))),
         }
     }
 }

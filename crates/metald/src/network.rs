@@ -35,7 +35,7 @@ impl HostNetwork {
         };
         let rows = store.all().await.map_err(|e| format!("reading VMs: {e}"))?;
         let entries = rows.iter().flat_map(|vm| {
-            vm.spec.nics.iter().enumerate().filter_map(|(i, nic)| {
+            vm.spec.nics().iter().enumerate().filter_map(|(i, nic)| {
                 let att = nic.attachment.as_ref()?;
                 let (ipv4, _) = att.ipv4?;
                 let entry = HostEntry {

@@ -37,7 +37,7 @@ impl VmService {
         let clash = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::MetadataExt;
             for spec in others {
-                for d in spec.disks {
+                for d in spec.disks() {
                     let Ok(meta) = std::fs::metadata(&d.path) else {
                         continue;
                     };

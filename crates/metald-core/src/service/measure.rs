@@ -20,29 +20,10 @@ pub(super) fn outcome<T>(r: &Result<T>) -> &'static str {
             Error::Unauthenticated(_) => "unauthenticated",
             Error::Backend(_) => "backend",
             Error::Store(_) => "store",
-            Error::ResourceExhausted(_) => "resource_exhausted",
+            Error::ResourceExhausted { .. } => "resource_exhausted",
             Error::Unavailable(_) => "unavailable",
         },
     }
-}
-
-/// The quota a refusal names (see [`crate::quota`]), from a fixed set.
-pub(super) fn quota_of(message: &str) -> &'static str {
-    const NAMED: [&str; 6] = [
-        "max_vms",
-        "max_vcpus",
-        "max_memory",
-        "max_interfaces",
-        "max_running_vms",
-        "create_rate",
-    ];
-    if message.starts_with("host capacity") {
-        return "host_capacity";
-    }
-    NAMED
-        .into_iter()
-        .find(|q| message.starts_with(&format!("quota {q} ")))
-        .unwrap_or("other")
 }
 
 impl VmService {
@@ -57,7 +38,7 @@ impl VmService {
         let result = work.await;
         let t = &self.inner.telemetry;
         match &result {
-            Err(Error::ResourceExhausted(m)) => t.quota_refused(quota_of(m), caller),
+            Err(Error::ResourceExhausted { quota, .. }) => t.quota_refused(quota, caller),
             Err(Error::Store(_)) => t.store_error(),
             _ => {}
         }
@@ -75,16 +56,6 @@ impl VmService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_quota_message_names_its_quota() {
-        let m = "quota max_vms exceeded: limit 1, in use 1";
-        assert_eq!(quota_of(m), "max_vms");
-        assert_eq!(quota_of("quota max_vcpus exceeded: limit 2"), "max_vcpus");
-        assert_eq!(quota_of("host capacity: 4 vCPUs ..."), "host_capacity");
-        assert_eq!(quota_of("quota create_rate exceeded: ..."), "create_rate");
-        assert_eq!(quota_of("something else"), "other");
-    }
 
     #[tokio::test]
     async fn boot_phases_are_collected_across_awaits_and_only_inside_collect() {

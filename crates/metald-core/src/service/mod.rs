@@ -35,8 +35,8 @@ use crate::error::{Error, Result};
 use crate::locks::{VmLock, VmLocks};
 use crate::net;
 use crate::ports::{
-    BootError, GuestStatus, Network, NoTelemetry, Observer, StopMode, Store, StoreError, Telemetry,
-    UsageSource, VmPage, VmRecord, VmUsage, Vmm, VmmExit, VmmRuntime,
+    GuestStatus, Network, NoTelemetry, Observer, StopMode, Store, StoreError, Telemetry,
+    UsageSource, VmPage, VmRecord, VmUsage, Vmm, VmmError, VmmExit, VmmRuntime,
 };
 use crate::quota::{CreateRate, HostCapacity, QuotaBook};
 use crate::redact::{error_id, scrub};
@@ -138,18 +138,25 @@ fn store_err(e: StoreError) -> Error {
 /// paths); anything else is metald's (`internal`). Either way the whole
 /// story goes to the log under an error id, and the returned error also
 /// serves as the VM's `last_error`.
-fn boot_err(id: &VmId, e: BootError, resolved: &Resolved, client: &VmSpec) -> Error {
+fn boot_err(id: &VmId, e: VmmError, resolved: &Resolved, client: &VmSpec) -> Error {
     let eid = error_id();
-    warn!(vm_id = %id, error_id = %eid, error = %e, "the VMM did not start the guest");
+    warn!(vm_id = %id, error_id = %eid, error = %e, kind = e.kind(), "the VMM did not start the guest");
     match e {
-        BootError::Refused(reason) => Error::FailedPrecondition(format!(
+        VmmError::Refused(reason) => Error::FailedPrecondition(format!(
             "the VMM refused the configuration: {} (error id {eid})",
             scrub(&reason, resolved, client)
         )),
-        BootError::Failed(_) => {
+        VmmError::Gone(_) | VmmError::Timeout(_) | VmmError::Io(_) => {
             Error::Backend(format!("the VMM could not be started (error id {eid})"))
         }
     }
+}
+
+/// A VMM failure as the service's error, for a step that has no better
+/// answer (the message may carry a VMM's own words: it goes to metald's
+/// log and, through a plan's failure policy, under an error id only).
+fn vmm_err(e: VmmError) -> Error {
+    Error::Backend(e.to_string())
 }
 
 /// What the service is built from: the adapters behind every port.

@@ -32,7 +32,7 @@ impl VmService {
                 "must be empty or match the authenticated customer",
             ));
         }
-        if !spec.nics.is_empty() && self.inner.network.is_none() {
+        if !spec.nics().is_empty() && self.inner.network.is_none() {
             return Err(Error::Unimplemented(
                 "config.network: networking is disabled on this host (UNKEY_METALD_NETWORK_ENABLED=false)".into(),
             ));
@@ -42,7 +42,7 @@ impl VmService {
         let name = requested_id.unwrap_or_else(VmId::generate);
         let id = VmId::host_key(&name);
         let t = now();
-        let has_network = !spec.nics.is_empty();
+        let has_network = !spec.nics().is_empty();
         // Without interfaces the insert is the whole create; with them the
         // row records the create plan, which a restart finishes.
         let mut vm = VmRecord {
@@ -182,13 +182,7 @@ impl VmService {
             _ => unreachable!("only pause and resume come here"),
         };
         if let Err(e) = done {
-            // The VMM may have died under the request: report that rather
-            // than a bare backend error.
-            self.refresh(&mut vm).await?;
-            if !vm.state.has_process() {
-                return Err(Self::check(&vm, op).err().unwrap_or(Error::Backend(e)));
-            }
-            return Err(Error::Backend(e));
+            return Err(self.call_failed(&mut vm, op, e).await?);
         }
         self.save(&mut vm, to, Some(rt), None).await?;
         Ok(vm)

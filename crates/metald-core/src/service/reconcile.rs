@@ -230,7 +230,7 @@ impl VmService {
             .await
             .map_err(store_err)?
             .into_iter()
-            .flat_map(|vm| (0..vm.spec.nics.len().max(1)).map(move |i| (vm.id.clone(), i)))
+            .flat_map(|vm| (0..vm.spec.nics().len().max(1)).map(move |i| (vm.id.clone(), i)))
             .collect();
         for name in net.strays(&known).await.map_err(Error::Backend)? {
             if !guard.seen_twice(format!("stray {name}")) {

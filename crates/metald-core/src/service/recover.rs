@@ -82,7 +82,7 @@ impl VmService {
                 Ok(GuestStatus::Running) => Ok((VmState::Running, rt.clone())),
                 Ok(GuestStatus::Paused) => Ok((VmState::Paused, rt.clone())),
                 Ok(GuestStatus::Halted) => Err("its guest has halted".to_owned()),
-                Err(e) => Err(e),
+                Err(e) => Err(e.to_string()),
             },
             None => Err("no VMM process was recorded".into()),
         };
@@ -100,7 +100,7 @@ impl VmService {
                 // so an unrelated process on a reused pid survives.
                 vmm.destroy(&id, vm.runtime.as_ref())
                     .await
-                    .map_err(Error::Backend)?;
+                    .map_err(vmm_err)?;
                 self.save(vm, VmState::Failed, None, Some(reason)).await?;
                 report.failed += 1;
             }

@@ -23,7 +23,7 @@ impl VmService {
                 .is_some_and(|rt| self.inner.vmm.is_alive(rt))
         };
         Ok(match step {
-            Step::Wire => vm.spec.nics.iter().all(|n| n.attachment.is_some()),
+            Step::Wire => vm.spec.nics().iter().all(|n| n.attachment.is_some()),
             Step::Spawn => vm.state == VmState::Running && alive(),
             // A reset cannot be seen from outside; after a restart a live
             // VMM runs the guest either way.
@@ -55,9 +55,9 @@ impl VmService {
                 // A resumed wiring starts clean, so a crash mid-way never
                 // leaves a second set of addresses leased.
                 if args.resumed {
-                    self.unwire(&id, vm.spec.nics.len()).await?;
-                    for nic in &mut vm.spec.nics {
-                        nic.attachment = None;
+                    self.unwire(&id, vm.spec.nics().len()).await?;
+                    for i in 0..vm.spec.nics().len() {
+                        vm.spec.set_attachment(i, None);
                     }
                 }
                 self.wire(vm).await?;
@@ -68,11 +68,16 @@ impl VmService {
                 if let Some(rt) = vm.runtime.clone() {
                     match vmm.shutdown(&rt, args.mode).await {
                         Ok(()) => self.inner.telemetry.vmm_exit(vmm.name(), true),
+                        // Gone before it was asked: the stop is done.
+                        Err(e) if e.is_gone() && !vmm.is_alive(&rt) => {
+                            warn!(vm_id = %id, error = %e, "the VMM was gone before the stop");
+                            self.inner.telemetry.vmm_exit(vmm.name(), false);
+                        }
                         // A teardown goes on: its destroy step kills the VMM.
                         Err(e) if vm.plan.is_some_and(|p| p.plan.removes_row()) => {
                             warn!(vm_id = %id, error = %e, "graceful stop before removal failed; killing");
                         }
-                        Err(e) => return Err(Error::Backend(e)),
+                        Err(e) => return Err(vmm_err(e)),
                     }
                 }
             }
@@ -86,8 +91,8 @@ impl VmService {
             Step::Destroy => vmm
                 .destroy(&id, vm.runtime.as_ref())
                 .await
-                .map_err(Error::Backend)?,
-            Step::Unwire => self.unwire(&id, vm.spec.nics.len()).await?,
+                .map_err(vmm_err)?,
+            Step::Unwire => self.unwire(&id, vm.spec.nics().len()).await?,
             Step::RemoveRow => self.inner.store.remove(&id).await.map_err(store_err)?,
         }
         Ok(())
@@ -114,7 +119,7 @@ impl VmService {
                 }
                 booted
             }
-            Err(e) => Err(BootError::Failed(e)),
+            Err(e) => Err(e),
         };
         let rt = started.map_err(|e| boot_err(id, e, &resolved, &vm.spec))?;
         vm.runtime = Some(rt);

@@ -81,6 +81,61 @@ impl VmService {
         self.save(vm, to, None, Some(reason)).await
     }
 
+    /// The answer to a pause or resume the VMM failed (the caller holds the
+    /// VM's lock). A VMM that died under the request, or is gone from its
+    /// control socket, is handled as an exit ([`Self::vmm_lost`]) and the
+    /// answer names the state that left (`failed_precondition`); a request
+    /// the VMM refused is the caller's (`failed_precondition`, with the
+    /// VMM's reason); anything else is metald's (`internal`).
+    pub(super) async fn call_failed(
+        &self,
+        vm: &mut VmRecord,
+        op: Op,
+        e: VmmError,
+    ) -> Result<Error> {
+        self.refresh(vm).await?;
+        if e.is_gone() && vm.state.has_process() {
+            self.vmm_lost(vm, &e).await?;
+        }
+        if !vm.state.has_process() {
+            return Ok(Self::check(vm, op).err().unwrap_or_else(|| vmm_err(e)));
+        }
+        Ok(match e {
+            VmmError::Refused(reason) => {
+                let eid = error_id();
+                warn!(vm_id = %vm.id, error_id = %eid, %reason, "the VMM refused to {}", op.verb());
+                // The stored spec holds the client's paths; any other path
+                // the VMM names shows as `<path>`.
+                let as_given = Resolved {
+                    spec: vm.spec.clone(),
+                    disks: Vec::new(),
+                };
+                Error::FailedPrecondition(format!(
+                    "the VMM refused to {} the guest: {} (error id {eid})",
+                    op.verb(),
+                    scrub(&reason, &as_given, &vm.spec)
+                ))
+            }
+            e => vmm_err(e),
+        })
+    }
+
+    /// Records a VMM that still runs but no longer answers as this VM's
+    /// (nothing listens on its control socket) as an exit: it is stopped
+    /// and its VM marked `failed` with the reason, as the exit watcher
+    /// records a crash.
+    pub(super) async fn vmm_lost(&self, vm: &mut VmRecord, e: &VmmError) -> Result<()> {
+        let Some(Outcome::To(to)) = state::next(vm.state, Op::Crashed) else {
+            return Ok(());
+        };
+        let eid = error_id();
+        warn!(vm_id = %vm.id, error_id = %eid, error = %e, "the VMM is gone from its control socket; stopping it");
+        self.inner.telemetry.vmm_exit(self.inner.vmm.name(), false);
+        self.stop_unrecorded(vm).await?;
+        let reason = format!("the VMM stopped answering on its control socket (error id {eid})");
+        self.save(vm, to, None, Some(reason)).await
+    }
+
     /// Watches a VMM process and records an exit metald did not ask for.
     pub(super) fn watch(&self, id: VmId, rt: VmmRuntime) {
         let svc = self.clone();

@@ -10,8 +10,8 @@ impl VmService {
             return Ok(());
         };
         let subnets = net.subnets();
-        for i in 0..vm.spec.nics.len() {
-            let nic = vm.spec.nics[i].clone();
+        for i in 0..vm.spec.nics().len() {
+            let nic = vm.spec.nics()[i].clone();
             let mac = nic.mac.unwrap_or_else(|| net.mac_for(&vm.id, i));
             let ipv4 = if nic.want_v4 {
                 let (n, p, _) = subnets.v4;
@@ -52,7 +52,7 @@ impl VmService {
             att.gateway4 = ipv4.map(|_| subnets.v4.2);
             att.ipv6 = ipv6;
             att.gateway6 = ipv6.map(|_| subnets.v6.2);
-            vm.spec.nics[i].attachment = Some(att);
+            vm.spec.set_attachment(i, Some(att));
         }
         Ok(())
     }

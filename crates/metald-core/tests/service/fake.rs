@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    BootError, GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit, VmmRuntime,
+    GuestStatus, HostResources, StopMode, Vmm, VmmError, VmmExit, VmmRuntime,
 };
 use metald_core::{VmId, VmSpec};
 use tokio::sync::{Notify, watch};
@@ -34,6 +34,8 @@ pub struct Fake {
     pub spawned: HashMap<String, Vec<i32>>,
     /// What the VMM of a pid says about its guest; unset: "unknown".
     pub status: HashMap<i32, GuestStatus>,
+    /// How the VMM of a pid fails a pause or resume; unset: it succeeds.
+    pub call_fails: HashMap<i32, VmmError>,
 }
 
 #[derive(Default)]
@@ -82,12 +84,12 @@ impl Vmm for FakeVmm {
     fn name(&self) -> &'static str {
         "fake"
     }
-    async fn boot(&self, id: &VmId, _spec: &VmSpec) -> Result<VmmRuntime, BootError> {
+    async fn boot(&self, id: &VmId, _spec: &VmSpec) -> Result<VmmRuntime, VmmError> {
         if id.as_str().starts_with("slow-") {
             self.gate.notified().await;
         }
         if id.as_str().starts_with("refused-") {
-            return Err(BootError::Refused("the VMM refused the config".into()));
+            return Err(VmmError::Refused("the VMM refused the config".into()));
         }
         let pid = self.spawn();
         self.st()
@@ -97,21 +99,29 @@ impl Vmm for FakeVmm {
             .push(pid);
         Ok(Self::rt(pid))
     }
-    async fn pause(&self, _rt: &VmmRuntime) -> Result<(), PortError> {
-        Ok(())
+    async fn pause(&self, rt: &VmmRuntime) -> Result<(), VmmError> {
+        self.st()
+            .call_fails
+            .get(&rt.pid)
+            .cloned()
+            .map_or(Ok(()), Err)
     }
-    async fn resume(&self, _rt: &VmmRuntime) -> Result<(), PortError> {
-        Ok(())
+    async fn resume(&self, rt: &VmmRuntime) -> Result<(), VmmError> {
+        self.st()
+            .call_fails
+            .get(&rt.pid)
+            .cloned()
+            .map_or(Ok(()), Err)
     }
     async fn reboot(
         &self,
         _id: &VmId,
         _spec: &VmSpec,
         rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, BootError> {
+    ) -> Result<VmmRuntime, VmmError> {
         Ok(rt.clone())
     }
-    async fn shutdown(&self, rt: &VmmRuntime, _mode: StopMode) -> Result<(), PortError> {
+    async fn shutdown(&self, rt: &VmmRuntime, _mode: StopMode) -> Result<(), VmmError> {
         self.die(
             rt.pid,
             Some(VmmExit {
@@ -121,14 +131,14 @@ impl Vmm for FakeVmm {
         );
         Ok(())
     }
-    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         if self
             .st()
             .fail_destroy
             .iter()
             .any(|p| id.as_str().starts_with(p.as_str()))
         {
-            return Err("cannot remove the VM's files yet".into());
+            return Err(VmmError::Io("cannot remove the VM's files yet".into()));
         }
         if rt.is_some() && id.as_str().starts_with("stuck-") {
             self.entered.notify_one();
@@ -146,11 +156,11 @@ impl Vmm for FakeVmm {
         self.st().destroyed.push(id.to_string());
         Ok(())
     }
-    async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn adopt(&self, _id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
         if self.st().alive.contains(&rt.pid) {
             Ok(GuestStatus::Running)
         } else {
-            Err("no such process".into())
+            Err(VmmError::Gone("no such process".into()))
         }
     }
     fn wait_exit(&self, rt: &VmmRuntime) -> BoxFuture<'static, VmmExit> {
@@ -171,11 +181,11 @@ impl Vmm for FakeVmm {
         }
         .boxed()
     }
-    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
         let s = self.st();
         match s.status.get(&rt.pid) {
             Some(st) if s.alive.contains(&rt.pid) => Ok(*st),
-            _ => Err("no answer".into()),
+            _ => Err(VmmError::Timeout("no answer".into())),
         }
     }
     fn is_alive(&self, rt: &VmmRuntime) -> bool {
@@ -185,7 +195,7 @@ impl Vmm for FakeVmm {
     async fn scan(&self) -> HostResources {
         self.st().scan.clone()
     }
-    async fn kill_orphan(&self, pid: i32, _start_time: u64) -> Result<(), PortError> {
+    async fn kill_orphan(&self, pid: i32, _start_time: u64) -> Result<(), VmmError> {
         self.st().killed.push(pid);
         Ok(())
     }

@@ -10,6 +10,8 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use metald_core::ports::VmmError;
+
 use crate::http;
 
 /// `vm.create`.
@@ -99,17 +101,6 @@ pub struct Ping {
 /// `vm.counters`: per device, per counter.
 pub type Counters = BTreeMap<String, BTreeMap<String, u64>>;
 
-/// How a call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
-    /// Cloud Hypervisor answered with an error status and this reason.
-    #[error("cloud-hypervisor refused {path}: {reason}")]
-    Refused { path: String, reason: String },
-    /// No answer, or one metald can't read.
-    #[error("{0}")]
-    Call(String),
-}
-
 /// Cloud Hypervisor's error body: the chain of error messages.
 pub fn reason(body: &[u8]) -> String {
     match serde_json::from_slice::<Vec<String>>(body) {
@@ -119,9 +110,9 @@ pub fn reason(body: &[u8]) -> String {
 }
 
 /// The answer `body` of a successful `GET /api/v1/<call>`.
-pub fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, ApiError> {
+pub fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> Result<T, VmmError> {
     serde_json::from_slice(body)
-        .map_err(|e| ApiError::Call(format!("{call}: unreadable answer: {e}")))
+        .map_err(|e| VmmError::Io(format!("{call}: unreadable answer: {e}")))
 }
 
 /// A Cloud Hypervisor API socket.
@@ -140,51 +131,51 @@ impl<'a> Client<'a> {
         method: Method,
         call: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<bytes::Bytes, ApiError> {
+    ) -> Result<bytes::Bytes, VmmError> {
         let path = format!("/api/v1/{call}");
         let socket = http::Endpoint::Path(self.socket.to_path_buf());
         let resp = http::call(&socket, method, &path, body)
             .await
-            .map_err(|e| ApiError::Call(e.to_string()))?;
+            .map_err(VmmError::from)?;
         if resp.status.is_success() {
             Ok(resp.body)
         } else {
-            Err(ApiError::Refused {
-                path: call.to_owned(),
-                reason: format!(
-                    "HTTP {}: {}",
-                    resp.status.as_u16(),
-                    crate::launch::redact(&reason(&resp.body))
-                ),
-            })
+            // An error status is Cloud Hypervisor refusing the call (it
+            // answers 500 with its reason for a configuration it cannot
+            // boot, too).
+            Err(VmmError::Refused(format!(
+                "cloud-hypervisor refused {call}: HTTP {}: {}",
+                resp.status.as_u16(),
+                crate::launch::redact(&reason(&resp.body))
+            )))
         }
     }
 
     /// `PUT /api/v1/<call>` with an optional JSON body.
-    pub async fn put(&self, call: &str, body: Option<&impl Serialize>) -> Result<(), ApiError> {
+    pub async fn put(&self, call: &str, body: Option<&impl Serialize>) -> Result<(), VmmError> {
         let bytes = body
             .map(serde_json::to_vec)
             .transpose()
-            .map_err(|e| ApiError::Call(e.to_string()))?;
+            .map_err(|e| VmmError::Io(e.to_string()))?;
         self.send(Method::PUT, call, bytes).await.map(drop)
     }
 
     /// `PUT /api/v1/<call>` without a body (`vm.boot`, `vm.pause`, ...).
-    pub async fn action(&self, call: &str) -> Result<(), ApiError> {
+    pub async fn action(&self, call: &str) -> Result<(), VmmError> {
         self.put(call, None::<&()>).await
     }
 
     /// `GET /api/v1/<call>`, decoded.
-    pub async fn get<T: DeserializeOwned>(&self, call: &str) -> Result<T, ApiError> {
+    pub async fn get<T: DeserializeOwned>(&self, call: &str) -> Result<T, VmmError> {
         let body = self.send(Method::GET, call, None).await?;
         decode(call, &body)
     }
 
-    pub async fn info(&self) -> Result<VmInfo, ApiError> {
+    pub async fn info(&self) -> Result<VmInfo, VmmError> {
         self.get("vm.info").await
     }
 
-    pub async fn ping(&self) -> Result<Ping, ApiError> {
+    pub async fn ping(&self) -> Result<Ping, VmmError> {
         self.get("vmm.ping").await
     }
 }

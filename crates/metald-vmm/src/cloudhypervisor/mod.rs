@@ -34,8 +34,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    BootError, BootPhase, DeviceCounters, GuestStatus, HostResources, PortError, StopMode, Vmm,
-    VmmExit, VmmRuntime,
+    BootPhase, DeviceCounters, GuestStatus, HostResources, StopMode, Vmm, VmmError, VmmExit,
+    VmmRuntime,
 };
 use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
@@ -45,7 +45,7 @@ use crate::launch;
 use crate::logcap::{self, LogCap};
 use crate::process::{self, Children};
 use crate::ratelimit::RateLimiter;
-use api::{ApiError, Client};
+use api::Client;
 
 /// The backend's name in `UNKEY_METALD_BACKEND` and `backend_info`.
 pub const NAME: &str = "cloudhypervisor";
@@ -81,13 +81,6 @@ pub struct CloudHypervisorBackend {
     logs: LogCap,
 }
 
-fn refused(e: ApiError) -> BootError {
-    match e {
-        ApiError::Refused { .. } => BootError::Refused(e.to_string()),
-        ApiError::Call(m) => BootError::Failed(m),
-    }
-}
-
 /// The VM a Cloud Hypervisor's command line serves: its API socket is
 /// `<state_dir>/<id>/ch.sock`.
 fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
@@ -99,7 +92,7 @@ fn vm_of_cmdline(args: &[String], state_dir: &Path) -> Option<VmId> {
 fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let mut disks = Vec::new();
-    for d in &spec.disks {
+    for d in spec.disks() {
         disks.push(api::Disk {
             id: d.id.clone(),
             path: path(&d.path),
@@ -110,7 +103,7 @@ fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
     // Cloud Hypervisor has one rate limiter per interface for both
     // directions; metald's tc limits on the host side hold each direction.
     let net = spec
-        .nics
+        .nics()
         .iter()
         .enumerate()
         .filter_map(|(i, n)| {
@@ -124,15 +117,15 @@ fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
         .collect();
     Ok(api::VmConfig {
         cpus: api::Cpus {
-            boot_vcpus: spec.vcpus,
-            max_vcpus: spec.vcpus,
+            boot_vcpus: spec.vcpus(),
+            max_vcpus: spec.vcpus(),
         },
         memory: api::Memory {
-            size: spec.memory_bytes,
+            size: spec.memory_bytes(),
         },
         payload: api::Payload {
-            kernel: path(&spec.kernel),
-            initramfs: spec.initrd.as_deref().map(path),
+            kernel: path(spec.kernel()),
+            initramfs: spec.initrd().map(path),
             cmdline: Some(launch::kernel_cmdline(spec, DEFAULT_KERNEL_ARGS)),
         },
         disks,
@@ -150,7 +143,7 @@ fn vm_config(spec: &VmSpec) -> Result<api::VmConfig, String> {
 
 /// Polls `vm.info` (5 ms doubling to 100 ms, at most [`SETTLE`]) until the
 /// VM is in `want`.
-async fn settle(socket: &Path, want: &str) -> Result<(), String> {
+async fn settle(socket: &Path, want: &str) -> Result<(), VmmError> {
     let mut last = String::from("no answer");
     let mut delay = Duration::from_millis(5);
     let wait = async {
@@ -164,9 +157,11 @@ async fn settle(socket: &Path, want: &str) -> Result<(), String> {
             delay = (delay * 2).min(Duration::from_millis(100));
         }
     };
-    tokio::time::timeout(SETTLE, wait)
-        .await
-        .map_err(|_| format!("cloud-hypervisor did not reach {want:?} within {SETTLE:?}: {last}"))
+    tokio::time::timeout(SETTLE, wait).await.map_err(|_| {
+        VmmError::Timeout(format!(
+            "cloud-hypervisor did not reach {want:?} within {SETTLE:?}: {last}"
+        ))
+    })
 }
 
 impl CloudHypervisorBackend {
@@ -204,12 +199,12 @@ impl CloudHypervisorBackend {
         let mut cmd = tokio::process::Command::new(&self.config.binary);
         cmd.arg("--api-socket")
             .arg(format!("path={}", socket.display()));
-        if let Some(att) = spec.nics.iter().find_map(|n| n.attachment.as_ref()) {
+        if let Some(att) = spec.nics().iter().find_map(|n| n.attachment.as_ref()) {
             launch::join_netns_on_exec(&mut cmd, &att.netns)
                 .map_err(|e| launch::host_failure("join the VM's network namespace", e))?;
         }
         if let Some(cg) = &self.config.cgroups {
-            let procs = cgroup::create(cg, id.as_str(), spec.vcpus, spec.memory_bytes)
+            let procs = cgroup::create(cg, id.as_str(), spec.vcpus(), spec.memory_bytes())
                 .map_err(|e| launch::host_failure("set up the VM's cgroups", e))?;
             cgroup::join_on_exec(&mut cmd, procs);
         }
@@ -247,7 +242,7 @@ impl CloudHypervisorBackend {
     }
 
     /// Waits for the API socket; an error says how the VMM ended.
-    async fn wait_ready(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), BootError> {
+    async fn wait_ready(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), VmmError> {
         launch::until_ready(&self.children, rt, self.config.boot_timeout, || {
             let socket = rt.socket.clone();
             async move { Client::new(&socket).ping().await.map_err(|e| e.to_string()) }
@@ -265,32 +260,27 @@ impl CloudHypervisorBackend {
         })
     }
 
-    async fn create_and_boot(&self, spec: &VmSpec, rt: &VmmRuntime) -> Result<(), BootError> {
-        let config = vm_config(spec).map_err(BootError::Refused)?;
+    async fn create_and_boot(&self, spec: &VmSpec, rt: &VmmRuntime) -> Result<(), VmmError> {
+        let config = vm_config(spec).map_err(VmmError::Refused)?;
         let ch = Client::new(&rt.socket);
-        ch.put("vm.create", Some(&config)).await.map_err(refused)?;
-        ch.action("vm.boot").await.map_err(refused)?;
-        settle(&rt.socket, "Running")
-            .await
-            .map_err(BootError::Failed)
+        ch.put("vm.create", Some(&config)).await?;
+        ch.action("vm.boot").await?;
+        settle(&rt.socket, "Running").await
     }
 
     /// A state-changing call, then `vm.info` until the VM is in `want`.
-    async fn change(&self, rt: &VmmRuntime, call: &str, want: &str) -> Result<(), PortError> {
-        Client::new(&rt.socket)
-            .action(call)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn change(&self, rt: &VmmRuntime, call: &str, want: &str) -> Result<(), VmmError> {
+        Client::new(&rt.socket).action(call).await?;
         settle(&rt.socket, want).await
     }
 
-    async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), String> {
+    async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         self.logs.unwatch(id);
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
         if let Some(cg) = &self.config.cgroups {
             cgroup::remove(cg, id.as_str())
                 .await
-                .map_err(|e| launch::host_failure("remove the VM's cgroups", e))?;
+                .map_err(|e| VmmError::Io(launch::host_failure("remove the VM's cgroups", e)))?;
         }
         Ok(())
     }
@@ -302,11 +292,11 @@ impl Vmm for CloudHypervisorBackend {
         NAME
     }
 
-    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, VmmError> {
         let spawning = std::time::Instant::now();
         let dir = self.vm_dir(id);
         let socket = dir.join("ch.sock");
-        launch::check_socket_path(&socket).map_err(BootError::Refused)?;
+        launch::check_socket_path(&socket).map_err(VmmError::Refused)?;
         launch::fresh_dir(&dir)?;
         let rt = match self.spawn(id, spec, &dir, &socket) {
             Ok(rt) => rt,
@@ -314,7 +304,7 @@ impl Vmm for CloudHypervisorBackend {
                 if let Err(c) = self.remove_all(id, None).await {
                     warn!(vm_id = %id, error = %c, "cleanup after a failed start failed");
                 }
-                return Err(BootError::Failed(e));
+                return Err(VmmError::Io(e));
             }
         };
         let waiting = launch::phase_done(BootPhase::Spawn, spawning);
@@ -346,11 +336,11 @@ impl Vmm for CloudHypervisorBackend {
         }
     }
 
-    async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+    async fn pause(&self, rt: &VmmRuntime) -> Result<(), VmmError> {
         self.change(rt, "vm.pause", "Paused").await
     }
 
-    async fn resume(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+    async fn resume(&self, rt: &VmmRuntime) -> Result<(), VmmError> {
         self.change(rt, "vm.resume", "Running").await
     }
 
@@ -359,54 +349,51 @@ impl Vmm for CloudHypervisorBackend {
         _id: &VmId,
         _spec: &VmSpec,
         rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, BootError> {
+    ) -> Result<VmmRuntime, VmmError> {
         self.change(rt, "vm.reboot", "Running").await?;
         Ok(rt.clone())
     }
 
-    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError> {
+    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), VmmError> {
         // A guest that powers off makes Cloud Hypervisor exit.
         launch::stop(&self.children, rt, mode, "ACPI power button", || async {
-            Client::new(&rt.socket)
-                .action("vm.power-button")
-                .await
-                .map_err(|e| e.to_string())
+            Client::new(&rt.socket).action("vm.power-button").await
         })
         .await
     }
 
-    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         self.remove_all(id, rt).await
     }
 
-    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
         launch::check_backend(rt, NAME)?;
         launch::is_our_process(rt, &rt.socket.to_string_lossy())?;
-        let info = Client::new(&rt.socket)
-            .info()
-            .await
-            .map_err(|e| e.to_string())?;
+        let info = Client::new(&rt.socket).info().await?;
         let status = match info.state.as_str() {
             "Running" => GuestStatus::Running,
             "Paused" => GuestStatus::Paused,
-            other => return Err(format!("guest is in Cloud Hypervisor state {other:?}")),
+            other => {
+                return Err(VmmError::Io(format!(
+                    "guest is in Cloud Hypervisor state {other:?}"
+                )));
+            }
         };
         // What the guest wrote while no metald ran is cut back at once.
         self.logs.watch(id, self.log_files(id));
         Ok(status)
     }
 
-    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
         launch::check_backend(rt, NAME)?;
-        let info = Client::new(&rt.socket)
-            .info()
-            .await
-            .map_err(|e| e.to_string())?;
+        let info = Client::new(&rt.socket).info().await?;
         match info.state.as_str() {
             "Running" => Ok(GuestStatus::Running),
             "Paused" => Ok(GuestStatus::Paused),
             "Shutdown" => Ok(GuestStatus::Halted),
-            other => Err(format!("guest is in Cloud Hypervisor state {other:?}")),
+            other => Err(VmmError::Io(format!(
+                "guest is in Cloud Hypervisor state {other:?}"
+            ))),
         }
     }
 
@@ -452,7 +439,7 @@ impl Vmm for CloudHypervisorBackend {
         })
     }
 
-    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {
+    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), VmmError> {
         self.children.kill_and_forget(pid, start_time).await
     }
 
@@ -498,6 +485,7 @@ pub fn sum_counters(all: &api::Counters) -> DeviceCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metald_core::vm::VmSpecRow;
 
     #[test]
     fn recognises_only_its_own_cloud_hypervisors() {
@@ -520,7 +508,7 @@ mod tests {
 
     #[test]
     fn the_serial_port_goes_to_the_stdout_metald_opened() {
-        let spec = VmSpec {
+        let spec = VmSpec::try_from(VmSpecRow {
             vcpus: 1,
             topology: None,
             memory_bytes: 128 << 20,
@@ -532,7 +520,8 @@ mod tests {
             nics: Vec::new(),
             console_enabled: true,
             metadata: Default::default(),
-        };
+        })
+        .unwrap();
         let c = vm_config(&spec).unwrap();
         // Tty: Cloud Hypervisor writes to its (O_APPEND) stdout, so the log
         // can be trimmed under it; File mode would write at its own offset.

@@ -10,6 +10,8 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use metald_core::ports::VmmError;
+
 use crate::http;
 
 /// `PUT /machine-config`.
@@ -127,22 +129,6 @@ struct Fault {
     fault_message: String,
 }
 
-/// How a Firecracker API call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
-    /// Firecracker answered with an error status: it refused the request,
-    /// and `fault` is its reason.
-    #[error("firecracker refused {method} {path}: {fault}")]
-    Refused {
-        method: String,
-        path: String,
-        fault: String,
-    },
-    /// No answer (socket gone, timeout) or an answer metald can't read.
-    #[error("{0}")]
-    Call(String),
-}
-
 /// A Firecracker API socket.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -167,10 +153,10 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<bytes::Bytes, ApiError> {
+    ) -> Result<bytes::Bytes, VmmError> {
         let resp = http::call(&self.socket, method.clone(), path, body)
             .await
-            .map_err(|e| ApiError::Call(e.to_string()))?;
+            .map_err(VmmError::from)?;
         if resp.status.is_success() {
             return Ok(resp.body);
         }
@@ -183,11 +169,11 @@ impl Client {
                     crate::launch::redact(String::from_utf8_lossy(&resp.body).trim())
                 )
             });
-        Err(ApiError::Refused {
-            method: method.to_string(),
-            path: path.to_owned(),
-            fault,
-        })
+        // An error status is Firecracker refusing the request, `fault`
+        // its reason.
+        Err(VmmError::Refused(format!(
+            "firecracker refused {method} {path}: {fault}"
+        )))
     }
 
     async fn with_body(
@@ -195,36 +181,36 @@ impl Client {
         method: Method,
         path: &str,
         body: &impl Serialize,
-    ) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Call(e.to_string()))?;
+    ) -> Result<(), VmmError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| VmmError::Io(e.to_string()))?;
         self.send(method, path, Some(bytes)).await.map(drop)
     }
 
     /// `PUT path` with a JSON body.
-    pub async fn put(&self, path: &str, body: &impl Serialize) -> Result<(), ApiError> {
+    pub async fn put(&self, path: &str, body: &impl Serialize) -> Result<(), VmmError> {
         self.with_body(Method::PUT, path, body).await
     }
 
     /// `GET path`, decoded.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, VmmError> {
         let body = self.send(Method::GET, path, None).await?;
         serde_json::from_slice(&body)
-            .map_err(|e| ApiError::Call(format!("GET {path}: unreadable answer: {e}")))
+            .map_err(|e| VmmError::Io(format!("GET {path}: unreadable answer: {e}")))
     }
 
     /// `PUT /actions`.
-    pub async fn action(&self, action_type: ActionType) -> Result<(), ApiError> {
+    pub async fn action(&self, action_type: ActionType) -> Result<(), VmmError> {
         self.put("/actions", &Action { action_type }).await
     }
 
     /// `PATCH /vm`.
-    pub async fn set_state(&self, state: VmStateChange) -> Result<(), ApiError> {
+    pub async fn set_state(&self, state: VmStateChange) -> Result<(), VmmError> {
         self.with_body(Method::PATCH, "/vm", &VmPatch { state })
             .await
     }
 
     /// `GET /`.
-    pub async fn info(&self) -> Result<InstanceInfo, ApiError> {
+    pub async fn info(&self) -> Result<InstanceInfo, VmmError> {
         self.get("/").await
     }
 }
@@ -265,6 +251,42 @@ mod tests {
             .unwrap(),
             serde_json::json!({"state": "Paused"})
         );
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_is_a_refusal_and_no_socket_a_gone_vmm() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("firecracker.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await.unwrap();
+            let body = br#"{"fault_message":"The requested operation is not supported"}"#;
+            let head = format!(
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(body).await.unwrap();
+        });
+        let e = Client::new(&sock)
+            .set_state(VmStateChange::Paused)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e,
+            VmmError::Refused(
+                "firecracker refused PATCH /vm: The requested operation is not supported".into()
+            )
+        );
+        server.await.unwrap();
+        let e = Client::new(&dir.path().join("none.sock"))
+            .info()
+            .await
+            .unwrap_err();
+        assert!(e.is_gone(), "{e:?}");
     }
 
     #[test]

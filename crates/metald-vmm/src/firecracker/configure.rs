@@ -2,21 +2,14 @@
 //! guest: typed `PUT`s in the order Firecracker expects, then
 //! `InstanceStart`.
 
-use metald_core::ports::BootError;
+use metald_core::ports::VmmError;
 use metald_core::vm::VmSpec;
 
-use super::api::{self, ActionType, ApiError, Client};
+use super::api::{self, ActionType, Client};
 use super::prepare::GuestFiles;
 use super::{DEFAULT_KERNEL_ARGS, FirecrackerBackend, Layout};
 use crate::launch;
 use crate::ratelimit::RateLimiter;
-
-fn refused(e: ApiError) -> BootError {
-    match e {
-        ApiError::Refused { .. } => BootError::Refused(e.to_string()),
-        ApiError::Call(m) => BootError::Failed(m),
-    }
-}
 
 impl FirecrackerBackend {
     /// Configures a Firecracker that answers on its socket and starts the
@@ -27,17 +20,16 @@ impl FirecrackerBackend {
         layout: &Layout,
         files: GuestFiles,
         fc: &Client,
-    ) -> Result<(), BootError> {
+    ) -> Result<(), VmmError> {
         fc.put(
             "/machine-config",
             &api::MachineConfig {
-                vcpu_count: spec.vcpus,
-                mem_size_mib: spec.memory_bytes >> 20,
+                vcpu_count: spec.vcpus(),
+                mem_size_mib: spec.memory_bytes() >> 20,
                 smt: false,
             },
         )
-        .await
-        .map_err(refused)?;
+        .await?;
         fc.put(
             "/boot-source",
             &api::BootSource {
@@ -46,22 +38,19 @@ impl FirecrackerBackend {
                 boot_args: Some(launch::kernel_cmdline(spec, DEFAULT_KERNEL_ARGS)),
             },
         )
-        .await
-        .map_err(refused)?;
+        .await?;
         // The root device first, as Firecracker expects (VmSpec sorts so).
-        for (d, path) in spec.disks.iter().zip(files.drives) {
+        for (d, path) in spec.disks().iter().zip(files.drives) {
             let drive = api::Drive {
                 drive_id: d.id.clone(),
                 path_on_host: path,
                 is_root_device: d.is_root,
                 is_read_only: d.read_only,
-                rate_limiter: RateLimiter::from_options(&d.options).map_err(BootError::Refused)?,
+                rate_limiter: RateLimiter::from_options(&d.options).map_err(VmmError::Refused)?,
             };
-            fc.put(&format!("/drives/{}", d.id), &drive)
-                .await
-                .map_err(refused)?;
+            fc.put(&format!("/drives/{}", d.id), &drive).await?;
         }
-        for (i, n) in spec.nics.iter().enumerate() {
+        for (i, n) in spec.nics().iter().enumerate() {
             let Some(att) = &n.attachment else { continue };
             let iface = api::NetworkInterface {
                 iface_id: format!("eth{i}"),
@@ -71,8 +60,7 @@ impl FirecrackerBackend {
                 tx_rate_limiter: api::RateLimiter::bytes_per_sec(n.tx_bytes_per_sec),
             };
             fc.put(&format!("/network-interfaces/eth{i}"), &iface)
-                .await
-                .map_err(refused)?;
+                .await?;
         }
         fc.put(
             "/metrics",
@@ -80,14 +68,11 @@ impl FirecrackerBackend {
                 metrics_path: layout.inside(&layout.fifo),
             },
         )
-        .await
-        .map_err(refused)?;
-        fc.action(ActionType::InstanceStart)
-            .await
-            .map_err(refused)?;
-        let info = fc.info().await.map_err(refused)?;
+        .await?;
+        fc.action(ActionType::InstanceStart).await?;
+        let info = fc.info().await?;
         if info.state != "Running" {
-            return Err(BootError::Failed(format!(
+            return Err(VmmError::Io(format!(
                 "firecracker reports {:?} after InstanceStart, expected Running",
                 info.state
             )));

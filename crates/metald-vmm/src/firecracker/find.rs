@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use metald_core::ports::{HostResources, VmmRuntime};
+use metald_core::ports::{HostResources, VmmError, VmmRuntime};
 use metald_core::vm::VmId;
 
 use super::{FirecrackerBackend, jailer};
@@ -93,20 +93,23 @@ impl FirecrackerBackend {
 
     /// Whether `rt`'s process is still `id`'s Firecracker: the identity
     /// check of adoption.
-    pub(super) fn is_our_process(&self, id: &VmId, rt: &VmmRuntime) -> Result<(), String> {
+    pub(super) fn is_our_process(&self, id: &VmId, rt: &VmmRuntime) -> Result<(), VmmError> {
         match self.jail(id) {
             // A jailed Firecracker sees its socket as /run/firecracker.socket;
             // its root directory (the jail, after pivot_root) tells which
             // jail it is in.
             Some(jail) => {
                 if !process::is_alive(rt.pid, rt.start_time) {
-                    return Err(format!(
+                    return Err(VmmError::Gone(format!(
                         "process {} is gone or is another process now",
                         rt.pid
-                    ));
+                    )));
                 }
                 if !in_jail(rt.pid, &jail.root) {
-                    return Err(format!("process {} does not run in the VM's jail", rt.pid));
+                    return Err(VmmError::Gone(format!(
+                        "process {} does not run in the VM's jail",
+                        rt.pid
+                    )));
                 }
             }
             None => launch::is_our_process(rt, &rt.socket.to_string_lossy())?,

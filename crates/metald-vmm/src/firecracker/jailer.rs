@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use metald_core::ports::BootError;
+use metald_core::ports::VmmError;
 use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
 
@@ -98,13 +98,13 @@ impl Jail {
     }
 
     /// Removes the jail if it is `vm`'s. Refuses another VM's jail.
-    pub fn remove(&self, vm: &VmId) -> Result<(), String> {
+    pub fn remove(&self, vm: &VmId) -> Result<(), VmmError> {
         if !self.owned_by(vm) {
             tracing::warn!(vm_id = %vm, jail = %self.dir.display(), "jail belongs to another VM");
-            return Err(format!(
+            return Err(VmmError::Io(format!(
                 "the jail {} belongs to another VM; not removing it",
                 self.id
-            ));
+            )));
         }
         crate::launch::remove_dir(&self.dir)
     }
@@ -113,7 +113,7 @@ impl Jail {
 /// The jailer's `--cgroup` arguments: the VM's limits (see
 /// [`crate::cgroup::limits`]).
 pub fn cgroup_args(version: u8, spec: &VmSpec) -> Vec<String> {
-    crate::cgroup::limits(version, spec.vcpus, spec.memory_bytes)
+    crate::cgroup::limits(version, spec.vcpus(), spec.memory_bytes())
         .into_iter()
         .flat_map(|(file, value)| ["--cgroup".to_owned(), format!("{file}={value}")])
         .collect()
@@ -142,20 +142,20 @@ impl FirecrackerBackend {
         spec: &VmSpec,
         netns: Option<&str>,
         layout: &Layout,
-    ) -> Result<Prepared<'_>, BootError> {
+    ) -> Result<Prepared<'_>, VmmError> {
         if !jail.owned_by(id) {
             warn!(vm_id = %id, jail = %jail.dir.display(), "jail id taken by another VM");
-            return Err(BootError::Failed(format!(
+            return Err(VmmError::Io(format!(
                 "the VM's jail id {} is already used by another VM",
                 jail.id
             )));
         }
         // The cgroups stay: the jailer reuses and rewrites them.
-        jail.remove(id).map_err(BootError::Failed)?;
+        jail.remove(id)?;
         std::fs::create_dir_all(&jail.root)
             .and_then(|()| std::fs::write(jail.dir.join(OWNER_FILE), id.as_str()))
             .map_err(|e| {
-                BootError::Failed(launch::host_failure(
+                VmmError::Io(launch::host_failure(
                     "create the VM's jail",
                     format_args!("{}: {e}", jail.dir.display()),
                 ))
@@ -167,10 +167,10 @@ impl FirecrackerBackend {
         root.make_fifo(METRICS_FIFO)?;
 
         let guard = self.uid_lock.lock().await;
-        let uid = self.free_uid(jc, id).map_err(BootError::Failed)?;
+        let uid = self.free_uid(jc, id).map_err(VmmError::Io)?;
         let owner = (uid, uid);
         let writable = spec
-            .disks
+            .disks()
             .iter()
             .enumerate()
             .filter(|(_, d)| !d.read_only)
@@ -188,7 +188,7 @@ impl FirecrackerBackend {
         serde_json::to_vec(&rec)
             .map_err(std::io::Error::other)
             .and_then(|b| std::fs::write(self.vm_dir(id).join("jail.json"), b))
-            .map_err(|e| BootError::Failed(launch::host_failure("record the VM's jail", e)))?;
+            .map_err(|e| VmmError::Io(launch::host_failure("record the VM's jail", e)))?;
         Ok(Prepared {
             cmd: self.jailer_command(jc, &jail.id, uid, spec, netns, layout),
             owner: Some(owner),
@@ -199,12 +199,12 @@ impl FirecrackerBackend {
 
     /// Puts kernel, initrd and drives into the jail (off the async
     /// runtime: a copy may be large).
-    async fn place_files(&self, spec: &VmSpec, root: &Path) -> Result<GuestFiles, BootError> {
+    async fn place_files(&self, spec: &VmSpec, root: &Path) -> Result<GuestFiles, VmmError> {
         let root = root.to_path_buf();
-        let kernel = spec.kernel.clone();
-        let initrd = spec.initrd.clone();
+        let kernel = spec.kernel().to_path_buf();
+        let initrd = spec.initrd().map(Path::to_path_buf);
         let disks: Vec<(PathBuf, bool, String)> = spec
-            .disks
+            .disks()
             .iter()
             .map(|d| (d.path.clone(), d.read_only, drive_field(&d.id)))
             .collect();
@@ -231,7 +231,7 @@ impl FirecrackerBackend {
             })
         })
         .await
-        .map_err(|e| BootError::Failed(launch::host_failure("place the VM's files", e)))?
+        .map_err(|e| VmmError::Io(launch::host_failure("place the VM's files", e)))?
     }
 
     fn jailer_command(

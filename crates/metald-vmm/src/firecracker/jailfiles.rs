@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use metald_core::ports::BootError;
+use metald_core::ports::VmmError;
 use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Uid};
 use tracing::warn;
 
@@ -46,7 +46,7 @@ pub struct JailDir {
 
 impl JailDir {
     /// Opens the jail root metald just created.
-    pub fn open(root: &Path) -> Result<JailDir, BootError> {
+    pub fn open(root: &Path) -> Result<JailDir, VmmError> {
         let fd =
             beneath::open_dir(root).map_err(|e| host_failure("open the VM's jail", root, &e))?;
         Ok(JailDir {
@@ -57,7 +57,7 @@ impl JailDir {
 
     /// Puts the read-only `src` (the request's `field`) into the jail as
     /// `name`.
-    pub fn place_read_only(&self, src: &Path, name: &str, field: &str) -> Result<How, BootError> {
+    pub fn place_read_only(&self, src: &Path, name: &str, field: &str) -> Result<How, VmmError> {
         let f = open_source(src, field)?;
         let mode = rustix::fs::fstat(&f).map(|st| st.st_mode).unwrap_or(0);
         if mode & 0o004 != 0 {
@@ -91,14 +91,14 @@ impl JailDir {
     /// Puts a reflink clone of the writable drive `src` (the request's
     /// `field`) into the jail as `name` (mode 0600, for [`Self::hand_over`]
     /// to give to the VM's uid); refuses where no clone can be made.
-    pub fn place_writable(&self, src: &Path, name: &str, field: &str) -> Result<How, BootError> {
+    pub fn place_writable(&self, src: &Path, name: &str, field: &str) -> Result<How, VmmError> {
         let f = open_source(src, field)?;
         let dst = self.create(name, 0o600)?;
         if let Err(e) = rustix::fs::ioctl_ficlone(&dst, &f) {
             self.unlink(name);
             warn!(src = %src.display(), jail = %self.root.display(), error = %e,
                 "no reflink clone of a writable drive for the jail");
-            return Err(BootError::Refused(format!(
+            return Err(VmmError::Refused(format!(
                 "{field}: a writable drive needs a reflink (copy-on-write) clone for the jailed VMM, \
                  and the host cannot make one for it (reflinks unsupported, or the drive is not on \
                  the filesystem of UNKEY_METALD_JAILER_CHROOT_DIR); make the drive read-only, or \
@@ -110,7 +110,7 @@ impl JailDir {
 
     /// Gives `name`, a file metald made in the jail, to the VM's uid and
     /// gid (never following a link).
-    pub fn hand_over(&self, name: &str, owner: (u32, u32)) -> Result<(), BootError> {
+    pub fn hand_over(&self, name: &str, owner: (u32, u32)) -> Result<(), VmmError> {
         rustix::fs::chownat(
             &self.fd,
             name,
@@ -128,7 +128,7 @@ impl JailDir {
     }
 
     /// A new FIFO `name` in the jail (mode 0600).
-    pub fn make_fifo(&self, name: &str) -> Result<(), BootError> {
+    pub fn make_fifo(&self, name: &str) -> Result<(), VmmError> {
         rustix::fs::mkfifoat(&self.fd, name, Mode::from_raw_mode(0o600)).map_err(|e| {
             host_failure(
                 "create a FIFO in the VM's jail",
@@ -139,7 +139,7 @@ impl JailDir {
     }
 
     /// A new directory `name` in the jail (mode 0755).
-    pub fn make_dir(&self, name: &str) -> Result<(), BootError> {
+    pub fn make_dir(&self, name: &str) -> Result<(), VmmError> {
         rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o755)).map_err(|e| {
             host_failure(
                 "create a directory in the VM's jail",
@@ -150,7 +150,7 @@ impl JailDir {
     }
 
     /// A new file `name` in the jail, never an existing one or a link.
-    fn create(&self, name: &str, mode: u32) -> Result<File, BootError> {
+    fn create(&self, name: &str, mode: u32) -> Result<File, VmmError> {
         rustix::fs::openat(
             &self.fd,
             name,
@@ -170,22 +170,22 @@ impl JailDir {
     }
 }
 
-fn open_source(src: &Path, field: &str) -> Result<File, BootError> {
+fn open_source(src: &Path, field: &str) -> Result<File, VmmError> {
     let f = File::open(src).map_err(|e| {
         warn!(src = %src.display(), error = %e, "cannot open a guest file");
-        BootError::Refused(format!("{field}: the file cannot be opened on the host"))
+        VmmError::Refused(format!("{field}: the file cannot be opened on the host"))
     })?;
     let st = rustix::fs::fstat(&f).map_err(|e| host_failure("read the file", src, &e.into()))?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Err(BootError::Refused(format!("{field}: not a regular file")));
+        return Err(VmmError::Refused(format!("{field}: not a regular file")));
     }
     Ok(f)
 }
 
 /// A host-side failure: the details (path, OS error) to metald's log, a
 /// path-free sentence to the caller.
-fn host_failure(what: &str, path: &Path, e: &io::Error) -> BootError {
-    BootError::Failed(crate::launch::host_failure(
+fn host_failure(what: &str, path: &Path, e: &io::Error) -> VmmError {
+    VmmError::Io(crate::launch::host_failure(
         what,
         format_args!("{}: {e}", path.display()),
     ))
@@ -270,7 +270,7 @@ mod tests {
             let (src, before) = original(shm.path(), "data.img", 0o600);
             let field = "config.storage[id=data]";
             match j.place_writable(&src, "drive1", field) {
-                Err(BootError::Refused(m)) => {
+                Err(VmmError::Refused(m)) => {
                     assert!(m.starts_with(field) && m.contains("reflink"), "{m}");
                     assert!(!m.contains('/'), "no host path: {m}");
                 }

@@ -47,8 +47,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    BootError, BootPhase, DeviceCounters, GuestStatus, HostResources, PortError, StopMode, Vmm,
-    VmmExit, VmmRuntime,
+    BootPhase, DeviceCounters, GuestStatus, HostResources, StopMode, Vmm, VmmError, VmmExit,
+    VmmRuntime,
 };
 use metald_core::vm::{VmId, VmSpec};
 use serde::{Deserialize, Serialize};
@@ -236,7 +236,7 @@ impl FirecrackerBackend {
     }
 
     /// Removes everything of `id`'s VMM: process, directory, jail, cgroups.
-    async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), String> {
+    async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         self.stop_pipes(id);
         let jail_id = self.jail_record(id).map(|r| r.jail_id);
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
@@ -245,10 +245,10 @@ impl FirecrackerBackend {
             let owner = id.clone();
             tokio::task::spawn_blocking(move || jail.remove(&owner))
                 .await
-                .map_err(|e| launch::host_failure("remove the VM's jail", e))??;
+                .map_err(|e| VmmError::Io(launch::host_failure("remove the VM's jail", e)))??;
             cgroup::remove(&jc.cgroups(), &jail_id)
                 .await
-                .map_err(|e| launch::host_failure("remove the VM's cgroups", e))?;
+                .map_err(|e| VmmError::Io(launch::host_failure("remove the VM's cgroups", e)))?;
         }
         Ok(())
     }
@@ -260,11 +260,11 @@ impl Vmm for FirecrackerBackend {
         NAME
     }
 
-    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, VmmError> {
         let spawning = std::time::Instant::now();
         let dir = self.vm_dir(id);
         let layout = self.layout(id);
-        layout.check_socket().map_err(BootError::Refused)?;
+        layout.check_socket().map_err(VmmError::Refused)?;
         launch::fresh_dir(&dir)?;
         let spawned = match self.prepare(id, spec, &layout).await {
             Ok(p) => self.spawn(id, &dir, &layout, p),
@@ -333,18 +333,16 @@ impl Vmm for FirecrackerBackend {
         }
     }
 
-    async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+    async fn pause(&self, rt: &VmmRuntime) -> Result<(), VmmError> {
         self.client(&rt.socket)
             .set_state(api::VmStateChange::Paused)
             .await
-            .map_err(|e| e.to_string())
     }
 
-    async fn resume(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+    async fn resume(&self, rt: &VmmRuntime) -> Result<(), VmmError> {
         self.client(&rt.socket)
             .set_state(api::VmStateChange::Resumed)
             .await
-            .map_err(|e| e.to_string())
     }
 
     async fn reboot(
@@ -352,7 +350,7 @@ impl Vmm for FirecrackerBackend {
         id: &VmId,
         spec: &VmSpec,
         rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, BootError> {
+    ) -> Result<VmmRuntime, VmmError> {
         // Firecracker cannot reset a guest: a new process from the same
         // configuration takes the old one's place.
         self.shutdown(rt, StopMode::Force).await?;
@@ -360,32 +358,31 @@ impl Vmm for FirecrackerBackend {
         self.boot(id, spec).await
     }
 
-    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError> {
+    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), VmmError> {
         launch::stop(&self.children, rt, mode, "Ctrl-Alt-Del", || async {
             self.client(&rt.socket)
                 .action(ActionType::SendCtrlAltDel)
                 .await
-                .map_err(|e| e.to_string())
         })
         .await
     }
 
-    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         self.remove_all(id, rt).await
     }
 
-    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
         launch::check_backend(rt, NAME)?;
         self.is_our_process(id, rt)?;
-        let info = self
-            .client(&rt.socket)
-            .info()
-            .await
-            .map_err(|e| e.to_string())?;
+        let info = self.client(&rt.socket).info().await?;
         let status = match info.state.as_str() {
             "Running" => GuestStatus::Running,
             "Paused" => GuestStatus::Paused,
-            other => return Err(format!("guest is in Firecracker state {other:?}")),
+            other => {
+                return Err(VmmError::Io(format!(
+                    "guest is in Firecracker state {other:?}"
+                )));
+            }
         };
         // Resume reading metrics and the log where the previous metald
         // stopped; cut back what the guest wrote meanwhile.
@@ -393,17 +390,15 @@ impl Vmm for FirecrackerBackend {
         Ok(status)
     }
 
-    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
         launch::check_backend(rt, NAME)?;
-        let info = self
-            .client(&rt.socket)
-            .info()
-            .await
-            .map_err(|e| e.to_string())?;
+        let info = self.client(&rt.socket).info().await?;
         match info.state.as_str() {
             "Running" => Ok(GuestStatus::Running),
             "Paused" => Ok(GuestStatus::Paused),
-            other => Err(format!("guest is in Firecracker state {other:?}")),
+            other => Err(VmmError::Io(format!(
+                "guest is in Firecracker state {other:?}"
+            ))),
         }
     }
 
@@ -433,7 +428,7 @@ impl Vmm for FirecrackerBackend {
         launch::off_runtime(|| self.find_on_host())
     }
 
-    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {
+    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), VmmError> {
         self.children.kill_and_forget(pid, start_time).await
     }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use metald_core::ports::BootError;
+use metald_core::ports::VmmError;
 use metald_core::vm::{VmId, VmSpec};
 
 use super::jailer;
@@ -54,9 +54,9 @@ pub(super) fn drive_field(id: &str) -> String {
     format!("config.storage[id={id}]")
 }
 
-fn fifo(path: &Path, owner: Option<(u32, u32)>) -> Result<(), BootError> {
+fn fifo(path: &Path, owner: Option<(u32, u32)>) -> Result<(), VmmError> {
     metrics::make_fifo(path, owner).map_err(|e| {
-        BootError::Failed(launch::host_failure(
+        VmmError::Io(launch::host_failure(
             "create the VMM's FIFOs",
             format_args!("{}: {e}", path.display()),
         ))
@@ -71,9 +71,9 @@ impl FirecrackerBackend {
         id: &VmId,
         spec: &VmSpec,
         layout: &Layout,
-    ) -> Result<Prepared<'_>, BootError> {
+    ) -> Result<Prepared<'_>, VmmError> {
         let netns = spec
-            .nics
+            .nics()
             .iter()
             .find_map(|n| n.attachment.as_ref())
             .map(|a| a.netns.clone());
@@ -89,16 +89,16 @@ impl FirecrackerBackend {
                 .args(["--level", LOG_LEVEL]);
             if let Some(ns) = &netns {
                 launch::join_netns_on_exec(&mut cmd, ns).map_err(|e| {
-                    BootError::Failed(launch::host_failure("join the VM's network namespace", e))
+                    VmmError::Io(launch::host_failure("join the VM's network namespace", e))
                 })?;
             }
             fifo(&layout.log_fifo, None)?;
             fifo(&layout.fifo, None)?;
             let host = |p: &Path| p.to_string_lossy().into_owned();
             let files = GuestFiles {
-                kernel: host(&spec.kernel),
-                initrd: spec.initrd.as_deref().map(host),
-                drives: spec.disks.iter().map(|d| host(&d.path)).collect(),
+                kernel: host(spec.kernel()),
+                initrd: spec.initrd().map(host),
+                drives: spec.disks().iter().map(|d| host(&d.path)).collect(),
             };
             return Ok(Prepared {
                 cmd,
@@ -120,7 +120,7 @@ impl FirecrackerBackend {
         dir: &Path,
         layout: &Layout,
         p: Prepared<'_>,
-    ) -> Result<Spawned, BootError> {
+    ) -> Result<Spawned, VmmError> {
         let Prepared {
             mut cmd,
             owner,
@@ -137,7 +137,7 @@ impl FirecrackerBackend {
                 .stderr(stderr);
             launch::spawn_recorded(&self.children, cmd, dir)
         })()
-        .map_err(|e| BootError::Failed(launch::host_failure("start firecracker", e)))?;
+        .map_err(|e| VmmError::Io(launch::host_failure("start firecracker", e)))?;
         // Recorded: its uid now counts as held.
         drop(uid_guard);
         Ok(Spawned { rec, owner, files })

@@ -26,7 +26,7 @@ pub use wait::*;
 use std::path::Path;
 use std::time::Instant;
 
-use metald_core::ports::{BootPhase, BootPhases};
+use metald_core::ports::{BootPhase, BootPhases, VmmError};
 use metald_core::vm::VmSpec;
 use tracing::warn;
 
@@ -52,7 +52,7 @@ pub fn phase_done(phase: BootPhase, since: Instant) -> Instant {
 }
 
 /// Removes whatever a previous run left in `dir` and creates it empty.
-pub fn fresh_dir(dir: &Path) -> Result<(), String> {
+pub fn fresh_dir(dir: &Path) -> Result<(), VmmError> {
     let made = match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -60,10 +60,10 @@ pub fn fresh_dir(dir: &Path) -> Result<(), String> {
     }
     .and_then(|()| std::fs::create_dir_all(dir));
     made.map_err(|e| {
-        host_failure(
+        VmmError::Io(host_failure(
             "prepare the VM's directory",
             format_args!("{}: {e}", dir.display()),
-        )
+        ))
     })
 }
 
@@ -113,12 +113,12 @@ pub fn redact(text: &str) -> String {
 /// The guest's kernel command line: the VM's own arguments (or
 /// `default`), then what its network interfaces tell the guest.
 pub fn kernel_cmdline(spec: &VmSpec, default: &str) -> String {
-    let mut cmdline = if spec.kernel_args.is_empty() {
+    let mut cmdline = if spec.kernel_args().is_empty() {
         default.to_owned()
     } else {
-        spec.kernel_args.clone()
+        spec.kernel_args().to_owned()
     };
-    for att in spec.nics.iter().filter_map(|n| n.attachment.as_ref()) {
+    for att in spec.nics().iter().filter_map(|n| n.attachment.as_ref()) {
         cmdline.push(' ');
         cmdline.push_str(&att.kernel_args());
     }
@@ -137,22 +137,22 @@ pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 
 /// [`remove_dir`] on the blocking pool: a jail holding copied images can
 /// take seconds to remove.
-pub async fn remove_dir_off_runtime(dir: &Path) -> Result<(), String> {
+pub async fn remove_dir_off_runtime(dir: &Path) -> Result<(), VmmError> {
     let dir = dir.to_owned();
     tokio::task::spawn_blocking(move || remove_dir(&dir))
         .await
-        .map_err(|e| host_failure("remove the VM's files", e))?
+        .map_err(|e| VmmError::Io(host_failure("remove the VM's files", e)))?
 }
 
 /// Removes a directory tree; a missing one is not an error.
-pub fn remove_dir(dir: &Path) -> Result<(), String> {
+pub fn remove_dir(dir: &Path) -> Result<(), VmmError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(host_failure(
+        Err(e) => Err(VmmError::Io(host_failure(
             "remove the VM's files",
             format_args!("{}: {e}", dir.display()),
-        )),
+        ))),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use metald_core::ports::VmmRuntime;
+use metald_core::ports::{VmmError, VmmRuntime};
 use metald_core::vm::VmId;
 
 use crate::process;
@@ -120,25 +120,25 @@ pub fn describe_base(
 
 /// Refuses a runtime another backend recorded (metald restarted with a
 /// different `UNKEY_METALD_BACKEND`).
-pub fn check_backend(rt: &VmmRuntime, name: &str) -> Result<(), String> {
+pub fn check_backend(rt: &VmmRuntime, name: &str) -> Result<(), VmmError> {
     if rt.backend == name {
         Ok(())
     } else {
-        Err(format!(
+        Err(VmmError::Gone(format!(
             "recorded backend is {:?}, this metald runs {name}",
             rt.backend
-        ))
+        )))
     }
 }
 
 /// Whether `pid` still is the recorded process and its command line holds
 /// `needle` (its socket path): the identity check of adoption.
-pub fn is_our_process(rt: &VmmRuntime, needle: &str) -> Result<(), String> {
+pub fn is_our_process(rt: &VmmRuntime, needle: &str) -> Result<(), VmmError> {
     if !process::is_alive(rt.pid, rt.start_time) {
-        return Err(format!(
+        return Err(VmmError::Gone(format!(
             "process {} is gone or is another process now",
             rt.pid
-        ));
+        )));
     }
     let ours = process::cmdline(rt.pid)
         .map(|args| args.iter().any(|a| a.contains(needle)))
@@ -146,6 +146,9 @@ pub fn is_our_process(rt: &VmmRuntime, needle: &str) -> Result<(), String> {
     if ours {
         Ok(())
     } else {
-        Err(format!("process {} is not this VM's VMM", rt.pid))
+        Err(VmmError::Gone(format!(
+            "process {} is not this VM's VMM",
+            rt.pid
+        )))
     }
 }

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use metald_core::ports::{StopMode, VmmRuntime};
+use metald_core::ports::{StopMode, VmmError, VmmRuntime};
 use tracing::warn;
 
 use super::{recorded_spawn, remove_dir_off_runtime};
@@ -21,10 +21,10 @@ pub async fn stop<F, Fut>(
     mode: StopMode,
     request: &str,
     ask: F,
-) -> Result<(), String>
+) -> Result<(), VmmError>
 where
     F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    Fut: Future<Output = Result<(), VmmError>>,
 {
     if process::is_alive(rt.pid, rt.start_time) {
         if let StopMode::Graceful(limit) = mode {
@@ -59,7 +59,7 @@ pub async fn kill_and_remove(
     children: &Children,
     dir: &Path,
     rt: Option<&VmmRuntime>,
-) -> Result<(), String> {
+) -> Result<(), VmmError> {
     let mut known: Vec<(i32, u64)> = rt.map(|r| (r.pid, r.start_time)).into_iter().collect();
     if let Some(rec) = recorded_spawn(dir) {
         known.push((rec.pid, rec.start_time));

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use metald_core::ports::{BootError, VmmExit, VmmRuntime};
+use metald_core::ports::{VmmError, VmmExit, VmmRuntime};
 use metald_core::vm::VmId;
 
 use super::*;
@@ -39,7 +39,7 @@ async fn a_vmm_exiting_during_the_wait_ends_it_with_its_status() {
     std::fs::write(dir.path().join("vmm.log"), "bad kernel /k/vmlinux\n").unwrap();
     let log = dir.path().join("vmm.log");
     match not_ready(e, "vmm", &rt.socket, Duration::from_secs(1), &[&log]) {
-        BootError::Refused(m) => {
+        VmmError::Refused(m) => {
             assert!(
                 m.starts_with("vmm exited with status 3 while starting"),
                 "{m}"
@@ -56,7 +56,7 @@ async fn a_vmm_exiting_during_the_wait_ends_it_with_its_status() {
         Duration::from_secs(1),
         &[&log],
     ) {
-        BootError::Failed(m) => assert_eq!(m, "vmm did not answer within 1s"),
+        VmmError::Timeout(m) => assert_eq!(m, "vmm did not answer within 1s"),
         other => panic!("{other:?}"),
     }
     let killed = NotReady::Exited(VmmExit {
@@ -65,8 +65,38 @@ async fn a_vmm_exiting_during_the_wait_ends_it_with_its_status() {
     });
     assert!(matches!(
         not_ready(killed, "vmm", &rt.socket, Duration::from_secs(1), &[]),
-        BootError::Failed(_)
+        VmmError::Gone(_)
     ));
+}
+
+#[tokio::test]
+async fn a_process_that_is_gone_or_another_backends_is_gone_not_io() {
+    let children = Children::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.args(["-c", "exit 0"]);
+    let rec = spawn_recorded(&children, cmd, dir.path()).unwrap();
+    children.wait_exit(rec.pid, rec.start_time).await;
+    let rt = VmmRuntime {
+        backend: "qemu".into(),
+        pid: rec.pid,
+        start_time: rec.start_time,
+        socket: dir.path().join("qmp.sock"),
+    };
+    let e = is_our_process(&rt, "qmp.sock").unwrap_err();
+    assert!(e.is_gone(), "{e:?}");
+    // The pid of a live process that started at another time: not ours.
+    let reused = VmmRuntime {
+        pid: std::process::id() as i32,
+        start_time: 1,
+        ..rt.clone()
+    };
+    assert!(is_our_process(&reused, "qmp.sock").unwrap_err().is_gone());
+    let e = check_backend(&rt, "firecracker").unwrap_err();
+    assert!(e.is_gone(), "{e:?}");
+    assert_eq!(check_backend(&rt, "qemu"), Ok(()));
+    // Killing what is gone already is no error at all.
+    assert_eq!(children.kill(rec.pid, rec.start_time).await, Ok(()));
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
-use metald_core::ports::{BootError, VmmExit, VmmRuntime};
+use metald_core::ports::{VmmError, VmmExit, VmmRuntime};
 use tracing::warn;
 
 use crate::process::{self, Children};
@@ -61,26 +61,26 @@ fn tails(logs: &[&Path]) -> String {
         .join("; ")
 }
 
-/// A failed start as a [`BootError`]. A VMM that exited with a status on
+/// A failed start as a [`VmmError`]. A VMM that exited with a status on
 /// its own refused what it was given (its logs, copied to metald's log,
-/// say why); one killed by a signal (the OOM killer, an operator) or
-/// silent until the limit failed.
+/// say why); one killed by a signal (the OOM killer, an operator) is gone;
+/// one silent until the limit timed out.
 pub fn not_ready(
     e: NotReady,
     vmm: &str,
     socket: &Path,
     limit: Duration,
     logs: &[&Path],
-) -> BootError {
+) -> VmmError {
     match e {
         NotReady::Exited(exit) => {
             warn!(vmm, socket = %socket.display(), exit = %exit.describe(), logs = %tails(logs),
                 "VMM exited while starting");
             let msg = format!("{vmm} {} while starting", exit.describe());
             if exit.signal.is_some() {
-                BootError::Failed(msg)
+                VmmError::Gone(msg)
             } else {
-                BootError::Refused(format!(
+                VmmError::Refused(format!(
                     "{msg}: it refused the VM's configuration (its output is in metald's log)"
                 ))
             }
@@ -88,7 +88,7 @@ pub fn not_ready(
         NotReady::TimedOut(last) => {
             warn!(vmm, socket = %socket.display(), last_error = %last, logs = %tails(logs),
                 "VMM did not answer while starting");
-            BootError::Failed(format!("{vmm} did not answer within {limit:?}"))
+            VmmError::Timeout(format!("{vmm} did not answer within {limit:?}"))
         }
     }
 }
@@ -99,10 +99,10 @@ pub fn not_ready(
 pub async fn explain(
     children: &Children,
     rt: &VmmRuntime,
-    e: BootError,
+    e: VmmError,
     vmm: &str,
     logs: &[&Path],
-) -> BootError {
+) -> VmmError {
     if process::is_alive(rt.pid, rt.start_time) {
         return e;
     }
@@ -114,11 +114,7 @@ pub async fn explain(
     .map(|x| x.describe())
     .unwrap_or_else(|_| "exited".into());
     warn!(vmm, pid = rt.pid, exit = %exit, logs = %tails(logs), "VMM died while starting");
-    let more = format!(" ({vmm} {exit})");
-    match e {
-        BootError::Refused(m) => BootError::Refused(m + &more),
-        BootError::Failed(m) => BootError::Failed(m + &more),
-    }
+    e.map_message(|m| format!("{m} ({vmm} {exit})"))
 }
 
 /// Calls `probe` with backoff (1 ms doubling to 20 ms) until it succeeds,

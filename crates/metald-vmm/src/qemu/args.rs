@@ -44,12 +44,12 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
         Accel::Tcg => "max".into(),
     });
     push("-smp".into());
-    push(match spec.topology {
-        Some((s, c, t)) => format!("cpus={},sockets={s},cores={c},threads={t}", spec.vcpus),
-        None => format!("cpus={}", spec.vcpus),
+    push(match spec.topology() {
+        Some((s, c, t)) => format!("cpus={},sockets={s},cores={c},threads={t}", spec.vcpus()),
+        None => format!("cpus={}", spec.vcpus()),
     });
     push("-m".into());
-    push(format!("{}M", spec.memory_bytes >> 20));
+    push(format!("{}M", spec.memory_bytes() >> 20));
     for flag in ["-nodefaults", "-no-user-config", "-nographic", "-S"] {
         push(flag.into());
     }
@@ -68,16 +68,16 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
         escape(files.qmp_socket)
     ));
     push("-kernel".into());
-    a.push(spec.kernel.clone().into_os_string());
-    if let Some(initrd) = &spec.initrd {
+    a.push(spec.kernel().as_os_str().to_owned());
+    if let Some(initrd) = &spec.initrd() {
         a.push("-initrd".into());
-        a.push(initrd.clone().into_os_string());
+        a.push(initrd.as_os_str().to_owned());
     }
     a.push("-append".into());
     a.push(crate::launch::kernel_cmdline(spec, DEFAULT_KERNEL_ARGS).into());
     // Interfaces: the TAP inside the VM's namespace (QEMU runs there).
     for (i, att) in spec
-        .nics
+        .nics()
         .iter()
         .filter_map(|n| n.attachment.as_ref())
         .enumerate()
@@ -89,7 +89,7 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
     } // Drives are named by position: client ids may hold characters QEMU
     // ids do not allow. The root device is first (VmSpec sorts it so), so
     // the guest sees it as /dev/vda.
-    for (i, disk) in spec.disks.iter().enumerate() {
+    for (i, disk) in spec.disks().iter().enumerate() {
         a.push("-drive".into());
         a.push(
             format!(
@@ -109,11 +109,12 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
 mod tests {
     use super::*;
     use metald_core::vm::DiskSpec;
+    use metald_core::vm::VmSpecRow;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
 
     fn spec() -> VmSpec {
-        VmSpec {
+        VmSpec::try_from(VmSpecRow {
             vcpus: 2,
             topology: None,
             memory_bytes: 256 << 20,
@@ -142,7 +143,8 @@ mod tests {
             nics: Vec::new(),
             console_enabled: true,
             metadata: BTreeMap::new(),
-        }
+        })
+        .unwrap()
     }
 
     fn line(spec: &VmSpec, accel: Accel) -> String {
@@ -190,10 +192,11 @@ mod tests {
 
     #[test]
     fn kvm_topology_and_client_kernel_args() {
-        let mut s = spec();
-        s.topology = Some((1, 2, 1));
-        s.kernel_args = "console=ttyS0 quiet".into();
-        s.initrd = None;
+        let mut row = VmSpecRow::from(&spec());
+        row.topology = Some((1, 2, 1));
+        row.kernel_args = "console=ttyS0 quiet".into();
+        row.initrd = None;
+        let s = VmSpec::try_from(row).unwrap();
         let l = line(&s, Accel::Kvm);
         assert!(l.contains("-accel kvm -cpu host"), "{l}");
         assert!(l.contains("-smp cpus=2,sockets=1,cores=2,threads=1"), "{l}");

@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use metald_core::ports::{
-    BootError, BootPhase, GuestStatus, HostResources, PortError, StopMode, Vmm, VmmExit, VmmRuntime,
+    BootPhase, GuestStatus, HostResources, StopMode, Vmm, VmmError, VmmExit, VmmRuntime,
 };
 use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
@@ -122,7 +122,7 @@ impl QemuBackend {
 
     /// Waits for the QMP socket (bounded retry with backoff, while watching
     /// for QEMU exiting instead), then lets the guest run.
-    async fn start_guest(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), BootError> {
+    async fn start_guest(&self, dir: &Path, rt: &VmmRuntime) -> Result<(), VmmError> {
         let waiting = std::time::Instant::now();
         let mut qmp = launch::until_ready(&self.children, rt, self.config.boot_timeout, || {
             let socket = rt.socket.clone();
@@ -144,13 +144,18 @@ impl QemuBackend {
             let st = qmp.execute("query-status", None).await?;
             match st.get("status").and_then(|s| s.as_str()) {
                 Some("running") => Ok(()),
-                other => Err(format!("guest is {other:?} after cont, expected running")),
+                other => Err(VmmError::Io(format!(
+                    "guest is {other:?} after cont, expected running"
+                ))),
             }
         };
         tokio::time::timeout(qmp::COMMAND_TIMEOUT, run)
             .await
-            .unwrap_or_else(|_| Err("qemu did not answer cont within 10 s".into()))
-            .map_err(BootError::Failed)?;
+            .unwrap_or_else(|_| {
+                Err(VmmError::Timeout(
+                    "qemu did not answer cont within 10 s".into(),
+                ))
+            })?;
         launch::phase_done(BootPhase::Start, starting);
         Ok(())
     }
@@ -162,12 +167,12 @@ impl Vmm for QemuBackend {
         NAME
     }
 
-    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, BootError> {
+    async fn boot(&self, id: &VmId, spec: &VmSpec) -> Result<VmmRuntime, VmmError> {
         let spawning = std::time::Instant::now();
         let dir = self.vm_dir(id);
         let socket = dir.join("qmp.sock");
         let console_log = dir.join("console.log");
-        launch::check_socket_path(&socket)?;
+        launch::check_socket_path(&socket).map_err(VmmError::Io)?;
         launch::fresh_dir(&dir)?;
         let spawned = (|| {
             let log = logcap::create_append(&dir.join("qemu.log"))?;
@@ -185,7 +190,7 @@ impl Vmm for QemuBackend {
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-            if let Some(att) = spec.nics.iter().find_map(|n| n.attachment.as_ref()) {
+            if let Some(att) = spec.nics().iter().find_map(|n| n.attachment.as_ref()) {
                 launch::join_netns_on_exec(&mut cmd, &att.netns)?;
             }
             let rec = launch::spawn_recorded(&self.children, cmd, &dir)?;
@@ -196,7 +201,7 @@ impl Vmm for QemuBackend {
             Err(e) => {
                 warn!(vm_id = %id, binary = %self.config.binary.display(), error = %e, "cannot start qemu");
                 let _ = self.destroy(id, None).await;
-                return Err(BootError::Failed("cannot start qemu".into()));
+                return Err(VmmError::Io("cannot start qemu".into()));
             }
         };
         launch::phase_done(BootPhase::Spawn, spawning);
@@ -219,11 +224,11 @@ impl Vmm for QemuBackend {
         }
     }
 
-    async fn pause(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+    async fn pause(&self, rt: &VmmRuntime) -> Result<(), VmmError> {
         qmp::run(&rt.socket, "stop", None).await.map(drop)
     }
 
-    async fn resume(&self, rt: &VmmRuntime) -> Result<(), PortError> {
+    async fn resume(&self, rt: &VmmRuntime) -> Result<(), VmmError> {
         qmp::run(&rt.socket, "cont", None).await.map(drop)
     }
 
@@ -232,12 +237,12 @@ impl Vmm for QemuBackend {
         _id: &VmId,
         _spec: &VmSpec,
         rt: &VmmRuntime,
-    ) -> Result<VmmRuntime, BootError> {
+    ) -> Result<VmmRuntime, VmmError> {
         qmp::run(&rt.socket, "system_reset", None).await?;
         Ok(rt.clone())
     }
 
-    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), PortError> {
+    async fn shutdown(&self, rt: &VmmRuntime, mode: StopMode) -> Result<(), VmmError> {
         launch::stop(&self.children, rt, mode, "ACPI power button", || async {
             qmp::run(&rt.socket, "system_powerdown", None)
                 .await
@@ -246,18 +251,18 @@ impl Vmm for QemuBackend {
         .await
     }
 
-    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), PortError> {
+    async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         self.logs.unwatch(id);
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await
     }
 
-    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
         launch::check_backend(rt, NAME)?;
         launch::is_our_process(rt, &rt.socket.to_string_lossy())?;
         let status = match qmp::status(&rt.socket).await?.as_str() {
             "running" => GuestStatus::Running,
             "paused" => GuestStatus::Paused,
-            other => return Err(format!("guest is in QEMU state {other:?}")),
+            other => return Err(VmmError::Io(format!("guest is in QEMU state {other:?}"))),
         };
         // What the guest wrote while no metald ran is cut back at once.
         self.logs.watch(id, self.log_files(id));
@@ -272,13 +277,13 @@ impl Vmm for QemuBackend {
         process::is_alive(rt.pid, rt.start_time)
     }
 
-    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, PortError> {
+    async fn status(&self, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
         launch::check_backend(rt, NAME)?;
         match qmp::status(&rt.socket).await?.as_str() {
             "running" => Ok(GuestStatus::Running),
             "paused" | "suspended" => Ok(GuestStatus::Paused),
             "shutdown" | "guest-panicked" | "internal-error" => Ok(GuestStatus::Halted),
-            other => Err(format!("guest is in QEMU state {other:?}")),
+            other => Err(VmmError::Io(format!("guest is in QEMU state {other:?}"))),
         }
     }
 
@@ -303,7 +308,7 @@ impl Vmm for QemuBackend {
         })
     }
 
-    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), PortError> {
+    async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), VmmError> {
         self.children.kill_and_forget(pid, start_time).await
     }
 

@@ -2,10 +2,16 @@
 //! QEMU serves one QMP client at a time, so metald connects per operation
 //! (operations on one VM are already serialised by the service). Each
 //! message is read with a limit ([`MAX_MESSAGE`]).
+//!
+//! Failures are classified here ([`VmmError`]): an error reply is QEMU
+//! refusing the command; no socket, or nothing listening on it, is a QEMU
+//! that is gone; silence past [`COMMAND_TIMEOUT`] is a timeout; a broken
+//! or unreadable exchange is I/O.
 
 use std::path::Path;
 use std::time::Duration;
 
+use metald_core::ports::VmmError;
 use serde_json::{Value, json};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -44,7 +50,7 @@ impl Qmp {
         }
         qmp.execute("qmp_capabilities", None)
             .await
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(qmp)
     }
 
@@ -68,13 +74,14 @@ impl Qmp {
         parse_message(&line)
     }
 
-    /// Runs a command; returns its `return` value or QEMU's error text.
-    /// Asynchronous events arriving in between are skipped.
+    /// Runs a command; returns its `return` value, or QEMU's error text as
+    /// [`VmmError::Refused`]. Asynchronous events arriving in between are
+    /// skipped.
     pub async fn execute(
         &mut self,
         command: &str,
         arguments: Option<Value>,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, VmmError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
@@ -84,12 +91,12 @@ impl Qmp {
         self.writer
             .write_all(&bytes)
             .await
-            .map_err(|e| format!("QMP {command}: {e}"))?;
+            .map_err(|e| VmmError::Io(format!("QMP {command}: {e}")))?;
         loop {
             let reply = self
                 .read_message()
                 .await
-                .map_err(|e| format!("QMP {command}: {e}"))?;
+                .map_err(|e| VmmError::Io(format!("QMP {command}: {e}")))?;
             if let Some(outcome) = outcome(command, &reply) {
                 return outcome;
             }
@@ -105,7 +112,7 @@ pub fn parse_message(line: &[u8]) -> std::io::Result<Value> {
 
 /// What a message means for the command waiting on it: its `return` value,
 /// QEMU's error text, or `None` for anything else (an event) to skip.
-pub fn outcome(command: &str, reply: &Value) -> Option<Result<Value, String>> {
+pub fn outcome(command: &str, reply: &Value) -> Option<Result<Value, VmmError>> {
     if let Some(ret) = reply.get("return") {
         return Some(Ok(ret.clone()));
     }
@@ -114,43 +121,58 @@ pub fn outcome(command: &str, reply: &Value) -> Option<Result<Value, String>> {
         .get("desc")
         .and_then(Value::as_str)
         .unwrap_or("unknown error");
-    Some(Err(format!(
+    Some(Err(VmmError::Refused(format!(
         "QMP {command}: {}",
         crate::launch::redact(desc)
-    )))
+    ))))
 }
 
 /// Connects, runs one command and disconnects, all within
 /// [`COMMAND_TIMEOUT`].
-pub async fn run(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value, String> {
+pub async fn run(
+    socket: &Path,
+    command: &str,
+    arguments: Option<Value>,
+) -> Result<Value, VmmError> {
     let exchange = async {
         let mut qmp = Qmp::connect(socket).await.map_err(|e| {
             debug!(socket = %socket.display(), error = %e, "cannot connect to QMP");
-            format!("QMP {command}: cannot connect to the VMM's QMP socket")
+            connect_failed(command, &e)
         })?;
         qmp.execute(command, arguments).await
     };
     tokio::time::timeout(COMMAND_TIMEOUT, exchange)
         .await
         .unwrap_or_else(|_| {
-            Err(format!(
+            Err(VmmError::Timeout(format!(
                 "QMP {command}: no answer within {COMMAND_TIMEOUT:?}"
-            ))
+            )))
         })
 }
 
+/// A failed connection as the caller reads it (never the socket's path):
+/// no socket, or nothing listening on it, is a QEMU that is gone.
+fn connect_failed(command: &str, e: &std::io::Error) -> VmmError {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    let msg = format!("QMP {command}: cannot connect to the VMM's QMP socket");
+    match e.kind() {
+        NotFound | ConnectionRefused => VmmError::Gone(msg),
+        _ => VmmError::Io(msg),
+    }
+}
+
 /// The guest's run state (`running`, `paused`, `shutdown`, ...).
-pub async fn status(socket: &Path) -> Result<String, String> {
+pub async fn status(socket: &Path) -> Result<String, VmmError> {
     let ret = run(socket, "query-status", None).await?;
     run_state(&ret)
 }
 
 /// The run state in a `query-status` answer.
-pub fn run_state(ret: &Value) -> Result<String, String> {
+pub fn run_state(ret: &Value) -> Result<String, VmmError> {
     ret.get("status")
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .ok_or_else(|| format!("QMP query-status: unexpected answer {ret}"))
+        .ok_or_else(|| VmmError::Io(format!("QMP query-status: unexpected answer {ret}")))
 }
 
 #[cfg(test)]
@@ -191,7 +213,7 @@ mod tests {
         let ret = qmp.execute("query-status", None).await.unwrap();
         assert_eq!(ret["status"], "paused");
         let err = qmp.execute("cont", None).await.unwrap_err();
-        assert_eq!(err, "QMP cont: nope");
+        assert_eq!(err, VmmError::Refused("QMP cont: nope".into()));
         server.await.unwrap();
     }
 
@@ -202,8 +224,27 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err,
-            "QMP query-status: cannot connect to the VMM's QMP socket"
+            VmmError::Gone("QMP query-status: cannot connect to the VMM's QMP socket".into())
         );
+    }
+
+    #[tokio::test]
+    async fn a_socket_nobody_listens_on_is_a_gone_vmm() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        // The socket file stays behind its closed listener: ECONNREFUSED.
+        drop(UnixListener::bind(&sock).unwrap());
+        let err = run(&sock, "stop", None).await.unwrap_err();
+        assert_eq!(
+            err,
+            VmmError::Gone("QMP stop: cannot connect to the VMM's QMP socket".into())
+        );
+        // A path that cannot lead to a socket (ENOTDIR): metald's own
+        // trouble, not a gone VMM.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let err = run(&file.join("qmp.sock"), "stop", None).await.unwrap_err();
+        assert!(matches!(err, VmmError::Io(_)), "{err:?}");
     }
 
     #[tokio::test]
