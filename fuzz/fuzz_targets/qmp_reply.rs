@@ -5,6 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use metald_core::ports::VmmError;
 use metald_vmm::qemu::qmp;
 use serde_json::Value;
 
@@ -23,7 +24,9 @@ fn meaning(msg: &Value) -> Meaning {
     match qmp::outcome("query-status", msg) {
         None => Meaning::Skipped,
         Some(Err(e)) => {
-            assert!(e.starts_with("QMP query-status: "), "{e}");
+            // A QMP error reply is the VMM refusing the command.
+            assert!(matches!(e, VmmError::Refused(_)), "{e:?}");
+            assert!(e.message().starts_with("QMP query-status: "), "{e}");
             Meaning::Error
         }
         Some(Ok(ret)) => {

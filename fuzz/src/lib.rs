@@ -141,23 +141,34 @@ fn accepted_id(id: &VmId, raw: &str) {
 /// means the same. GetVmInfo names the default disk interface, and shows
 /// addresses only once an interface is attached (never, here).
 fn accepted_spec(spec: &VmSpec) {
-    assert!(spec.disks.len() <= metald_core::vm::MAX_DISKS);
+    assert!(spec.disks().len() <= metald_core::vm::MAX_DISKS);
     assert!(
-        spec.disks.iter().skip(1).all(|d| !d.is_root),
+        spec.disks().iter().skip(1).all(|d| !d.is_root),
         "the root device goes first"
     );
     let reported = convert::spec_to_pb(spec);
     let again = convert::spec_from_pb(Some(&reported))
         .unwrap_or_else(|e| panic!("GetVmInfo's config of an accepted spec is refused: {e}"));
-    let mut want = spec.clone();
-    for d in &mut want.disks {
+    let mut disks = spec.disks().to_vec();
+    for d in &mut disks {
         if d.interface_type.is_empty() {
             d.interface_type = "virtio-blk".into();
         }
     }
-    for n in &mut want.nics {
+    let mut nics = spec.nics().to_vec();
+    for n in &mut nics {
         n.ipv4 = None;
         n.ipv6 = None;
     }
-    assert_eq!(again, want);
+    assert_eq!(again.disks(), &disks[..]);
+    assert_eq!(again.nics(), &nics[..]);
+    assert_eq!(again.vcpus(), spec.vcpus());
+    assert_eq!(again.topology(), spec.topology());
+    assert_eq!(again.memory_bytes(), spec.memory_bytes());
+    assert_eq!(again.kernel(), spec.kernel());
+    assert_eq!(again.initrd(), spec.initrd());
+    assert_eq!(again.kernel_args(), spec.kernel_args());
+    assert_eq!(again.boot_options(), spec.boot_options());
+    assert_eq!(again.console_enabled(), spec.console_enabled());
+    assert_eq!(again.metadata(), spec.metadata());
 }
