@@ -332,10 +332,9 @@ impl MeterTask {
         *self.active.lock().unwrap_or_else(|p| p.into_inner()) = vms;
     }
 
-    async fn sample(&mut self) {
-        if self.meters.is_empty() {
-            return;
-        }
+    /// Reads every metered VMM on the blocking pool, lending it each
+    /// meter's reader. `None` if the blocking task failed.
+    async fn read_all(&mut self) -> Option<Vec<Read>> {
         let targets: Vec<Target> = self
             .meters
             .iter_mut()
@@ -344,7 +343,7 @@ impl MeterTask {
                 (id.clone(), reader, m.veth.clone(), m.carried)
             })
             .collect();
-        let Ok(read) = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             targets
                 .into_iter()
                 .map(|(id, mut reader, veth, carried)| {
@@ -360,7 +359,14 @@ impl MeterTask {
                 .collect::<Vec<_>>()
         })
         .await
-        else {
+        .ok()
+    }
+
+    async fn sample(&mut self) {
+        if self.meters.is_empty() {
+            return;
+        }
+        let Some(read) = self.read_all().await else {
             return;
         };
         let stall = self.config.sample_interval.as_nanos() as i64 * 3;
@@ -443,6 +449,10 @@ impl MeterTask {
 /// What one sample reads: VM key, the VMM's reader, its veth and what its
 /// counters carry.
 type Target = (String, usage::Reader, Option<String>, usage::Carried);
+
+/// What one sample read: VM key, the reader lent back, and the VM's usage
+/// with its time, unless the process could not be read.
+type Read = (String, usage::Reader, Option<(usage::Usage, i64)>);
 
 /// Each metered VM as (name, customer).
 pub(crate) type Active = Arc<Mutex<Vec<(String, String)>>>;

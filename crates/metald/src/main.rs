@@ -452,6 +452,17 @@ async fn settle(service: &VmService) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where guests' files may come from.
+fn asset_policy(config: &Config) -> anyhow::Result<metald_core::assets::AssetPolicy> {
+    let assets =
+        metald_core::assets::AssetPolicy::new(&config.asset_roots(), &config.allowed_block_devices)
+            .map_err(|e| {
+                anyhow::anyhow!("UNKEY_METALD_ASSET_DIRS / UNKEY_METALD_ALLOWED_BLOCK_DEVICES: {e}")
+            })?;
+    info!(roots = ?config.asset_roots(), "asset roots");
+    Ok(assets)
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
@@ -463,12 +474,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let auth = Arc::new(authenticator(&config)?);
     // Before any VM is touched: a bad certificate stops start-up at once.
     let tls = api_tls(&config)?;
-    let assets =
-        metald_core::assets::AssetPolicy::new(&config.asset_roots(), &config.allowed_block_devices)
-            .map_err(|e| {
-                anyhow::anyhow!("UNKEY_METALD_ASSET_DIRS / UNKEY_METALD_ALLOWED_BLOCK_DEVICES: {e}")
-            })?;
-    info!(roots = ?config.asset_roots(), "asset roots");
+    let assets = asset_policy(&config)?;
     let opened = open_service(&config, assets).await?;
     let health = metald_api::Health::new();
     let metrics_server = serve_metrics(&config, &opened, &health).await?;
@@ -485,22 +491,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let clock = Arc::new(health::ReconcileClock::default());
     clock.passed();
     let reconciler = spawn_reconciler(service.clone(), config.reconcile_interval, clock.clone());
-    let checks = health::start(
-        health.clone(),
-        health::Probes {
-            store: store.clone(),
-            data_dir: config.data_dir.clone(),
-            backend,
-            network: config.network.enabled,
-            billing,
-            billing_lag_limit: (config.billing_batch_interval * 3)
-                .max(std::time::Duration::from_secs(60)),
-            reconcile: clock,
-            reconcile_interval: config.reconcile_interval,
-            versions: health::Versions::default(),
-        },
-    )
-    .await;
+    let probes = health::Probes {
+        store: store.clone(),
+        data_dir: config.data_dir.clone(),
+        backend,
+        network: config.network.enabled,
+        billing,
+        billing_lag_limit: (config.billing_batch_interval * 3)
+            .max(std::time::Duration::from_secs(60)),
+        reconcile: clock,
+        reconcile_interval: config.reconcile_interval,
+        versions: health::Versions::default(),
+    };
+    let checks = health::start(health.clone(), probes).await;
 
     let quota_watch = config.quotas.clone().watch(service.clone())?;
 
