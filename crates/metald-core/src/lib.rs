@@ -17,6 +17,7 @@ pub mod quota;
 pub mod redact;
 pub mod service;
 pub mod state;
+pub mod tally;
 pub mod vm;
 
 pub use error::Error;

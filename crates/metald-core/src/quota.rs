@@ -131,6 +131,24 @@ impl Usage {
         self.interfaces += spec.nics().len() as u64;
         self.running += u64::from(running);
     }
+
+    /// Adds what `other` counts.
+    pub fn plus(&mut self, other: &Usage) {
+        self.vms += other.vms;
+        self.vcpus += other.vcpus;
+        self.memory += other.memory;
+        self.running += other.running;
+        self.interfaces += other.interfaces;
+    }
+
+    /// Takes away what `other` counts (never below zero).
+    pub fn minus(&mut self, other: &Usage) {
+        self.vms = self.vms.saturating_sub(other.vms);
+        self.vcpus = self.vcpus.saturating_sub(other.vcpus);
+        self.memory = self.memory.saturating_sub(other.memory);
+        self.running = self.running.saturating_sub(other.running);
+        self.interfaces = self.interfaces.saturating_sub(other.interfaces);
+    }
 }
 
 fn exhausted(quota: &'static str, limit: u64, used: u64, unit: &str) -> Error {

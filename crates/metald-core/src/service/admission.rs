@@ -1,6 +1,9 @@
 //! Checks before any side effect: the asset roots and the one-writer rule.
 
+use std::path::PathBuf;
+
 use super::*;
+use crate::tally::Claims;
 
 impl VmService {
     /// Checks every path of a VM against the asset roots for its customer
@@ -18,9 +21,13 @@ impl VmService {
     /// to no other, and a file another VM uses is not attached writable.
     /// Writable disks come only from the customer's own roots, so only the
     /// customer's own VMs can collide, and the answer tells nothing of
-    /// anyone else. `vms` are the customer's VMs; the caller holds the
+    /// anyone else. `others` are the files the customer's VMs attach; the caller holds the
     /// admission lock.
-    pub(super) async fn check_disk_claims(&self, new: &Resolved, vms: &[VmRecord]) -> Result<()> {
+    pub(super) async fn check_disk_claims(
+        &self,
+        new: &Resolved,
+        others: BTreeMap<PathBuf, Claims>,
+    ) -> Result<()> {
         for (i, a) in new.disks.iter().enumerate() {
             if let Some(b) = new.disks[..i]
                 .iter()
@@ -32,22 +39,19 @@ impl VmService {
                 )));
             }
         }
-        let others: Vec<VmSpec> = vms.iter().map(|vm| vm.spec.clone()).collect();
         let mine = new.disks.clone();
         let clash = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::MetadataExt;
-            for spec in others {
-                for d in spec.disks() {
-                    let Ok(meta) = std::fs::metadata(&d.path) else {
-                        continue;
-                    };
-                    let identity = (meta.dev(), meta.ino());
-                    if let Some(a) = mine
-                        .iter()
-                        .find(|a| a.identity == identity && (a.writable || !d.read_only))
-                    {
-                        return Some(a.field.clone());
-                    }
+            for (path, claims) in others {
+                let Ok(meta) = std::fs::metadata(&path) else {
+                    continue;
+                };
+                let identity = (meta.dev(), meta.ino());
+                if let Some(a) = mine
+                    .iter()
+                    .find(|a| a.identity == identity && (a.writable || claims.writable > 0))
+                {
+                    return Some(a.field.clone());
                 }
             }
             None

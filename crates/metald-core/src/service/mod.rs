@@ -38,7 +38,7 @@ use crate::ports::{
     GuestStatus, Network, NoTelemetry, Observer, StopMode, Store, StoreError, Telemetry,
     UsageSource, VmPage, VmRecord, VmUsage, Vmm, VmmError, VmmExit, VmmRuntime,
 };
-use crate::quota::{CreateRate, HostCapacity, QuotaBook};
+use crate::quota::{self, CreateRate, HostCapacity, QuotaBook};
 use crate::redact::{error_id, scrub};
 use crate::state::{self, Op, Outcome, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
@@ -93,7 +93,8 @@ pub struct VmService {
 }
 
 struct Inner {
-    store: Arc<dyn Store>,
+    /// The store, with the sums admission reads kept beside it.
+    store: Arc<crate::tally::Tally>,
     vmm: Arc<dyn Vmm>,
     config: ServiceConfig,
     locks: Arc<VmLocks>,
@@ -205,7 +206,7 @@ impl VmService {
                 quotas,
                 create_rate: CreateRate::default(),
                 booting: Mutex::new(HashSet::new()),
-                store,
+                store: Arc::new(crate::tally::Tally::new(store)),
                 vmm,
                 config,
                 locks: Arc::default(),

@@ -61,9 +61,9 @@ impl VmService {
         let _guard = self.lock(&id).await;
         {
             let _admission = self.inner.disk_claims.lock().await;
-            let vms = self.customer_vms(caller).await?;
-            self.check_create_quota(caller, &vms, &vm.spec)?;
-            self.check_disk_claims(&resolved, &vms).await?;
+            let (used, claims) = self.inner.store.customer(caller).await.map_err(store_err)?;
+            quota::check_create(&self.limits(caller), &used, &vm.spec)?;
+            self.check_disk_claims(&resolved, claims).await?;
             let span = tracing::info_span!(
                 "store.write",
                 otel.name = "store.insert",

@@ -3,7 +3,7 @@
 //! concurrent requests never overshoot a limit.
 
 use super::*;
-use crate::quota::{self, Limits, QuotaBook, Usage};
+use crate::quota::{self, Limits, QuotaBook};
 
 /// A boot admitted against the running-VM quota and the host's capacity:
 /// counted as running until it is dropped (by then the row says whether
@@ -53,7 +53,7 @@ impl VmService {
         *self.inner.quotas.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(book);
     }
 
-    fn limits(&self, customer: &CustomerId) -> Limits {
+    pub(super) fn limits(&self, customer: &CustomerId) -> Limits {
         self.inner
             .quotas
             .read()
@@ -76,40 +76,6 @@ impl VmService {
         })
     }
 
-    /// Every VM of `customer`, all pages.
-    pub(super) async fn customer_vms(&self, customer: &CustomerId) -> Result<Vec<VmRecord>> {
-        let mut vms = Vec::new();
-        let mut cursor = None;
-        loop {
-            let page = self
-                .inner
-                .store
-                .list(customer, &[], cursor, MAX_PAGE_SIZE)
-                .await
-                .map_err(store_err)?;
-            vms.extend(page.vms);
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => return Ok(vms),
-            }
-        }
-    }
-
-    /// Whether a VM of `spec` fits beside the customer's `vms` (the caller
-    /// holds the admission lock).
-    pub(super) fn check_create_quota(
-        &self,
-        customer: &CustomerId,
-        vms: &[VmRecord],
-        spec: &VmSpec,
-    ) -> Result<()> {
-        let mut used = Usage::default();
-        for vm in vms {
-            used.add(&vm.spec, false);
-        }
-        quota::check_create(&self.limits(customer), &used, spec)
-    }
-
     /// Admits a boot of `vm` against the customer's running-VM quota and
     /// the host's capacity, counting it as running until the ticket drops.
     pub(super) async fn admit_boot(&self, vm: &VmRecord) -> Result<BootTicket> {
@@ -119,38 +85,22 @@ impl VmService {
         if limits.max_running_vms.is_none() && host.is_none() {
             return Ok(self.ticket(&vm.id));
         }
-        let booting = self
+        let booting: Vec<VmId> = self
             .inner
             .booting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let runs =
-            |r: &VmRecord| r.id != vm.id && (r.state.has_process() || booting.contains(&r.id));
-        let mut mine = Usage::default();
-        for r in self
-            .customer_vms(&vm.customer)
-            .await?
             .iter()
-            .filter(|r| runs(r))
-        {
-            mine.add(&r.spec, true);
-        }
-        let mut all = Usage::default();
-        if host.is_some() {
-            for r in self
-                .inner
-                .store
-                .all()
-                .await
-                .map_err(store_err)?
-                .iter()
-                .filter(|r| runs(r))
-            {
-                all.add(&r.spec, true);
-            }
-        }
-        quota::check_boot(&limits, &mine, host.as_ref().map(|h| (h, &all)), &vm.spec)?;
+            .cloned()
+            .collect();
+        let running = self
+            .inner
+            .store
+            .running(&vm.customer, &vm.id, &booting)
+            .await
+            .map_err(store_err)?;
+        let host = host.as_ref().map(|h| (h, &running.host));
+        quota::check_boot(&limits, &running.customer, host, &vm.spec)?;
         Ok(self.ticket(&vm.id))
     }
 

@@ -12,6 +12,9 @@ impl VmService {
     /// pid + start time + the VMM's own command line and socket.
     pub async fn recover(&self) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
+        // Rows written before the service ran (another metald, a test)
+        // are counted afresh.
+        self.inner.store.forget().await;
         for mut vm in self.inner.store.all().await.map_err(store_err)? {
             let _guard = self.lock(&vm.id).await;
             // One VM that cannot be settled (a VMM that survives SIGKILL for
