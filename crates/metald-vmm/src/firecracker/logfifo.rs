@@ -14,11 +14,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-/// Read buffer: all the memory a copier uses.
+/// Read buffer, held only while the FIFO has something to copy.
 const BUF: usize = 64 << 10;
 
 /// A task copying the FIFO into the log file; stops when dropped.
@@ -40,21 +39,29 @@ pub fn start(dir: &Path, rel: &Path, out: &Path) -> std::io::Result<Copier> {
     let rx = tokio::net::unix::pipe::Receiver::from_file(crate::beneath::fifo_beneath(dir, rel)?)?;
     let mut out = crate::logcap::open_append(out)?;
     let task = tokio::spawn(async move {
-        let mut rx = rx;
-        let mut buf = vec![0u8; BUF];
         loop {
-            match rx.read(&mut buf).await {
-                // Opened read-write: never end-of-file while metald holds it.
-                Ok(0) => return,
-                // A local append of at most 64 KiB: page cache, no waiting.
-                Ok(n) => {
-                    if let Err(e) = out.write_all(&buf[..n]) {
-                        debug!(error = %e, "cannot append to firecracker.log");
+            if let Err(e) = rx.readable().await {
+                debug!(error = %e, "waiting on Firecracker's log FIFO failed");
+                return;
+            }
+            // Only while there is something to copy: an idle VM (most of
+            // them, most of the time) holds no buffer.
+            let mut buf = vec![0u8; BUF];
+            loop {
+                match rx.try_read(&mut buf) {
+                    // Opened read-write: never end-of-file while metald holds it.
+                    Ok(0) => return,
+                    // A local append of at most 64 KiB: page cache, no waiting.
+                    Ok(n) => {
+                        if let Err(e) = out.write_all(&buf[..n]) {
+                            debug!(error = %e, "cannot append to firecracker.log");
+                        }
                     }
-                }
-                Err(e) => {
-                    debug!(error = %e, "reading Firecracker's log FIFO failed");
-                    return;
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        debug!(error = %e, "reading Firecracker's log FIFO failed");
+                        return;
+                    }
                 }
             }
         }

@@ -119,6 +119,9 @@ pub fn make_fifo(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> 
     Ok(())
 }
 
+/// The FIFO reader's buffer.
+const READ_BUF: usize = 1024;
+
 /// Starts reading the FIFO `rel` below `dir` (reached without following
 /// symlinks: the jailed VMM can write `dir`).
 pub fn start(dir: &Path, rel: &Path) -> std::io::Result<Reader> {
@@ -126,11 +129,17 @@ pub fn start(dir: &Path, rel: &Path) -> std::io::Result<Reader> {
     let totals = Arc::new(Totals::default());
     let t = totals.clone();
     let task = tokio::spawn(async move {
-        let mut r = tokio::io::BufReader::new(rx);
+        // Small: a line comes about once a minute, and every live VM
+        // holds this buffer.
+        let mut r = tokio::io::BufReader::with_capacity(READ_BUF, rx);
         let mut line = Vec::new();
         loop {
             match bounded::read_line(&mut r, &mut line, MAX_LINE).await {
-                Ok(Line::Complete) => t.add(&line),
+                Ok(Line::Complete) => {
+                    t.add(&line);
+                    // Not kept between lines, for the same reason.
+                    line = Vec::new();
+                }
                 Ok(Line::TooLong) => {
                     warn!("skipping a Firecracker metrics line longer than {MAX_LINE} bytes");
                     if bounded::skip_line(&mut r).await.is_err() {
