@@ -17,9 +17,16 @@ use crate::plan::PlanRecord;
 use crate::state::{Op, VmState};
 use crate::vm::{CustomerId, VmId, VmSpec};
 
-/// How a store or network failure is described to the service (the VMM
-/// port has its own [`VmmError`]).
-pub type PortError = String;
+/// How a call of the [`Network`] port failed. The service reacts to every
+/// network failure alike today (the operation fails as metald's fault and
+/// is undone); a kind joins when the service must tell it apart.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetworkError {
+    /// The kernel (netlink, nftables, namespaces), a file of metald's or the
+    /// DHCP server failed a request, in its own words.
+    #[error("{0}")]
+    Io(String),
+}
 
 /// Where a VMM process can be found again after metald restarts. Written to
 /// the store before the service reports success, so no process metald
@@ -80,7 +87,7 @@ pub enum StoreError {
     #[error("already exists")]
     AlreadyExists,
     #[error("{0}")]
-    Other(PortError),
+    Other(String),
 }
 
 /// Durable VM records. Implementations: SQLite now, PostgreSQL later, so
@@ -155,21 +162,21 @@ pub trait Network: Send + Sync + 'static {
         index: usize,
         nic: &NicSpec,
         mac: Mac,
-    ) -> Result<NicAttachment, PortError>;
+    ) -> Result<NicAttachment, NetworkError>;
     /// Removes every device of interface `index` of `vm`; missing devices
     /// are not an error.
-    async fn detach(&self, vm: &VmId, index: usize) -> Result<(), PortError>;
+    async fn detach(&self, vm: &VmId, index: usize) -> Result<(), NetworkError>;
     /// Interfaces metald created on this host, by naming scheme and
     /// ownership mark, for the orphan sweep.
-    async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError>;
+    async fn scan(&self) -> Result<Vec<(VmId, usize)>, NetworkError>;
     /// Devices of metald's naming scheme that carry no ownership mark (a
     /// crash between making and marking them) and belong to none of the
     /// interfaces in `known`, by name.
-    async fn strays(&self, _known: &[(VmId, usize)]) -> Result<Vec<String>, PortError> {
+    async fn strays(&self, _known: &[(VmId, usize)]) -> Result<Vec<String>, NetworkError> {
         Ok(Vec::new())
     }
     /// Removes a stray found by [`Network::strays`] if it still is one.
-    async fn remove_stray(&self, _name: &str) -> Result<(), PortError> {
+    async fn remove_stray(&self, _name: &str) -> Result<(), NetworkError> {
         Ok(())
     }
 }

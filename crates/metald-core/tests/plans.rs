@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use metald_core::assets::AssetPolicy;
 use metald_core::net::{NicAttachment, NicInput, NicSpec};
 use metald_core::plan::Plan;
-use metald_core::ports::{Network, PortError, Store, Subnets, VmRecord};
+use metald_core::ports::{Network, NetworkError, Store, Subnets, VmRecord};
 use metald_core::service::{Ports, ServiceConfig};
 use metald_core::vm::VmSpecInput;
 use metald_core::{CustomerId, Mac, VmId, VmService, VmSpec, VmState};
@@ -51,9 +51,9 @@ impl Network for SetNet {
         index: usize,
         _nic: &NicSpec,
         mac: Mac,
-    ) -> Result<NicAttachment, PortError> {
+    ) -> Result<NicAttachment, NetworkError> {
         if *self.refuse.lock().unwrap() {
-            return Err("bridge is gone".into());
+            return Err(NetworkError::Io("bridge is gone".into()));
         }
         self.attached
             .lock()
@@ -71,14 +71,14 @@ impl Network for SetNet {
             cmdline: true,
         })
     }
-    async fn detach(&self, vm: &VmId, index: usize) -> Result<(), PortError> {
+    async fn detach(&self, vm: &VmId, index: usize) -> Result<(), NetworkError> {
         self.attached
             .lock()
             .unwrap()
             .remove(&(vm.to_string(), index));
         Ok(())
     }
-    async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError> {
+    async fn scan(&self) -> Result<Vec<(VmId, usize)>, NetworkError> {
         let a = self.attached.lock().unwrap();
         Ok(a.iter()
             .map(|(v, i)| (VmId::parse(v, "vm").unwrap(), *i))

@@ -10,7 +10,7 @@ use metald_core::assets::AssetPolicy;
 use metald_core::net::{NicAttachment, NicInput, NicSpec};
 use metald_core::plan::{Plan, PlanRecord};
 use metald_core::ports::{
-    GuestStatus, HostResources, Network, PortError, Store, Subnets, VmRecord, VmmExit,
+    GuestStatus, HostResources, Network, NetworkError, Store, Subnets, VmRecord, VmmExit,
 };
 use metald_core::service::{Ports, ServiceConfig};
 use metald_core::vm::VmSpecInput;
@@ -409,19 +409,19 @@ impl Network for FlakyNet {
         _index: usize,
         _nic: &NicSpec,
         _mac: Mac,
-    ) -> Result<NicAttachment, PortError> {
-        Err("bridge is gone".into())
+    ) -> Result<NicAttachment, NetworkError> {
+        Err(NetworkError::Io("bridge is gone".into()))
     }
-    async fn detach(&self, vm: &VmId, _index: usize) -> Result<(), PortError> {
+    async fn detach(&self, vm: &VmId, _index: usize) -> Result<(), NetworkError> {
         let mut fail = self.fail.lock().unwrap();
         if *fail > 0 {
             *fail -= 1;
-            return Err("netlink busy".into());
+            return Err(NetworkError::Io("netlink busy".into()));
         }
         self.detached.lock().unwrap().push(vm.to_string());
         Ok(())
     }
-    async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError> {
+    async fn scan(&self) -> Result<Vec<(VmId, usize)>, NetworkError> {
         Ok(Vec::new())
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use metald_core::net::{NicAttachment, NicSpec};
-use metald_core::ports::{Network, PortError, Store, Subnets};
+use metald_core::ports::{Network, NetworkError, Store, Subnets};
 use metald_core::{CustomerId, Mac, VmId};
 use metald_network::{DhcpServer, Host, HostEntry, InterfaceSpec};
 
@@ -158,7 +158,7 @@ impl Network for HostNetwork {
         index: usize,
         nic: &NicSpec,
         mac: Mac,
-    ) -> Result<NicAttachment, PortError> {
+    ) -> Result<NicAttachment, NetworkError> {
         let names = Host::names(vm.as_str(), index);
         let spec = InterfaceSpec {
             vm_id: vm.to_string(),
@@ -171,14 +171,19 @@ impl Network for HostNetwork {
             rx_rate_bytes_per_sec: nic.rx_bytes_per_sec,
             tx_rate_bytes_per_sec: nic.tx_bytes_per_sec,
         };
-        self.host.create_interface(&spec).await?;
+        self.host
+            .create_interface(&spec)
+            .await
+            .map_err(NetworkError::Io)?;
         // Before the VMM starts, so the guest's first DISCOVER is answered.
         if let (Some(dhcp), Some(ipv4)) = (&self.dhcp, nic.ipv4) {
             let entry = HostEntry {
                 mac: mac.octets(),
                 ipv4,
             };
-            dhcp.set(vm.as_str(), index, entry).await?;
+            dhcp.set(vm.as_str(), index, entry)
+                .await
+                .map_err(NetworkError::Io)?;
         }
         Ok(NicAttachment {
             mac,
@@ -193,25 +198,29 @@ impl Network for HostNetwork {
         })
     }
 
-    async fn detach(&self, vm: &VmId, index: usize) -> Result<(), PortError> {
+    async fn detach(&self, vm: &VmId, index: usize) -> Result<(), NetworkError> {
         if let Some(dhcp) = &self.dhcp {
-            dhcp.remove(vm.as_str(), index).await?;
+            dhcp.remove(vm.as_str(), index)
+                .await
+                .map_err(NetworkError::Io)?;
         }
         self.host
             .destroy_interface(&Host::names(vm.as_str(), index))
             .await
+            .map_err(NetworkError::Io)
     }
 
     /// Only interfaces on this metald's bridge count: another metald on the
     /// host (with its own bridge) owns the rest. An interface whose host
     /// veth is gone cannot be placed and is left alone. Lines of this
     /// metald's DHCP hosts file count too, devices or not.
-    async fn scan(&self) -> Result<Vec<(VmId, usize)>, PortError> {
+    async fn scan(&self) -> Result<Vec<(VmId, usize)>, NetworkError> {
         let bridge = &self.host.config().bridge;
         let mut found: BTreeSet<(String, usize)> = self
             .host
             .scan()
-            .await?
+            .await
+            .map_err(NetworkError::Io)?
             .into_iter()
             .filter(|o| on_bridge(&o.names.host_veth, bridge))
             .map(|o| (o.vm_id, o.index))
@@ -225,13 +234,19 @@ impl Network for HostNetwork {
             .collect())
     }
 
-    async fn strays(&self, known: &[(VmId, usize)]) -> Result<Vec<String>, PortError> {
+    async fn strays(&self, known: &[(VmId, usize)]) -> Result<Vec<String>, NetworkError> {
         let known: Vec<(String, usize)> = known.iter().map(|(v, i)| (v.to_string(), *i)).collect();
-        self.host.unmarked_namespaces(&known).await
+        self.host
+            .unmarked_namespaces(&known)
+            .await
+            .map_err(NetworkError::Io)
     }
 
-    async fn remove_stray(&self, name: &str) -> Result<(), PortError> {
-        self.host.remove_unmarked_namespace(name).await
+    async fn remove_stray(&self, name: &str) -> Result<(), NetworkError> {
+        self.host
+            .remove_unmarked_namespace(name)
+            .await
+            .map_err(NetworkError::Io)
     }
 }
 

@@ -35,8 +35,8 @@ use crate::error::{Error, Result};
 use crate::locks::{VmLock, VmLocks};
 use crate::net;
 use crate::ports::{
-    GuestStatus, Network, NoTelemetry, Observer, StopMode, Store, StoreError, Telemetry,
-    UsageSource, VmPage, VmRecord, VmUsage, Vmm, VmmError, VmmExit, VmmRuntime,
+    GuestStatus, Network, NetworkError, NoTelemetry, Observer, StopMode, Store, StoreError,
+    Telemetry, UsageSource, VmPage, VmRecord, VmUsage, Vmm, VmmError, VmmExit, VmmRuntime,
 };
 use crate::quota::{self, CreateRate, HostCapacity, QuotaBook};
 use crate::redact::{error_id, scrub};
@@ -132,6 +132,11 @@ fn now() -> i64 {
 
 fn store_err(e: StoreError) -> Error {
     Error::Store(e.to_string())
+}
+
+/// Any network failure is metald's fault, not the request's.
+fn net_err(e: NetworkError) -> Error {
+    Error::Backend(e.to_string())
 }
 
 /// A configuration the VMM refused is the request's problem

@@ -201,7 +201,7 @@ impl VmService {
         let mut ids: HashSet<VmId> = net
             .scan()
             .await
-            .map_err(Error::Backend)?
+            .map_err(net_err)?
             .into_iter()
             .map(|(id, _)| id)
             .collect();
@@ -232,7 +232,7 @@ impl VmService {
             .into_iter()
             .flat_map(|vm| (0..vm.spec.nics().len().max(1)).map(move |i| (vm.id.clone(), i)))
             .collect();
-        for name in net.strays(&known).await.map_err(Error::Backend)? {
+        for name in net.strays(&known).await.map_err(net_err)? {
             if !guard.seen_twice(format!("stray {name}")) {
                 continue;
             }

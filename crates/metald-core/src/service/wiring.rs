@@ -46,7 +46,7 @@ impl VmService {
             let mut att = net
                 .attach(&vm.id, &vm.customer, i, &leased, mac)
                 .await
-                .map_err(Error::Backend)?;
+                .map_err(net_err)?;
             self.inner.telemetry.network(true);
             att.ipv4 = ipv4;
             att.gateway4 = ipv4.map(|_| subnets.v4.2);
@@ -144,7 +144,7 @@ impl VmService {
     pub(super) async fn unwire(&self, id: &VmId, nics: usize) -> Result<()> {
         if let Some(net) = &self.inner.network {
             for i in 0..nics.max(1) {
-                net.detach(id, i).await.map_err(Error::Backend)?;
+                net.detach(id, i).await.map_err(net_err)?;
                 if i < nics {
                     self.inner.telemetry.network(false);
                 }
