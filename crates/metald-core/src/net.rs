@@ -32,8 +32,10 @@ pub struct NicInput {
     pub tx_bandwidth: i64,
 }
 
-/// A validated interface request.
+/// A validated interface request. Only metald-core makes one (from a
+/// client's [`NicInput`], judged); other crates read it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct NicSpec {
     pub id: String,
     /// Client-chosen MAC, else metald derives one.

@@ -178,8 +178,23 @@ pub struct VmSpecInput {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// A validated block device.
+/// A validated block device. Only metald-core makes one (from a client's
+/// [`DiskInput`], judged), so a [`VmSpec`] never holds a disk nobody
+/// checked; other crates read it.
+///
+/// ```compile_fail
+/// // Outside metald-core a disk cannot be written down directly.
+/// let _ = metald_core::vm::DiskSpec {
+///     id: "root".into(),
+///     path: "/etc/shadow".into(),
+///     read_only: false,
+///     is_root: true,
+///     interface_type: String::new(),
+///     options: Default::default(),
+/// };
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DiskSpec {
     pub id: String,
     pub path: PathBuf,

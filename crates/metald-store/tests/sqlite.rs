@@ -5,30 +5,30 @@ use std::path::PathBuf;
 
 use metald_core::plan::{Plan, PlanRecord};
 use metald_core::ports::{Store, StoreError, VmRecord, VmmRuntime};
-use metald_core::vm::VmSpecRow;
-use metald_core::{CustomerId, DiskSpec, VmId, VmSpec, VmState};
+use metald_core::vm::{DiskInput, VmSpecInput, VmSpecRow};
+use metald_core::{CustomerId, VmId, VmSpec, VmState};
 use metald_store::SqliteStore;
 
 fn spec() -> VmSpec {
-    VmSpec::try_from(VmSpecRow {
-        vcpus: 2,
-        topology: Some((1, 2, 1)),
+    VmSpec::new(VmSpecInput {
+        vcpu_count: 2,
+        topology: (1, 2, 1),
         memory_bytes: 256 << 20,
-        kernel: PathBuf::from("/k/vmlinux"),
-        initrd: Some(PathBuf::from("/k/initrd")),
+        kernel_path: "/k/vmlinux".into(),
+        initrd_path: "/k/initrd".into(),
         kernel_args: "console=ttyS0".into(),
         boot_options: BTreeMap::from([("a".into(), "b".into())]),
-        disks: vec![DiskSpec {
+        disks: vec![DiskInput {
             id: "root".into(),
-            path: PathBuf::from("/d/root.ext4"),
+            path: "/d/root.ext4".into(),
             read_only: true,
-            is_root: true,
+            is_root_device: true,
             interface_type: "virtio-blk".into(),
             options: BTreeMap::from([("cache".into(), "none".into())]),
         }],
-        nics: Vec::new(),
         console_enabled: true,
         metadata: BTreeMap::from([("team".into(), "blue".into())]),
+        ..Default::default()
     })
     .unwrap()
 }

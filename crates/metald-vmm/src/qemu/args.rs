@@ -108,41 +108,27 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metald_core::vm::DiskSpec;
-    use metald_core::vm::VmSpecRow;
-    use std::collections::BTreeMap;
-    use std::path::PathBuf;
+    use metald_core::vm::{DiskInput, VmSpecInput, VmSpecRow};
 
     fn spec() -> VmSpec {
-        VmSpec::try_from(VmSpecRow {
-            vcpus: 2,
-            topology: None,
+        let disk = |id: &str, path: &str, read_only: bool| DiskInput {
+            id: id.into(),
+            path: path.into(),
+            read_only,
+            is_root_device: id == "root",
+            ..Default::default()
+        };
+        VmSpec::new(VmSpecInput {
+            vcpu_count: 2,
             memory_bytes: 256 << 20,
-            kernel: PathBuf::from("/k/vmlinux"),
-            initrd: Some(PathBuf::from("/k/initrd")),
-            kernel_args: String::new(),
-            boot_options: BTreeMap::new(),
+            kernel_path: "/k/vmlinux".into(),
+            initrd_path: "/k/initrd".into(),
             disks: vec![
-                DiskSpec {
-                    id: "root".into(),
-                    path: PathBuf::from("/d/a,b.img"),
-                    read_only: true,
-                    is_root: true,
-                    interface_type: String::new(),
-                    options: BTreeMap::new(),
-                },
-                DiskSpec {
-                    id: "data".into(),
-                    path: PathBuf::from("/d/data.img"),
-                    read_only: false,
-                    is_root: false,
-                    interface_type: String::new(),
-                    options: BTreeMap::new(),
-                },
+                disk("root", "/d/a,b.img", true),
+                disk("data", "/d/data.img", false),
             ],
-            nics: Vec::new(),
             console_enabled: true,
-            metadata: BTreeMap::new(),
+            ..Default::default()
         })
         .unwrap()
     }
