@@ -138,12 +138,17 @@ impl VmService {
         // again like at every spawn.
         let resolved = self.resolved(vm, args).await?;
         let id = &vm.id;
-        let new_rt = self
-            .inner
-            .vmm
-            .reboot(id, &resolved.spec, &rt)
-            .await
-            .map_err(|e| boot_err(id, e, &resolved, &vm.spec))?;
+        let new_rt = match self.inner.vmm.reboot(id, &resolved.spec, &rt).await {
+            Ok(rt) => rt,
+            // The VMM vanished under the reset: the guest restarts all
+            // the same, in a new VMM.
+            Err(e) if e.is_gone() && !self.inner.vmm.is_alive(&rt) => {
+                warn!(vm_id = %id, error = %e, "the VMM was gone during the reboot; starting a new one");
+                args.resolved = Some(resolved);
+                return self.spawn(vm, args).await;
+            }
+            Err(e) => return Err(boot_err(id, e, &resolved, &vm.spec)),
+        };
         vm.runtime = Some(new_rt);
         Ok(())
     }

@@ -34,7 +34,8 @@ pub struct Fake {
     pub spawned: HashMap<String, Vec<i32>>,
     /// What the VMM of a pid says about its guest; unset: "unknown".
     pub status: HashMap<i32, GuestStatus>,
-    /// How the VMM of a pid fails a pause or resume; unset: it succeeds.
+    /// How the VMM of a pid fails a pause, resume or reboot; unset: it
+    /// succeeds.
     pub call_fails: HashMap<i32, VmmError>,
 }
 
@@ -119,7 +120,20 @@ impl Vmm for FakeVmm {
         _spec: &VmSpec,
         rt: &VmmRuntime,
     ) -> Result<VmmRuntime, VmmError> {
-        Ok(rt.clone())
+        let fails = self.st().call_fails.get(&rt.pid).cloned();
+        match fails {
+            // A VMM gone mid-reset: its process ends with the call.
+            Some(e) if e.is_gone() => {
+                let killed = VmmExit {
+                    code: None,
+                    signal: Some(9),
+                };
+                self.die(rt.pid, Some(killed));
+                Err(e)
+            }
+            Some(e) => Err(e),
+            None => Ok(rt.clone()),
+        }
     }
     async fn shutdown(&self, rt: &VmmRuntime, _mode: StopMode) -> Result<(), VmmError> {
         self.die(

@@ -1,4 +1,4 @@
-//! How the service answers a pause or resume the VMM failed, by the kind
+//! How the service answers a pause, resume or reboot the VMM failed, by the kind
 //! of failure the backend reported ([`VmmError`]), in the service suite: a
 //! VMM that is gone is recorded as exited, one that refused is the
 //! caller's precondition, anything else is metald's.
@@ -88,4 +88,39 @@ async fn a_pause_the_vmm_did_not_answer_in_time_is_metalds_error() {
         "a slow VMM is not declared dead"
     );
     assert!(w.vmm.st().alive.contains(&pid));
+}
+
+#[tokio::test]
+async fn a_reboot_whose_vmm_vanished_mid_reset_runs_the_guest_in_a_new_vmm() {
+    let (w, pid) = booted().await;
+    let gone = VmmError::Gone("QMP system_reset: cannot connect to the VMM's QMP socket".into());
+    w.vmm.st().call_fails.insert(pid, gone);
+    let vm = w
+        .svc
+        .reboot(&me(), &id("a"))
+        .await
+        .expect("the reboot goes on");
+    let new_pid = vm.runtime.as_ref().expect("a VMM runs").pid;
+    assert_ne!(new_pid, pid, "a new VMM");
+    assert_eq!(vm.state, VmState::Running);
+    let row = stored(&w).await;
+    assert_eq!(
+        (row.state, row.runtime.map(|r| r.pid)),
+        (VmState::Running, Some(new_pid))
+    );
+    assert!(row.plan.is_none(), "the reboot plan ended");
+    assert!(!w.vmm.st().alive.contains(&pid), "the old VMM is gone");
+    assert!(w.vmm.st().alive.contains(&new_pid));
+}
+
+#[tokio::test]
+async fn a_reboot_the_vmm_refused_is_the_callers_precondition_and_keeps_the_vm() {
+    let (w, pid) = booted().await;
+    w.vmm
+        .st()
+        .call_fails
+        .insert(pid, VmmError::Refused("QMP system_reset: not now".into()));
+    let e = w.svc.reboot(&me(), &id("a")).await.unwrap_err();
+    assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+    assert!(w.vmm.st().alive.contains(&pid), "the VMM was left running");
 }
