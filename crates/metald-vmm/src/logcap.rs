@@ -5,7 +5,8 @@
 //! with `O_APPEND` (by metald before spawning, or by QEMU with
 //! `append=on`), so each write lands at the current end however the file
 //! was shortened. One thread per metald looks at every watched file every
-//! [`CHECK_EVERY`] (an `lstat` each); a file over the cap is cut to its
+//! [`CHECK_EVERY`] (an `fstat` of each file it keeps open that inotify
+//! says was written since); a file over the cap is cut to its
 //! newest `cap / 2` bytes: `fallocate(FALLOC_FL_COLLAPSE_RANGE)` where the
 //! filesystem has it (ext4, XFS: the VMM's writes are serialised with it,
 //! nothing is lost), else by copying the tail to the front with a bounded
@@ -18,12 +19,15 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use metald_core::vm::VmId;
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{FallocateFlags, FileType};
 use tracing::{debug, warn};
 
@@ -123,13 +127,33 @@ pub fn copy_tail(f: &File, keep: u64) -> io::Result<()> {
 /// one link is touched, opened without following a symlink (a VMM that
 /// can write its directory cannot point metald at another file).
 pub fn trim_path(path: &Path, max: u64) -> io::Result<Trimmed> {
+    match open_watched(path)? {
+        Opened::File(f) => trim_file(&f, max),
+        Opened::Missing | Opened::NotRegular => Ok(Trimmed::No),
+    }
+}
+
+/// What is at a log's path.
+enum Opened {
+    /// Nothing yet.
+    Missing,
+    /// A symlink, FIFO or directory: never trimmed.
+    NotRegular,
+    File(File),
+}
+
+/// Opens the log at `path` for trimming. An error if it is a regular file
+/// with more than one link. Opening without following a symlink, and
+/// checking the open file, means a VMM that can write its directory cannot
+/// point metald at another file.
+fn open_watched(path: &Path) -> io::Result<Opened> {
     let st = match rustix::fs::lstat(path) {
         Ok(st) => st,
-        Err(rustix::io::Errno::NOENT) => return Ok(Trimmed::No),
+        Err(rustix::io::Errno::NOENT) => return Ok(Opened::Missing),
         Err(e) => return Err(e.into()),
     };
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 <= max {
-        return Ok(Trimmed::No);
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Ok(Opened::NotRegular);
     }
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -143,12 +167,122 @@ pub fn trim_path(path: &Path, max: u64) -> io::Result<Trimmed> {
             "not a regular file with a single link; left alone",
         ));
     }
-    trim_file(&f, max)
+    Ok(Opened::File(f))
+}
+
+/// One watched log. Once open, the file is kept open and watched with
+/// inotify, so an idle log costs nothing: only a file written since the
+/// last look is `fstat`ed (every open file is, where inotify is not to be
+/// had). The open file follows the file the VMM was given, even renamed;
+/// one unlinked or linked twice is let go and its path looked at again.
+struct Watched {
+    path: PathBuf,
+    state: State,
+}
+
+enum State {
+    /// Not there yet: its path is looked at every tick.
+    Pending,
+    /// Not a regular file (the log FIFO): nothing to trim.
+    Never,
+    Open { file: File, wd: Option<i32> },
+}
+
+/// What inotify said since the last tick.
+#[derive(Default)]
+struct Changes {
+    /// Watch descriptors with any event.
+    wds: HashSet<i32>,
+    /// Events were lost (the queue overflowed): look at every file.
+    all: bool,
+}
+
+impl Watched {
+    fn new(path: PathBuf) -> Self {
+        Watched {
+            path,
+            state: State::Pending,
+        }
+    }
+
+    /// Whether the file is over `max` now; opens it first if need be.
+    fn over(&mut self, max: u64, notify: Option<&OwnedFd>, changes: &Changes) -> io::Result<bool> {
+        if let State::Open { file, wd } = &self.state {
+            if let Some(wd) = wd
+                && !changes.all
+                && !changes.wds.contains(wd)
+            {
+                return Ok(false);
+            }
+            match rustix::fs::fstat(file) {
+                Ok(st) if st.st_nlink == 1 => return Ok(st.st_size as u64 > max),
+                // Unlinked, or linked again elsewhere: look at the path.
+                _ => self.forget(notify),
+            }
+        }
+        if !matches!(self.state, State::Pending) {
+            return Ok(false);
+        }
+        match open_watched(&self.path)? {
+            Opened::Missing => Ok(false),
+            Opened::NotRegular => {
+                self.state = State::Never;
+                Ok(false)
+            }
+            Opened::File(file) => {
+                let over = rustix::fs::fstat(&file)?.st_size as u64 > max;
+                // Watched through the open file, so it is this inode.
+                let wd = notify.and_then(|n| {
+                    let at = format!("/proc/self/fd/{}", file.as_raw_fd());
+                    let on = WatchFlags::MODIFY | WatchFlags::ATTRIB | WatchFlags::DELETE_SELF;
+                    inotify::add_watch(n, at, on).ok()
+                });
+                self.state = State::Open { file, wd };
+                Ok(over)
+            }
+        }
+    }
+
+    /// Lets the file and its inotify watch go; its path is looked at again.
+    fn forget(&mut self, notify: Option<&OwnedFd>) {
+        if let State::Open { wd: Some(wd), .. } = self.state
+            && let Some(n) = notify
+        {
+            let _ = inotify::remove_watch(n, wd);
+        }
+        self.state = State::Pending;
+    }
+}
+
+/// Reads every inotify event waiting, without blocking.
+fn drain(notify: &OwnedFd, buf: &mut [MaybeUninit<u8>], changes: &mut Changes) {
+    let mut reader = inotify::Reader::new(notify, buf);
+    loop {
+        match reader.next() {
+            Ok(ev) => {
+                if ev.events().contains(ReadFlags::QUEUE_OVERFLOW) {
+                    changes.all = true;
+                } else {
+                    changes.wds.insert(ev.wd());
+                }
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            // AGAIN: nothing more waiting. Anything else: look at all.
+            Err(rustix::io::Errno::AGAIN) => return,
+            Err(_) => {
+                changes.all = true;
+                return;
+            }
+        }
+    }
 }
 
 struct Inner {
     max: u64,
-    files: Mutex<HashMap<VmId, Vec<PathBuf>>>,
+    files: Mutex<HashMap<VmId, Vec<Watched>>>,
+    /// The inotify instance watching every open log; without one (inotify
+    /// unavailable) every open log is `fstat`ed each tick.
+    notify: Option<OwnedFd>,
     started: Mutex<bool>,
 }
 
@@ -174,6 +308,7 @@ impl LogCap {
             inner: Arc::new(Inner {
                 max: max.max(MIN_MAX),
                 files: Mutex::new(HashMap::new()),
+                notify: inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC).ok(),
                 started: Mutex::new(false),
             }),
         }
@@ -193,16 +328,33 @@ impl LogCap {
                 warn!(vm_id = %vm, file = %f.display(), error = %e, "cannot trim a VMM log");
             }
         }
-        self.lock().insert(vm.clone(), files);
+        let files = files.into_iter().map(Watched::new).collect();
+        let mut watched = self.lock();
+        // The old watches go first: a file watched again has the same
+        // watch descriptor, which removing after would end.
+        if let Some(old) = watched.remove(vm) {
+            self.forget(old);
+        }
+        watched.insert(vm.clone(), files);
+        drop(watched);
         self.start();
     }
 
     /// Stops watching `vm`'s files (its VMM is gone).
     pub fn unwatch(&self, vm: &VmId) {
-        self.lock().remove(vm);
+        let old = self.lock().remove(vm);
+        if let Some(old) = old {
+            self.forget(old);
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Vec<PathBuf>>> {
+    fn forget(&self, files: Vec<Watched>) {
+        for mut w in files {
+            w.forget(self.inner.notify.as_ref());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Vec<Watched>>> {
         self.inner.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -222,31 +374,58 @@ impl LogCap {
     }
 }
 
-/// The trimmer: every [`CHECK_EVERY`], each watched file once. Ends when
-/// the [`LogCap`] is dropped.
+/// The trimmer: every [`CHECK_EVERY`], every watched file inotify says
+/// was written (an `fstat` each, under the lock); files over the cap are
+/// trimmed after the lock is let go. Ends when the [`LogCap`] is dropped.
 fn run(weak: Weak<Inner>) {
     let mut failing: HashSet<PathBuf> = HashSet::new();
+    let mut over: Vec<(VmId, PathBuf, io::Result<File>)> = Vec::new();
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); 4096];
+    let mut changes = Changes::default();
     loop {
         std::thread::sleep(CHECK_EVERY);
         let Some(inner) = weak.upgrade() else { return };
-        let files: Vec<(VmId, PathBuf)> = inner
-            .files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .flat_map(|(vm, fs)| fs.iter().map(move |f| (vm.clone(), f.clone())))
-            .collect();
         let max = inner.max;
-        drop(inner);
-        failing.retain(|p| files.iter().any(|(_, f)| f == p));
-        for (vm, f) in files {
-            match trim_path(&f, max) {
-                Ok(Trimmed::No) => {}
-                Ok(how) => {
-                    debug!(vm_id = %vm, file = %f.display(), ?how, "trimmed a VMM log");
+        let notify = inner.notify.as_ref();
+        {
+            let mut files = inner.files.lock().unwrap_or_else(|p| p.into_inner());
+            // Read under the lock: a watch added after this read has its
+            // file looked at when it is opened.
+            changes.wds.clear();
+            changes.all = false;
+            if let Some(n) = notify {
+                drain(n, &mut buf, &mut changes);
+            }
+            for (vm, watched) in files.iter_mut() {
+                for w in watched {
+                    match w.over(max, notify, &changes) {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            let f = match &w.state {
+                                State::Open { file, .. } => file.try_clone(),
+                                _ => Err(io::ErrorKind::NotFound.into()),
+                            };
+                            over.push((vm.clone(), w.path.clone(), f));
+                        }
+                        // Once per file, not every tick.
+                        Err(e) => {
+                            if failing.insert(w.path.clone()) {
+                                warn!(vm_id = %vm, file = %w.path.display(), error = %e, "cannot trim a VMM log");
+                            }
+                        }
+                    }
                 }
+            }
+            if !failing.is_empty() {
+                failing.retain(|p| files.values().flatten().any(|w| &w.path == p));
+            }
+        }
+        drop(inner);
+        for (vm, f, file) in over.drain(..) {
+            match file.and_then(|file| trim_file(&file, max)) {
+                Ok(Trimmed::No) => {}
+                Ok(how) => debug!(vm_id = %vm, file = %f.display(), ?how, "trimmed a VMM log"),
                 Err(e) => {
-                    // Once per file, not every tick.
                     if failing.insert(f.clone()) {
                         warn!(vm_id = %vm, file = %f.display(), error = %e, "cannot trim a VMM log");
                     }
@@ -357,5 +536,43 @@ mod tests {
         assert!(std::fs::read(&path).unwrap().ends_with(b"DONE\n"));
         cap.unwatch(&vm);
         assert!(max_seen > MIN_MAX, "the writer outran one interval");
+    }
+
+    /// Waits (with a deadline) until the trimmer brings `path` under `max`.
+    fn await_trim(path: &Path, max: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(path).unwrap().len() > max {
+            assert!(std::time::Instant::now() < deadline, "never trimmed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_log_made_after_the_watch_and_a_log_watched_again_are_kept_under_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = LogCap::new(MIN_MAX);
+        let vm = VmId::parse("vm-1", "t").unwrap();
+        let later = dir.path().join("later.log");
+        let again = dir.path().join("again.log");
+        let mut a = create_append(&again).unwrap();
+        cap.watch(&vm, vec![later.clone(), again.clone()]);
+        // Let the trimmer open and watch `again`, then watch it anew (a
+        // reboot): the second watch of the same file must not be lost.
+        std::thread::sleep(CHECK_EVERY * 3);
+        cap.watch(&vm, vec![later.clone(), again.clone()]);
+        let mut l = create_append(&later).unwrap();
+        let chunk = vec![b'z'; 4096];
+        for _ in 0..(3 * MIN_MAX as usize / chunk.len()) {
+            l.write_all(&chunk).unwrap();
+            a.write_all(&chunk).unwrap();
+        }
+        await_trim(&later, MIN_MAX);
+        await_trim(&again, MIN_MAX);
+        // And once trimmed, written again, trimmed again.
+        for _ in 0..(3 * MIN_MAX as usize / chunk.len()) {
+            a.write_all(&chunk).unwrap();
+        }
+        await_trim(&again, MIN_MAX);
+        cap.unwatch(&vm);
     }
 }
