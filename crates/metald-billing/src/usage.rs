@@ -1,11 +1,11 @@
 //! What a VM uses, read from its VMM process in `/proc`.
 //!
-//! - CPU: the sum over the VMM's threads of the first field of
-//!   `/proc/<pid>/task/<tid>/schedstat` (nanoseconds on a CPU). This is the
-//!   VMM's CPU time, vCPU threads and device emulation together. VMMs start
-//!   and end worker threads as they go; a [`Reader`] keeps the last
-//!   reading of every thread that has exited, so the total never goes
-//!   back.
+//! - CPU: the VMM process's CPU-time clock (`clock_getcpuclockid`, read
+//!   with `clock_gettime`): nanoseconds on a CPU of all its threads, vCPUs
+//!   and device emulation together, those that have exited included. It is
+//!   the sum of what each thread's `/proc/<pid>/task/<tid>/schedstat`
+//!   reports, kept by the kernel per process: one system call per sample
+//!   however many threads the VMM runs, and no text to parse.
 //! - Memory: resident set size (`/proc/<pid>/statm`, field 2, in pages).
 //! - Disk: `read_bytes` / `write_bytes` of `/proc/<pid>/io`: bytes the VMM
 //!   made the host's storage layer read or write for the guest's disks.
@@ -14,10 +14,12 @@
 //!   the guest sent (`net_tx`), what it transmits the guest received
 //!   (`net_rx`). Zero for a VM without an interface.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+
+use nix::time::ClockId;
+use nix::unistd::Pid;
 
 /// Cumulative usage of one VMM at one instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,35 +65,22 @@ impl Carried {
     }
 }
 
-/// Samples between rescans of a VMM's thread list. A thread started in
-/// between is first read at the next rescan; its counter is cumulative, so
-/// none of its time is lost, only reported up to this many samples late.
-const RESCAN_EVERY: u32 = 10;
-
 /// Reads one VMM process's usage, sample after sample, with every `/proc`
-/// file it needs kept open: a sample is one `pread` per file, not an open,
-/// read and close of each (opening is most of a `/proc` read's cost). The
-/// open files also pin the process: once it exits they fail with `ESRCH`,
-/// even if its pid is reused, so a successor's counters are never read as
-/// the VM's.
-///
-/// CPU time across threads' lives: the last reading of every thread that
-/// has exited is kept, so the total never goes back (the time an exited
-/// thread used after its last reading, at most one sample interval of one
-/// worker, is not counted).
+/// file it needs kept open: a sample is one `clock_gettime` and one
+/// `pread` per file, not an open, read and close of each (opening is most
+/// of a `/proc` read's cost). The open files also pin the process: once
+/// it exits they fail with `ESRCH`, even if its pid is reused. The CPU
+/// clock is named by pid, so it is read first and counts only if the
+/// pinned `statm` still reads after it: the process was alive then, so
+/// the pid was still its own when the clock was read.
 #[derive(Debug)]
 pub struct Reader {
     pid: i32,
+    clock: Option<ClockId>,
     statm: Option<File>,
     io: Option<File>,
-    /// Per live thread: its `schedstat` and last reading.
-    threads: HashMap<u32, (File, i64)>,
-    /// What threads that have exited had used at their last reading.
-    exited: i64,
-    /// The last total reported; totals never go below it.
+    /// The last CPU total reported; totals never go below it.
     last: i64,
-    /// Samples since the thread list was last read.
-    since_scan: u32,
     buf: Vec<u8>,
 }
 
@@ -100,12 +89,10 @@ impl Reader {
     pub fn new(pid: i32) -> Self {
         Reader {
             pid,
+            clock: None,
             statm: None,
             io: None,
-            threads: HashMap::new(),
-            exited: 0,
             last: 0,
-            since_scan: 0,
             buf: Vec::with_capacity(512),
         }
     }
@@ -122,12 +109,13 @@ impl Reader {
             // Without /proc/<pid>/io (a kernel without task I/O
             // accounting) disk counters stay zero.
             self.io = File::open(format!("/proc/{}/io", self.pid)).ok();
+            self.clock = Some(ClockId::pid_cpu_clock_id(Pid::from_raw(self.pid))?);
         }
-        if self.since_scan == 0 || self.threads.is_empty() {
-            self.scan()?;
-        }
-        self.since_scan = (self.since_scan + 1) % RESCAN_EVERY;
-        let cpu_ns = self.cpu();
+        let cpu_ns = match self.clock.map(ClockId::now) {
+            Some(Ok(t)) => t.tv_sec().saturating_mul(1_000_000_000) + t.tv_nsec(),
+            _ => return Err(gone(self.pid)),
+        };
+        self.last = self.last.max(cpu_ns);
         let pages = match self.statm.as_ref().map(|f| pread(f, &mut self.buf)) {
             Some(Ok(())) => nth_field(&self.buf, 1),
             _ => 0,
@@ -135,10 +123,7 @@ impl Reader {
         if pages == 0 {
             // Only an exiting process (or a zombie) has no resident memory;
             // its counters are no longer the VM's.
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("process {} has exited", self.pid),
-            ));
+            return Err(gone(self.pid));
         }
         let (disk_read, disk_write) = match self.io.as_ref().map(|f| pread(f, &mut self.buf)) {
             Some(Ok(())) => {
@@ -148,7 +133,7 @@ impl Reader {
             _ => (0, 0),
         };
         Ok(Usage {
-            cpu_ns,
+            cpu_ns: self.last,
             memory_bytes: pages * page_size(),
             disk_read,
             disk_write,
@@ -156,44 +141,13 @@ impl Reader {
             net_tx: 0,
         })
     }
+}
 
-    /// Opens the `schedstat` of every thread not yet known.
-    fn scan(&mut self) -> io::Result<()> {
-        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid))? {
-            let task = task?;
-            let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if self.threads.contains_key(&tid) {
-                continue;
-            }
-            // A thread may exit between listing and opening: skip it.
-            if let Ok(f) = File::open(task.path().join("schedstat")) {
-                self.threads.insert(tid, (f, 0));
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads every known thread; a thread that has exited keeps its last
-    /// reading in the total.
-    fn cpu(&mut self) -> i64 {
-        let buf = &mut self.buf;
-        let exited = &mut self.exited;
-        self.threads.retain(|_, (f, last)| match pread(f, buf) {
-            Ok(()) => {
-                *last = (*last).max(nth_field(buf, 0));
-                true
-            }
-            Err(_) => {
-                *exited += *last;
-                false
-            }
-        });
-        let total = self.exited + self.threads.values().map(|(_, ns)| ns).sum::<i64>();
-        self.last = self.last.max(total);
-        self.last
-    }
+fn gone(pid: i32) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("process {pid} has exited"),
+    )
 }
 
 /// Reads all of `f` from its start into `buf`. `/proc` files regenerate
@@ -314,10 +268,6 @@ mod tests {
             let _ = go_rx.recv();
         });
         let spent = burnt.recv().unwrap();
-        // Within RESCAN_EVERY reads one rescans and finds the thread.
-        for _ in 0..RESCAN_EVERY {
-            r.read().unwrap();
-        }
         go.send(()).unwrap();
         thread.join().unwrap();
         let after = r.read().unwrap().cpu_ns;
