@@ -9,6 +9,16 @@
 //! reads pass straight through. One entry per VM row; nothing a request
 //! controls makes it grow beyond the rows themselves.
 //!
+//! It also keeps every row itself ([`Records`]), so `get` and `find`
+//! (GetVmInfo, and every lifecycle call's lookup) are answered from memory
+//! without a trip to SQLite or decoding a spec, and ListVms asks SQLite
+//! only for a page of keys. The copies change after the
+//! store has the write and before the write returns, under a lock only
+//! held for the change, so a read never waits for a write's fsync and no
+//! caller sees a write acknowledged that reads do not show. Plan progress
+//! goes through the same lock as every other write, so the copies see the
+//! writes in the store's order.
+//!
 //! A fleet-wide store would answer these sums itself (fleet-wide quotas);
 //! this one is for one host, where metald is the store's only writer.
 
@@ -137,10 +147,37 @@ pub struct Running {
     pub host: Usage,
 }
 
-/// The store, with the sums admission needs kept beside it.
+/// A copy of every row, by key and by (customer, name).
+#[derive(Default)]
+struct Records {
+    by_id: HashMap<VmId, VmRecord>,
+    by_name: HashMap<(CustomerId, VmId), VmId>,
+}
+
+impl Records {
+    fn put(&mut self, vm: &VmRecord) {
+        self.take(&vm.id);
+        self.by_name
+            .insert((vm.customer.clone(), vm.name.clone()), vm.id.clone());
+        self.by_id.insert(vm.id.clone(), vm.clone());
+    }
+
+    fn take(&mut self, id: &VmId) {
+        if let Some(old) = self.by_id.remove(id) {
+            self.by_name.remove(&(old.customer, old.name));
+        }
+    }
+}
+
+/// The store, with the sums admission needs and a copy of every row kept
+/// beside it.
 pub struct Tally {
     store: Arc<dyn Store>,
+    /// Held across each write to the store, so writes and the kept state
+    /// change in one order.
     index: tokio::sync::Mutex<Option<Index>>,
+    /// `None` until filled (with the index) and after any failed write.
+    records: std::sync::RwLock<Option<Records>>,
 }
 
 impl Tally {
@@ -148,23 +185,73 @@ impl Tally {
         Tally {
             store,
             index: tokio::sync::Mutex::new(None),
+            records: std::sync::RwLock::new(None),
         }
     }
 
-    /// Drops the sums; the next use reads every row again.
+    /// Drops the sums and copies; the next use reads every row again.
     pub async fn forget(&self) {
-        *self.index.lock().await = None;
+        let mut guard = self.index.lock().await;
+        *guard = None;
+        *self.records_mut() = None;
     }
 
-    async fn with<T>(&self, f: impl FnOnce(&Index) -> T) -> Result<T, StoreError> {
+    fn records_mut(&self) -> std::sync::RwLockWriteGuard<'_, Option<Records>> {
+        self.records.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A kept row by `key`, or `None` when nothing is kept yet (ask the
+    /// store); `Some(None)` when no such row exists.
+    fn kept(&self, key: impl FnOnce(&Records) -> Option<VmRecord>) -> Option<Option<VmRecord>> {
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        records.as_ref().map(key)
+    }
+
+    /// Applies a write's outcome to the index and the copies (the caller
+    /// holds the index lock). A failed write may still have landed: both
+    /// are dropped and read again on next use.
+    fn apply(
+        &self,
+        guard: &mut Option<Index>,
+        written: &Result<(), StoreError>,
+        change: impl FnOnce(&mut Index, &mut Records),
+    ) {
+        match (written, guard.as_mut()) {
+            (Ok(()), Some(index)) => {
+                let mut records = self.records_mut();
+                match records.as_mut() {
+                    Some(r) => change(index, r),
+                    None => {
+                        *guard = None;
+                    }
+                }
+            }
+            (Ok(()), None) | (Err(StoreError::AlreadyExists), _) => {}
+            (Err(_), _) => {
+                *guard = None;
+                *self.records_mut() = None;
+            }
+        }
+    }
+
+    /// Reads every row into the index and the copies, if not done yet.
+    async fn fill(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Index>>, StoreError> {
         let mut guard = self.index.lock().await;
         if guard.is_none() {
             let mut index = Index::default();
+            let mut records = Records::default();
             for vm in self.store.all().await? {
                 index.put(&vm.id, Entry::of(&vm));
+                records.put(&vm);
             }
             *guard = Some(index);
+            *self.records_mut() = Some(records);
         }
+        Ok(guard)
+    }
+
+    async fn with<T>(&self, f: impl FnOnce(&Index) -> T) -> Result<T, StoreError> {
+        let guard = self.fill().await?;
         Ok(f(guard.as_ref().expect("filled above")))
     }
 
@@ -229,16 +316,23 @@ impl Store for Tally {
     async fn insert(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let mut guard = self.index.lock().await;
         let written = self.store.insert(vm).await;
-        match (&written, guard.as_mut()) {
-            (Ok(()), Some(index)) => index.put(&vm.id, Entry::of(vm)),
-            (Err(StoreError::AlreadyExists), _) | (Ok(()), None) => {}
-            (Err(_), _) => *guard = None,
-        }
+        self.apply(&mut guard, &written, |index, records| {
+            index.put(&vm.id, Entry::of(vm));
+            records.put(vm);
+        });
         written
     }
 
     async fn get(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
-        self.store.get(id).await
+        if let Some(kept) = self.kept(|r| r.by_id.get(id).cloned()) {
+            return Ok(kept);
+        }
+        let guard = self.fill().await?;
+        drop(guard);
+        match self.kept(|r| r.by_id.get(id).cloned()) {
+            Some(kept) => Ok(kept),
+            None => self.store.get(id).await,
+        }
     }
 
     async fn find(
@@ -246,33 +340,48 @@ impl Store for Tally {
         customer: &CustomerId,
         name: &VmId,
     ) -> Result<Option<VmRecord>, StoreError> {
-        self.store.find(customer, name).await
+        let key = |r: &Records| {
+            let id = r.by_name.get(&(customer.clone(), name.clone()))?;
+            r.by_id.get(id).cloned()
+        };
+        if let Some(kept) = self.kept(key) {
+            return Ok(kept);
+        }
+        drop(self.fill().await?);
+        match self.kept(key) {
+            Some(kept) => Ok(kept),
+            None => self.store.find(customer, name).await,
+        }
     }
 
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let mut guard = self.index.lock().await;
         let written = self.store.update(vm).await;
-        // A failed write may still have landed: read the sums again.
-        match (&written, guard.as_mut()) {
-            (Ok(()), Some(index)) => index.put(&vm.id, Entry::of(vm)),
-            (Err(_), _) => *guard = None,
-            (Ok(()), None) => {}
-        }
+        self.apply(&mut guard, &written, |index, records| {
+            index.put(&vm.id, Entry::of(vm));
+            records.put(vm);
+        });
         written
     }
 
     async fn progress(&self, id: &VmId, plan: Option<PlanRecord>) -> Result<(), StoreError> {
-        self.store.progress(id, plan).await
+        let mut guard = self.index.lock().await;
+        let written = self.store.progress(id, plan).await;
+        self.apply(&mut guard, &written, |_, records| {
+            if let Some(vm) = records.by_id.get_mut(id) {
+                vm.plan = plan;
+            }
+        });
+        written
     }
 
     async fn remove(&self, id: &VmId) -> Result<(), StoreError> {
         let mut guard = self.index.lock().await;
         let written = self.store.remove(id).await;
-        match (&written, guard.as_mut()) {
-            (Ok(()), Some(index)) => index.take(id),
-            (Err(_), _) => *guard = None,
-            (Ok(()), None) => {}
-        }
+        self.apply(&mut guard, &written, |index, records| {
+            index.take(id);
+            records.take(id);
+        });
         written
     }
 
@@ -283,7 +392,34 @@ impl Store for Tally {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<VmPage, StoreError> {
-        self.store.list(customer, states, cursor, limit).await
+        if self.kept(|_| None).is_none() {
+            return self.store.list(customer, states, cursor, limit).await;
+        }
+        // The store pages by key; the rows come from the copies. A row
+        // removed or changed since the page was read is left out if it no
+        // longer matches (a write that raced the read).
+        let page = self.store.list_keys(customer, states, cursor, limit).await?;
+        let vms: Option<Vec<VmRecord>> = {
+            let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+            records.as_ref().map(|records| {
+                page.keys
+                    .iter()
+                    .filter_map(|id| records.by_id.get(id))
+                    .filter(|vm| &vm.customer == customer)
+                    .filter(|vm| states.is_empty() || states.contains(&vm.state))
+                    .cloned()
+                    .collect()
+            })
+        };
+        // (The copies were dropped meanwhile by a failed write.)
+        let Some(vms) = vms else {
+            return self.store.list(customer, states, cursor, limit).await;
+        };
+        Ok(VmPage {
+            vms,
+            next_cursor: page.next_cursor,
+            total: page.total,
+        })
     }
 
     async fn all(&self) -> Result<Vec<VmRecord>, StoreError> {

@@ -1,6 +1,7 @@
-//! The sums kept from writes are always the sums of the rows: after every
+//! The sums and rows kept from writes are always the rows': after every
 //! write of a long pseudo-random sequence, a tally that has kept up agrees
-//! with one that reads every row afresh.
+//! with one that reads every row afresh, and its copy of every row is the
+//! row the store holds.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +10,7 @@ use metald_store::SqliteStore;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use metald_core::plan::{Plan, PlanRecord};
 use metald_core::ports::{Store, StoreError, VmRecord};
 use metald_core::tally::{Claims, Tally, Usage};
 use metald_core::vm::{DiskInput, VmSpecInput};
@@ -95,6 +97,19 @@ async fn sums_kept_from_writes_match_sums_read_from_the_rows() {
                 rows[i].state = STATES[dice.roll(5) as usize];
                 kept.update(&rows[i]).await.unwrap();
             }
+            8 if !rows.is_empty() && dice.roll(2) == 0 => {
+                // Plan progress changes the row's plan record only.
+                let i = dice.roll(rows.len() as u64) as usize;
+                let plan = match dice.roll(3) {
+                    0 => None,
+                    n => Some(PlanRecord {
+                        plan: Plan::ALL[dice.roll(6) as usize],
+                        next: n as usize - 1,
+                    }),
+                };
+                rows[i].plan = plan;
+                kept.progress(&rows[i].id, plan).await.unwrap();
+            }
             8 if !rows.is_empty() => {
                 // The same name again is refused and changes nothing.
                 let i = dice.roll(rows.len() as u64) as usize;
@@ -103,9 +118,38 @@ async fn sums_kept_from_writes_match_sums_read_from_the_rows() {
             }
             _ if !rows.is_empty() => {
                 let i = dice.roll(rows.len() as u64) as usize;
-                kept.remove(&rows.swap_remove(i).id).await.unwrap();
+                let gone = rows.swap_remove(i);
+                kept.remove(&gone.id).await.unwrap();
+                assert_eq!(kept.get(&gone.id).await.unwrap(), None);
+                assert_eq!(kept.find(&gone.customer, &gone.name).await.unwrap(), None);
             }
             _ => {}
+        }
+        // Every page of every customer, at every other write.
+        for c in ["c0", "c1", "c2"].iter().filter(|_| n % 2 == 0) {
+            let c = CustomerId::parse(c).unwrap();
+            let states = match n % 3 {
+                0 => vec![],
+                1 => vec![VmState::Running],
+                _ => vec![VmState::Created, VmState::Failed],
+            };
+            let mut cursor = None;
+            loop {
+                let want = store.list(&c, &states, cursor, 7).await.unwrap();
+                let got = kept.list(&c, &states, cursor, 7).await.unwrap();
+                assert_eq!(got, want, "after write {n}, customer {c}, states {states:?}");
+                cursor = want.next_cursor;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+        }
+        for row in &rows {
+            let stored = store.get(&row.id).await.unwrap();
+            assert_eq!(stored.as_ref(), Some(row), "after write {n}");
+            assert_eq!(kept.get(&row.id).await.unwrap(), stored, "after write {n}");
+            let found = kept.find(&row.customer, &row.name).await.unwrap();
+            assert_eq!(found, stored, "after write {n}");
         }
         let afresh = Tally::new(store.clone());
         let booting: Vec<VmId> = rows.iter().step_by(3).map(|r| r.id.clone()).collect();

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use metald_core::plan::PlanRecord;
-use metald_core::ports::{Store, StoreError, VmPage, VmRecord, VmmRuntime};
+use metald_core::ports::{KeyPage, Store, StoreError, VmPage, VmRecord, VmmRuntime};
 use metald_core::vm::VmSpecRow;
 use metald_core::{CustomerId, VmId, VmSpec, VmState};
 use sqlx::sqlite::{
@@ -57,6 +57,88 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+
+    /// One page of a customer's rows as `R` (the columns `columns`, which
+    /// must start with `seq`), the cursor after it and the filter's total.
+    async fn page<R>(
+        &self,
+        customer: &CustomerId,
+        states: &[VmState],
+        cursor: Option<i64>,
+        limit: u32,
+        columns: &str,
+        seq: impl Fn(&R) -> i64,
+    ) -> Result<(Vec<R>, Option<i64>, i64), StoreError>
+    where
+        R: for<'r> FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
+        let ctx = || format!("listing vms of customer {:?}", customer.as_str());
+        // Duplicates would only lengthen the IN list.
+        let states: Vec<&'static str> = states
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (page_sql, count_sql) = list_sql(states.len(), columns);
+
+        // Injection-safe: `page_sql` and `count_sql` hold only generated
+        // placeholders (see `list_sql`); every value is bound below.
+        let page = || {
+            let mut page =
+                sqlx::query_as::<_, R>(AssertSqlSafe(page_sql.clone())).bind(customer.as_str());
+            for s in &states {
+                page = page.bind(*s);
+            }
+            page.bind(cursor.unwrap_or(i64::MIN))
+                .bind(i64::from(limit) + 1)
+        };
+        let (mut rows, total) = match self.counts.get(customer.as_str(), &states) {
+            // The count is kept: the page alone, one statement, no
+            // transaction around it (the counts module says how a page and
+            // a kept count may be an instant apart).
+            Ok(n) if limit > 0 => {
+                let rows = page()
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| db_err(ctx(), e))?;
+                (rows, n)
+            }
+            Ok(n) => (Vec::new(), n),
+            Err(token) => {
+                let mut tx = self.pool.begin().await.map_err(|e| db_err(ctx(), e))?;
+                let rows = if limit == 0 {
+                    Vec::new()
+                } else {
+                    page()
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(|e| db_err(ctx(), e))?
+                };
+                let mut count =
+                    sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql)).bind(customer.as_str());
+                for s in &states {
+                    count = count.bind(*s);
+                }
+                let n = count
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| db_err(ctx(), e))?;
+                tx.commit().await.map_err(|e| db_err(ctx(), e))?;
+                self.counts.put(customer.as_str(), states.clone(), token, n);
+                (rows, n)
+            }
+        };
+
+        let limit = limit as usize;
+        let next_cursor = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(seq)
+        } else {
+            None
+        };
+        Ok((rows, next_cursor, total))
+    }
     /// Opens (creating it and its parent directory if missing) the database
     /// at `path` and brings its schema up to date.
     ///
@@ -215,7 +297,7 @@ fn runtime_json(vm: &VmRecord) -> Result<Option<String>, StoreError> {
 /// Binds, in order: customer, the `n_states` states, then (page only) the
 /// cursor and the row limit. Only placeholders are generated; every value
 /// is bound, so the text cannot carry client input.
-fn list_sql(n_states: usize) -> (String, String) {
+fn list_sql(n_states: usize, columns: &str) -> (String, String) {
     let state_filter = if n_states == 0 {
         String::new()
     } else {
@@ -224,9 +306,8 @@ fn list_sql(n_states: usize) -> (String, String) {
     };
     let cursor = n_states + 2;
     let page = format!(
-        "SELECT {} FROM vms WHERE customer_id = $1{state_filter} AND seq > ${cursor} \
+        "SELECT {columns} FROM vms WHERE customer_id = $1{state_filter} AND seq > ${cursor} \
          ORDER BY seq LIMIT ${}",
-        vm_columns!(),
         cursor + 1
     );
     let count = format!("SELECT COUNT(*) FROM vms WHERE customer_id = $1{state_filter}");
@@ -381,65 +462,41 @@ impl Store for SqliteStore {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<VmPage, StoreError> {
-        let ctx = || format!("listing vms of customer {:?}", customer.as_str());
-        // Duplicates would only lengthen the IN list.
-        let states: Vec<&'static str> = states
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let (page_sql, count_sql) = list_sql(states.len());
-
-        let mut tx = self.pool.begin().await.map_err(|e| db_err(ctx(), e))?;
-        let mut rows = if limit == 0 {
-            Vec::new()
-        } else {
-            // Injection-safe: `page_sql` holds only generated placeholders
-            // (see `list_sql`); every value is bound below.
-            let mut page =
-                sqlx::query_as::<_, VmRow>(AssertSqlSafe(page_sql)).bind(customer.as_str());
-            for s in &states {
-                page = page.bind(*s);
-            }
-            page.bind(cursor.unwrap_or(i64::MIN))
-                .bind(i64::from(limit) + 1)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(|e| db_err(ctx(), e))?
-        };
-        let total = match self.counts.get(customer.as_str(), &states) {
-            Ok(n) => n,
-            Err(token) => {
-                // As above: placeholders only.
-                let mut count =
-                    sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql)).bind(customer.as_str());
-                for s in &states {
-                    count = count.bind(*s);
-                }
-                let n = count
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| db_err(ctx(), e))?;
-                self.counts.put(customer.as_str(), states, token, n);
-                n
-            }
-        };
-        tx.commit().await.map_err(|e| db_err(ctx(), e))?;
-
-        let limit = limit as usize;
-        let next_cursor = if rows.len() > limit {
-            rows.truncate(limit);
-            rows.last().map(|r| r.seq)
-        } else {
-            None
-        };
+        let (rows, next_cursor, total) = self
+            .page::<VmRow>(customer, states, cursor, limit, vm_columns!(), |r| r.seq)
+            .await?;
         let vms = rows
             .into_iter()
             .map(VmRow::into_record)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmPage {
             vms,
+            next_cursor,
+            total,
+        })
+    }
+
+    /// The same page as [`Store::list`], reading only each row's position
+    /// and key: no spec is read or decoded.
+    async fn list_keys(
+        &self,
+        customer: &CustomerId,
+        states: &[VmState],
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> Result<KeyPage, StoreError> {
+        let (rows, next_cursor, total) = self
+            .page::<(i64, String)>(customer, states, cursor, limit, "seq, vm_id", |r| r.0)
+            .await?;
+        let keys = rows
+            .into_iter()
+            .map(|(_, id)| {
+                VmId::parse(&id, "vm_id")
+                    .map_err(|_| StoreError::Other(format!("vm {id:?} in the store has an unreadable key")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(KeyPage {
+            keys,
             next_cursor,
             total,
         })
@@ -507,13 +564,13 @@ mod tests {
 
     #[test]
     fn list_sql_numbers_placeholders_in_bind_order() {
-        let (page, count) = list_sql(0);
+        let (page, count) = list_sql(0, vm_columns!());
         assert!(
             page.contains("customer_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"),
             "{page}"
         );
         assert!(count.ends_with("WHERE customer_id = $1"), "{count}");
-        let (page, count) = list_sql(3);
+        let (page, count) = list_sql(3, vm_columns!());
         assert!(
             page.contains(
                 "customer_id = $1 AND state IN ($2, $3, $4) AND seq > $5 ORDER BY seq LIMIT $6"
