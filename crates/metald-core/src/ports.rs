@@ -116,6 +116,13 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces spec, state, runtime, last error, plan record and modified
     /// time, durably (on disk when it returns).
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// [`Store::update`] without waiting for the disk: a process crash
+    /// keeps the write, a power cut may lose it. For writes a power cut
+    /// makes moot (the outcome of starting a VMM: the cut ends the VMM
+    /// too). The default waits for the disk.
+    async fn update_unsynced(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        self.update(vm).await
+    }
     /// Records how far the VM's plan got, without waiting for the disk: a
     /// progress write lost to a power cut only makes a resumed plan check
     /// a step that is done already.

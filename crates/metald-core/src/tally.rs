@@ -364,6 +364,16 @@ impl Store for Tally {
         written
     }
 
+    async fn update_unsynced(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let mut guard = self.index.lock().await;
+        let written = self.store.update_unsynced(vm).await;
+        self.apply(&mut guard, &written, |index, records| {
+            index.put(&vm.id, Entry::of(vm));
+            records.put(vm);
+        });
+        written
+    }
+
     async fn progress(&self, id: &VmId, plan: Option<PlanRecord>) -> Result<(), StoreError> {
         let mut guard = self.index.lock().await;
         let written = self.store.progress(id, plan).await;

@@ -282,3 +282,33 @@ fn a_boot_resumed_after_a_restart_checks_the_files_again() {
     });
     assert!(host.vmm.st().alive.is_empty(), "no VMM was started");
 }
+
+/// BootVm's last write (the VM running, its VMM's runtime) is not fsynced:
+/// a power cut may lose it, and it ends the VMM too. The next metald then
+/// finds the row as the boot plan left it (its progress writes are not
+/// fsynced either, so at any step), with no VMM, and must still end
+/// truthful: the VM booted again, exactly one VMM, its interface and lease.
+/// (Host interfaces lost with the power are made again at start-up by the
+/// network's own restore, not by the plan; this fake keeps them.)
+#[test]
+fn a_boot_whose_last_write_a_power_cut_lost_is_finished_with_a_new_vmm() {
+    let plan = Plan::Boot;
+    for step in 0..=plan.steps().len() {
+        let host = Host::new();
+        host.vmm.st().quiet = true;
+        host.run(|svc| crash_in(svc, &host, plan, step));
+        // The power cut: every VMM is gone.
+        host.vmm.st().alive.clear();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let (store, svc) = host.metald().await;
+            let report = svc.recover().await.unwrap();
+            assert_eq!(report.unsettled, 0, "{plan}@{step}: {report:?}");
+            let vm = store.find(&me(), &name()).await.unwrap();
+            let leases = store.leases().await.unwrap().len();
+            assert_truthful(&host, plan, step, vm, leases);
+            let r = svc.reconcile(true).await.unwrap();
+            assert_eq!(r, Default::default(), "{plan}@{step}");
+        });
+    }
+}

@@ -57,6 +57,36 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Replaces the row's mutable columns through `pool`.
+    async fn update_on(&self, pool: &SqlitePool, vm: &VmRecord) -> Result<(), StoreError> {
+        let runtime = runtime_json(vm)?;
+        let spec = serde_json::to_string(&VmSpecRow::from(&vm.spec)).map_err(|e| {
+            StoreError::Other(format!("encoding spec of vm {:?}: {e}", vm.id.as_str()))
+        })?;
+        let result = sqlx::query(
+            "UPDATE vms SET state = $1, runtime_json = $2, last_error = $3, pending_op = $4, \
+             modified_at = $5, spec_json = $7 WHERE vm_id = $6",
+        )
+        .bind(vm.state.as_str())
+        .bind(runtime)
+        .bind(vm.last_error.as_deref())
+        .bind(vm.plan.map(PlanRecord::encode))
+        .bind(vm.modified_at)
+        .bind(vm.id.as_str())
+        .bind(spec)
+        .execute(pool)
+        .await
+        .map_err(|e| db_err(format_args!("updating vm {:?}", vm.id.as_str()), e))?;
+        self.counts.invalidate(vm.customer.as_str());
+        if result.rows_affected() == 0 {
+            return Err(StoreError::Other(format!(
+                "updating vm {:?}: no such vm in the store",
+                vm.id.as_str()
+            )));
+        }
+        Ok(())
+    }
+
 
     /// One page of a customer's rows as `R` (the columns `columns`, which
     /// must start with `seq`), the cursor after it and the filter's total.
@@ -391,32 +421,14 @@ impl Store for SqliteStore {
     /// under the VM's lock, so a missing row means a record (possibly a
     /// running VMM's runtime) would silently be lost.
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let runtime = runtime_json(vm)?;
-        let spec = serde_json::to_string(&VmSpecRow::from(&vm.spec)).map_err(|e| {
-            StoreError::Other(format!("encoding spec of vm {:?}: {e}", vm.id.as_str()))
-        })?;
-        let result = sqlx::query(
-            "UPDATE vms SET state = $1, runtime_json = $2, last_error = $3, pending_op = $4, \
-             modified_at = $5, spec_json = $7 WHERE vm_id = $6",
-        )
-        .bind(vm.state.as_str())
-        .bind(runtime)
-        .bind(vm.last_error.as_deref())
-        .bind(vm.plan.map(PlanRecord::encode))
-        .bind(vm.modified_at)
-        .bind(vm.id.as_str())
-        .bind(spec)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_err(format_args!("updating vm {:?}", vm.id.as_str()), e))?;
-        self.counts.invalidate(vm.customer.as_str());
-        if result.rows_affected() == 0 {
-            return Err(StoreError::Other(format!(
-                "updating vm {:?}: no such vm in the store",
-                vm.id.as_str()
-            )));
-        }
-        Ok(())
+        self.update_on(&self.pool, vm).await
+    }
+
+    /// The same write on the `synchronous=NORMAL` connection: committed to
+    /// the WAL (a metald crash keeps it), fsynced with the next durable
+    /// write or checkpoint.
+    async fn update_unsynced(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        self.update_on(&self.progress, vm).await
     }
 
     async fn progress(&self, id: &VmId, plan: Option<PlanRecord>) -> Result<(), StoreError> {

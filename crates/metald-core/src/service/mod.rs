@@ -318,24 +318,31 @@ impl VmService {
         vm.last_error = error;
         vm.plan = None;
         vm.modified_at = now();
-        self.write(vm, format!("store.write.{}", state.as_str()))
-            .await?;
+        // An outcome with a VMM (running, paused) is written without an
+        // fsync: only a power cut can lose it, and a power cut ends the VMM
+        // too; the durable row before it (the plan begun, or the VM running)
+        // is what recovery then finds. Every other outcome waits for the
+        // disk. This keeps the fsync out of BootVm's answer.
+        let name = format!("store.write.{}", state.as_str());
+        self.write(vm, name, !state.has_process()).await?;
         self.changed(vm);
         Ok(())
     }
 
-    /// Writes the VM's row (durably) in a span named `name`.
-    async fn write(&self, vm: &VmRecord, name: String) -> Result<()> {
+    /// Writes the VM's row in a span named `name`: durably, or committed
+    /// but not fsynced ([`Store::update_unsynced`]).
+    async fn write(&self, vm: &VmRecord, name: String, durable: bool) -> Result<()> {
         let span = tracing::info_span!(
             "store.write",
             otel.name = %name,
             metald.customer_id = %vm.customer,
         );
-        self.inner
-            .store
-            .update(vm)
-            .instrument(span)
-            .await
-            .map_err(store_err)
+        let store = &self.inner.store;
+        let written = if durable {
+            store.update(vm).instrument(span).await
+        } else {
+            store.update_unsynced(vm).instrument(span).await
+        };
+        written.map_err(store_err)
     }
 }
