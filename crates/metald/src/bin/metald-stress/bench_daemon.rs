@@ -201,6 +201,14 @@ impl Daemon {
             Backend::Qemu => {}
         }
         cmd_env.extend(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        // The operator's `UNKEY_METALD_*` settings that the bench does not
+        // make itself (say `UNKEY_METALD_CGROUPS_ENABLED`) pass through; its
+        // own (data directory, port, backend...) are never overridden.
+        let outer: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("UNKEY_METALD_"))
+            .filter(|(k, _)| !cmd_env.iter().any(|(own, _)| own == k))
+            .collect();
+        cmd_env.extend(outer);
         let mut d = Daemon {
             child: None,
             cmd_env,
