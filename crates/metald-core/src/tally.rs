@@ -408,7 +408,10 @@ impl Store for Tally {
         // The store pages by key; the rows come from the copies. A row
         // removed or changed since the page was read is left out if it no
         // longer matches (a write that raced the read).
-        let page = self.store.list_keys(customer, states, cursor, limit).await?;
+        let page = self
+            .store
+            .list_keys(customer, states, cursor, limit)
+            .await?;
         let vms: Option<Vec<VmRecord>> = {
             let records = self.records.read().unwrap_or_else(|p| p.into_inner());
             records.as_ref().map(|records| {

@@ -137,7 +137,10 @@ async fn sums_kept_from_writes_match_sums_read_from_the_rows() {
             loop {
                 let want = store.list(&c, &states, cursor, 7).await.unwrap();
                 let got = kept.list(&c, &states, cursor, 7).await.unwrap();
-                assert_eq!(got, want, "after write {n}, customer {c}, states {states:?}");
+                assert_eq!(
+                    got, want,
+                    "after write {n}, customer {c}, states {states:?}"
+                );
                 cursor = want.next_cursor;
                 if cursor.is_none() {
                     break;

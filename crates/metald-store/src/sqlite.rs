@@ -87,7 +87,6 @@ impl SqliteStore {
         Ok(())
     }
 
-
     /// One page of a customer's rows as `R` (the columns `columns`, which
     /// must start with `seq`), the cursor after it and the filter's total.
     async fn page<R>(
@@ -503,8 +502,9 @@ impl Store for SqliteStore {
         let keys = rows
             .into_iter()
             .map(|(_, id)| {
-                VmId::parse(&id, "vm_id")
-                    .map_err(|_| StoreError::Other(format!("vm {id:?} in the store has an unreadable key")))
+                VmId::parse(&id, "vm_id").map_err(|_| {
+                    StoreError::Other(format!("vm {id:?} in the store has an unreadable key"))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(KeyPage {

@@ -185,7 +185,10 @@ enum State {
     Pending,
     /// Not a regular file (the log FIFO): nothing to trim.
     Never,
-    Open { file: File, wd: Option<i32> },
+    Open {
+        file: File,
+        wd: Option<i32>,
+    },
 }
 
 /// What inotify said since the last tick.

@@ -70,8 +70,7 @@ impl VmService {
     pub(super) async fn begin(&self, vm: &mut VmRecord, plan: Plan) -> Result<()> {
         vm.plan = Some(PlanRecord::start(plan));
         vm.modified_at = now();
-        self.write(vm, format!("store.write.{plan}"), true)
-            .await
+        self.write(vm, format!("store.write.{plan}"), true).await
     }
 
     /// Runs the VM's recorded plan from its first undone step (the caller
