@@ -36,6 +36,9 @@ pub(crate) struct Meter {
     start_time: u64,
     next_seq: i64,
     last_ts: i64,
+    /// Sampled since its meter row was last handed to the writer: the
+    /// row is built at the next flush, not at every sample.
+    sampled: bool,
 }
 
 pub(crate) struct MeterTask {
@@ -276,6 +279,7 @@ impl MeterTask {
             start_time,
             next_seq,
             last_ts,
+            sampled: false,
         };
         self.dirty
             .insert(ev.id.clone(), Self::row(&ev.id, &m, true));
@@ -371,38 +375,38 @@ impl MeterTask {
         };
         let stall = self.config.sample_interval.as_nanos() as i64 * 3;
         let mut gaps = Vec::new();
-        let mut fresh = Vec::new();
-        for (id, reader, u) in read {
-            let Some(m) = self.meters.get_mut(&id) else {
-                continue;
-            };
-            // A reader of an older process (the VMM was replaced while
-            // this sample was read) is dropped; the meter has a fresh one.
-            if m.reader.is_none() && reader.pid() == m.pid {
-                m.reader = Some(reader);
-            }
-            let Some((u, ts)) = u else {
-                continue;
-            };
-            m.total = u;
-            if m.next_seq > 0 && ts - m.last_ts > stall {
-                // The sampler stalled (host overload): say so.
-                gaps.push((
-                    id.clone(),
-                    m.name.clone(),
-                    m.customer.clone(),
-                    m.last_ts,
-                    ts,
-                ));
-            }
-            let cpu_percent = match m.last_cpu {
-                Some((c, t)) if ts > t => (u.cpu_ns - c) as f64 * 100.0 / (ts - t) as f64,
-                _ => 0.0,
-            };
-            m.last_cpu = Some((u.cpu_ns, ts));
-            fresh.push((
-                id.clone(),
-                VmUsage {
+        // (A block, so the lock is let go before any await below.)
+        {
+            let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, reader, u) in read {
+                let Some(m) = self.meters.get_mut(&id) else {
+                    continue;
+                };
+                // A reader of an older process (the VMM was replaced while
+                // this sample was read) is dropped; the meter has a fresh one.
+                if m.reader.is_none() && reader.pid() == m.pid {
+                    m.reader = Some(reader);
+                }
+                let Some((u, ts)) = u else {
+                    continue;
+                };
+                m.total = u;
+                if m.next_seq > 0 && ts - m.last_ts > stall {
+                    // The sampler stalled (host overload): say so.
+                    gaps.push((
+                        id.clone(),
+                        m.name.clone(),
+                        m.customer.clone(),
+                        m.last_ts,
+                        ts,
+                    ));
+                }
+                let cpu_percent = match m.last_cpu {
+                    Some((c, t)) if ts > t => (u.cpu_ns - c) as f64 * 100.0 / (ts - t) as f64,
+                    _ => 0.0,
+                };
+                m.last_cpu = Some((u.cpu_ns, ts));
+                let now = VmUsage {
                     cpu_percent,
                     memory_bytes: u.memory_bytes,
                     disk_read_bytes: u.disk_read,
@@ -410,21 +414,23 @@ impl MeterTask {
                     net_rx_bytes: u.net_rx,
                     net_tx_bytes: u.net_tx,
                     uptime_seconds: (ts - m.since) / 1_000_000_000,
-                },
-            ));
-            if self.writer.is_some() {
-                self.buffer.push(SampleRow::new(&id, m.next_seq, ts, u));
+                };
+                // In place: no key allocated per VM and sample.
+                match latest.get_mut(&id) {
+                    Some(v) => *v = now,
+                    None => {
+                        latest.insert(id.clone(), now);
+                    }
+                }
+                if self.writer.is_some() {
+                    self.buffer.push(SampleRow::new(&id, m.next_seq, ts, u));
+                }
+                Stats::bump(&self.stats.samples_taken);
+                m.next_seq += 1;
+                m.last_ts = ts;
+                m.sampled = true;
             }
-            Stats::bump(&self.stats.samples_taken);
-            m.next_seq += 1;
-            m.last_ts = ts;
-            let row = Self::row(&id, m, true);
-            self.dirty.insert(id, row);
         }
-        self.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(fresh);
         for (id, name, customer, from, to) in gaps {
             Stats::bump(&self.stats.sampler_stalls);
             warn!(vm_id = %id, stalled_ms = (to - from) / 1_000_000, "billing sampler stalled; reporting a gap");
@@ -437,6 +443,10 @@ impl MeterTask {
             self.dirty.clear();
             return;
         };
+        for (id, m) in self.meters.iter_mut().filter(|(_, m)| m.sampled) {
+            m.sampled = false;
+            self.dirty.insert(id.clone(), Self::row(id, m, true));
+        }
         if self.buffer.is_empty() && self.dirty.is_empty() {
             return;
         }

@@ -144,10 +144,7 @@ impl Reader {
 }
 
 fn gone(pid: i32) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("process {pid} has exited"),
-    )
+    io::Error::new(io::ErrorKind::NotFound, format!("process {pid} has exited"))
 }
 
 /// Reads all of `f` from its start into `buf`. `/proc` files regenerate
