@@ -6,6 +6,7 @@
 mod backends;
 mod config;
 mod health;
+mod limits;
 mod metrics;
 mod network;
 mod quotas;
@@ -33,6 +34,7 @@ fn main() {
         Err(e) => e.exit(),
     };
     let telemetry = telemetry::init(&config);
+    limits::raise_open_files();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(run(config));
     telemetry.shutdown();
