@@ -377,6 +377,13 @@ async fn locks_are_kept_only_while_used() {
     };
     let r = w.svc.reconcile(false).await.unwrap();
     assert_eq!((r.orphan_processes, r.orphan_dirs), (0, 0));
+    // The exit watcher of a deleted VM's VMM takes that VM's lock once,
+    // after the delete returned, and lets it go when it finds no row: the
+    // map must be empty once those tasks ran (bounded: a kept lock fails).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while w.svc.lock_entries() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     assert_eq!(
         w.svc.lock_entries(),
         0,
