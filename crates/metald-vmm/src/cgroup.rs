@@ -92,8 +92,8 @@ pub fn names(config: &CgroupConfig) -> Vec<String> {
     out
 }
 
-/// Makes cgroup `name` with the VM's limits; returns the opened
-/// `cgroup.procs` files the VMM writes itself into before exec.
+/// Makes cgroup `name` with the VM's limits; returns the opened files the
+/// VMM writes itself into before exec (see [`join_file`]).
 pub fn create(
     config: &CgroupConfig,
     name: &str,
@@ -117,7 +117,7 @@ pub fn create(
         for (file, value) in limits(2, vcpus, memory_bytes) {
             write(&dir.join(file), &value)?;
         }
-        procs.push(open_procs(&dir)?);
+        procs.push(open_join(&dir, 2)?);
     } else {
         let mut lim = limits(1, vcpus, memory_bytes);
         for controller in ["cpu", "memory"] {
@@ -132,7 +132,7 @@ pub fn create(
                 write(&dir.join(file), value)?;
             }
             lim.retain(|(f, _)| !f.starts_with(&prefix));
-            procs.push(open_procs(&dir)?);
+            procs.push(open_join(&dir, 1)?);
         }
     }
     Ok(procs)
@@ -191,11 +191,29 @@ fn write(file: &Path, value: &str) -> Result<(), String> {
         .map_err(|e| format!("writing {value:?} to {}: {e}", file.display()))
 }
 
-fn open_procs(dir: &Path) -> Result<File, String> {
+/// The file a VMM writes "0" into, between fork and exec, to join its
+/// cgroup. On v1 that is `tasks`, which moves only the writing thread: the
+/// forked child has just the one, and every thread the VMM starts after
+/// exec is born in the cgroup. Moving one thread that is the writer itself
+/// skips the kernel's threadgroup lock, whose write side waits for an RCU
+/// grace period (5–12 ms on the test hosts, on the boot's critical path);
+/// `cgroup.procs` takes it. v2's `cgroup.threads` only works in threaded
+/// cgroups, so v2 writes `cgroup.procs` and pays the wait (a
+/// `clone3(CLONE_INTO_CGROUP)` spawn would avoid it; not built).
+pub fn join_file(version: u8) -> &'static str {
+    if version == 2 {
+        "cgroup.procs"
+    } else {
+        "tasks"
+    }
+}
+
+fn open_join(dir: &Path, version: u8) -> Result<File, String> {
+    let file = join_file(version);
     std::fs::OpenOptions::new()
         .write(true)
-        .open(dir.join("cgroup.procs"))
-        .map_err(|e| format!("opening {}/cgroup.procs: {e}", dir.display()))
+        .open(dir.join(file))
+        .map_err(|e| format!("opening {}/{file}: {e}", dir.display()))
 }
 
 /// 2 when the host's cgroup2 hierarchy at /sys/fs/cgroup offers the cpu

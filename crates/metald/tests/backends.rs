@@ -515,7 +515,10 @@ fn cgroup_dirs(id: &str, key: &str) -> Vec<PathBuf> {
     cgroup_parents(id).iter().map(|p| p.join(key)).collect()
 }
 
-/// Asserts the VMM runs in the cgroups of VM `key` (of trial `id`).
+/// Asserts the VMM, and every thread it has started, runs in the cgroups
+/// of VM `key` (of trial `id`). On v1 the VMM joins by moving its one
+/// thread before exec, so the threads check is what shows the whole
+/// process followed.
 fn assert_in_cgroups(id: &str, key: &str, pid: i32) {
     let homes: Vec<PathBuf> = cgroup_dirs(id, key)
         .into_iter()
@@ -529,6 +532,24 @@ fn assert_in_cgroups(id: &str, key: &str, pid: i32) {
             "VMM {pid} is not in {}",
             d.display()
         );
+        let threads = ["tasks", "cgroup.threads"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+            .unwrap();
+        let members: Vec<&str> = threads.lines().collect();
+        let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(tids.len() > 1, "the VMM has started its threads: {tids:?}");
+        for tid in &tids {
+            assert!(
+                members.contains(&tid.as_str()),
+                "thread {tid} of VMM {pid} is not in {}",
+                d.display()
+            );
+        }
     }
 }
 
