@@ -102,9 +102,11 @@ pub enum StoreError {
 /// keep queries portable.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Records a new VM; [`StoreError::AlreadyExists`] when the customer
-    /// already has a VM of that name.
-    async fn insert(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// Records a new VM and returns its position: where it sorts in
+    /// [`Store::list`] (the store's insertion order) and the cursor after
+    /// it. [`StoreError::AlreadyExists`] when the customer already has a VM
+    /// of that name.
+    async fn insert(&self, vm: &VmRecord) -> Result<i64, StoreError>;
     /// One VM by its host-wide key, whoever owns it.
     async fn get(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError>;
     /// One of a customer's VMs by the name the customer gave it.
@@ -156,6 +158,9 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Every VM of every customer, for start-up adoption and reconciliation.
     async fn all(&self) -> Result<Vec<VmRecord>, StoreError>;
+    /// Every VM's position ([`Store::insert`]) and key, in position order:
+    /// for a caller that keeps the rows and pages them itself.
+    async fn positions(&self) -> Result<Vec<(i64, VmId)>, StoreError>;
 
     /// IPAM: records `addr` as leased to `vm`. `Ok(false)` when another VM
     /// holds it; never hands an address out twice, also under concurrent

@@ -5,14 +5,16 @@
 //! through it and, once the store has it, changes the tally under one
 //! lock, so the tally is always what the rows say. It is filled from every
 //! row on first use (and again after [`Tally::forget`], which start-up
-//! recovery calls) and then never reads the store again. Plan progress and
-//! reads pass straight through. One entry per VM row; nothing a request
+//! recovery calls) and then never reads VM rows from the store again;
+//! leases pass straight through. One entry per VM row; nothing a request
 //! controls makes it grow beyond the rows themselves.
 //!
 //! It also keeps every row itself ([`Records`]), so `get` and `find`
 //! (GetVmInfo, and every lifecycle call's lookup) are answered from memory
-//! without a trip to SQLite or decoding a spec, and ListVms asks SQLite
-//! only for a page of keys. The copies change after the
+//! without a trip to SQLite or decoding a spec, and so are ListVms pages
+//! (each customer's rows are kept in the store's order, with how many are
+//! in each state, so a page costs its rows) and the full scans of the
+//! reconciler and the metrics. The copies change after the
 //! store has the write and before the write returns, under a lock only
 //! held for the change, so a read never waits for a write's fsync and no
 //! caller sees a write acknowledged that reads do not show. Plan progress
@@ -147,24 +149,131 @@ pub struct Running {
     pub host: Usage,
 }
 
-/// A copy of every row, by key and by (customer, name).
+/// A copy of every row, by key and by (customer, name), and each
+/// customer's rows in the store's order for ListVms.
 #[derive(Default)]
 struct Records {
-    by_id: HashMap<VmId, VmRecord>,
+    by_id: HashMap<VmId, Kept>,
     by_name: HashMap<(CustomerId, VmId), VmId>,
+    pages: HashMap<CustomerId, Pages>,
+}
+
+struct Kept {
+    /// The row's position in the store ([`Store::insert`]).
+    seq: i64,
+    vm: VmRecord,
+}
+
+/// One customer's rows by position, with how many are in each state.
+#[derive(Default)]
+struct Pages {
+    order: BTreeMap<i64, (VmId, VmState)>,
+    states: HashMap<VmState, i64>,
 }
 
 impl Records {
-    fn put(&mut self, vm: &VmRecord) {
+    /// Keeps `vm` at position `seq`.
+    fn put(&mut self, seq: i64, vm: &VmRecord) {
         self.take(&vm.id);
         self.by_name
             .insert((vm.customer.clone(), vm.name.clone()), vm.id.clone());
-        self.by_id.insert(vm.id.clone(), vm.clone());
+        let pages = self.pages.entry(vm.customer.clone()).or_default();
+        pages.order.insert(seq, (vm.id.clone(), vm.state));
+        *pages.states.entry(vm.state).or_default() += 1;
+        self.by_id.insert(
+            vm.id.clone(),
+            Kept {
+                seq,
+                vm: vm.clone(),
+            },
+        );
+    }
+
+    /// Replaces a kept row, keeping its position; `false` when the row is
+    /// not kept (its position is then unknown).
+    fn replace(&mut self, vm: &VmRecord) -> bool {
+        match self.by_id.get(&vm.id) {
+            Some(k) => {
+                let seq = k.seq;
+                self.put(seq, vm);
+                true
+            }
+            None => false,
+        }
     }
 
     fn take(&mut self, id: &VmId) {
-        if let Some(old) = self.by_id.remove(id) {
-            self.by_name.remove(&(old.customer, old.name));
+        let Some(old) = self.by_id.remove(id) else {
+            return;
+        };
+        let (customer, name, state) = (old.vm.customer, old.vm.name, old.vm.state);
+        if let Some(pages) = self.pages.get_mut(&customer) {
+            pages.order.remove(&old.seq);
+            if let Some(n) = pages.states.get_mut(&state) {
+                *n -= 1;
+                if *n <= 0 {
+                    pages.states.remove(&state);
+                }
+            }
+            if pages.order.is_empty() {
+                self.pages.remove(&customer);
+            }
+        }
+        self.by_name.remove(&(customer, name));
+    }
+
+    /// The page [`Store::list`] returns, from the copies.
+    fn page(
+        &self,
+        customer: &CustomerId,
+        states: &[VmState],
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> VmPage {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let Some(pages) = self.pages.get(customer) else {
+            return VmPage {
+                vms: Vec::new(),
+                next_cursor: None,
+                total: 0,
+            };
+        };
+        let mut wanted = states.to_vec();
+        wanted.sort_by_key(|s| s.as_str());
+        wanted.dedup();
+        let total = if wanted.is_empty() {
+            pages.order.len() as i64
+        } else {
+            wanted
+                .iter()
+                .map(|s| pages.states.get(s).copied().unwrap_or(0))
+                .sum()
+        };
+        let limit = limit as usize;
+        let mut vms = Vec::with_capacity(limit.min(pages.order.len()));
+        let mut next_cursor = None;
+        if limit > 0 {
+            let start = cursor.map_or(Unbounded, Excluded);
+            let mut last = None;
+            for (seq, (id, state)) in pages.order.range((start, Unbounded)) {
+                if !wanted.is_empty() && !wanted.contains(state) {
+                    continue;
+                }
+                if vms.len() == limit {
+                    next_cursor = last;
+                    break;
+                }
+                let Some(k) = self.by_id.get(id) else {
+                    continue;
+                };
+                vms.push(k.vm.clone());
+                last = Some(*seq);
+            }
+        }
+        VmPage {
+            vms,
+            next_cursor,
+            total,
         }
     }
 }
@@ -200,38 +309,53 @@ impl Tally {
         self.records.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A kept row by `key`, or `None` when nothing is kept yet (ask the
-    /// store); `Some(None)` when no such row exists.
-    fn kept(&self, key: impl FnOnce(&Records) -> Option<VmRecord>) -> Option<Option<VmRecord>> {
+    /// `read` of the copies, or `None` when nothing is kept yet (ask the
+    /// store). A row read this way is `Some(None)` when no such row exists.
+    fn kept_with<T>(&self, read: impl FnOnce(&Records) -> T) -> Option<T> {
         let records = self.records.read().unwrap_or_else(|p| p.into_inner());
-        records.as_ref().map(key)
+        records.as_ref().map(read)
     }
 
     /// Applies a write's outcome to the index and the copies (the caller
-    /// holds the index lock). A failed write may still have landed: both
-    /// are dropped and read again on next use.
-    fn apply(
+    /// holds the index lock). A failed write may still have landed: both are
+    /// dropped and read again on next use; so they are when `change`
+    /// returns `false` (the copies cannot follow the write).
+    fn apply<T>(
         &self,
         guard: &mut Option<Index>,
-        written: &Result<(), StoreError>,
-        change: impl FnOnce(&mut Index, &mut Records),
+        written: &Result<T, StoreError>,
+        change: impl FnOnce(&mut Index, &mut Records, &T) -> bool,
     ) {
         match (written, guard.as_mut()) {
-            (Ok(()), Some(index)) => {
+            (Ok(done), Some(index)) => {
                 let mut records = self.records_mut();
-                match records.as_mut() {
-                    Some(r) => change(index, r),
-                    None => {
-                        *guard = None;
-                    }
+                let followed = records.as_mut().is_some_and(|r| change(index, r, done));
+                if !followed {
+                    *guard = None;
+                    *records = None;
                 }
             }
-            (Ok(()), None) | (Err(StoreError::AlreadyExists), _) => {}
+            (Ok(_), None) | (Err(StoreError::AlreadyExists), _) => {}
             (Err(_), _) => {
                 *guard = None;
                 *self.records_mut() = None;
             }
         }
+    }
+
+    /// A row write (`update` or `update_unsynced`) through the tally.
+    async fn rewrite(
+        &self,
+        vm: &VmRecord,
+        write: impl std::future::Future<Output = Result<(), StoreError>>,
+    ) -> Result<(), StoreError> {
+        let mut guard = self.index.lock().await;
+        let written = write.await;
+        self.apply(&mut guard, &written, |index, records, _| {
+            index.put(&vm.id, Entry::of(vm));
+            records.replace(vm)
+        });
+        written
     }
 
     /// Reads every row into the index and the copies, if not done yet.
@@ -240,9 +364,24 @@ impl Tally {
         if guard.is_none() {
             let mut index = Index::default();
             let mut records = Records::default();
-            for vm in self.store.all().await? {
+            // Both reads under the index lock, which every write takes.
+            let rows = self.store.all().await?;
+            let seqs: HashMap<VmId, i64> = self
+                .store
+                .positions()
+                .await?
+                .into_iter()
+                .map(|(seq, id)| (id, seq))
+                .collect();
+            for vm in rows {
+                let Some(&seq) = seqs.get(&vm.id) else {
+                    return Err(StoreError::Other(format!(
+                        "vm {:?} has no position in the store",
+                        vm.id.as_str()
+                    )));
+                };
                 index.put(&vm.id, Entry::of(&vm));
-                records.put(&vm);
+                records.put(seq, &vm);
             }
             *guard = Some(index);
             *self.records_mut() = Some(records);
@@ -313,23 +452,24 @@ impl Tally {
 
 #[async_trait]
 impl Store for Tally {
-    async fn insert(&self, vm: &VmRecord) -> Result<(), StoreError> {
+    async fn insert(&self, vm: &VmRecord) -> Result<i64, StoreError> {
         let mut guard = self.index.lock().await;
         let written = self.store.insert(vm).await;
-        self.apply(&mut guard, &written, |index, records| {
+        self.apply(&mut guard, &written, |index, records, &seq| {
             index.put(&vm.id, Entry::of(vm));
-            records.put(vm);
+            records.put(seq, vm);
+            true
         });
         written
     }
 
     async fn get(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
-        if let Some(kept) = self.kept(|r| r.by_id.get(id).cloned()) {
+        let key = |r: &Records| r.by_id.get(id).map(|k| k.vm.clone());
+        if let Some(kept) = self.kept_with(key) {
             return Ok(kept);
         }
-        let guard = self.fill().await?;
-        drop(guard);
-        match self.kept(|r| r.by_id.get(id).cloned()) {
+        drop(self.fill().await?);
+        match self.kept_with(key) {
             Some(kept) => Ok(kept),
             None => self.store.get(id).await,
         }
@@ -342,45 +482,34 @@ impl Store for Tally {
     ) -> Result<Option<VmRecord>, StoreError> {
         let key = |r: &Records| {
             let id = r.by_name.get(&(customer.clone(), name.clone()))?;
-            r.by_id.get(id).cloned()
+            r.by_id.get(id).map(|k| k.vm.clone())
         };
-        if let Some(kept) = self.kept(key) {
+        if let Some(kept) = self.kept_with(key) {
             return Ok(kept);
         }
         drop(self.fill().await?);
-        match self.kept(key) {
+        match self.kept_with(key) {
             Some(kept) => Ok(kept),
             None => self.store.find(customer, name).await,
         }
     }
 
     async fn update(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let mut guard = self.index.lock().await;
-        let written = self.store.update(vm).await;
-        self.apply(&mut guard, &written, |index, records| {
-            index.put(&vm.id, Entry::of(vm));
-            records.put(vm);
-        });
-        written
+        self.rewrite(vm, self.store.update(vm)).await
     }
 
     async fn update_unsynced(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let mut guard = self.index.lock().await;
-        let written = self.store.update_unsynced(vm).await;
-        self.apply(&mut guard, &written, |index, records| {
-            index.put(&vm.id, Entry::of(vm));
-            records.put(vm);
-        });
-        written
+        self.rewrite(vm, self.store.update_unsynced(vm)).await
     }
 
     async fn progress(&self, id: &VmId, plan: Option<PlanRecord>) -> Result<(), StoreError> {
         let mut guard = self.index.lock().await;
         let written = self.store.progress(id, plan).await;
-        self.apply(&mut guard, &written, |_, records| {
-            if let Some(vm) = records.by_id.get_mut(id) {
-                vm.plan = plan;
+        self.apply(&mut guard, &written, |_, records, _| {
+            if let Some(k) = records.by_id.get_mut(id) {
+                k.vm.plan = plan;
             }
+            true
         });
         written
     }
@@ -388,9 +517,10 @@ impl Store for Tally {
     async fn remove(&self, id: &VmId) -> Result<(), StoreError> {
         let mut guard = self.index.lock().await;
         let written = self.store.remove(id).await;
-        self.apply(&mut guard, &written, |index, records| {
+        self.apply(&mut guard, &written, |index, records, _| {
             index.take(id);
             records.take(id);
+            true
         });
         written
     }
@@ -402,41 +532,33 @@ impl Store for Tally {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<VmPage, StoreError> {
-        if self.kept(|_| None).is_none() {
-            return self.store.list(customer, states, cursor, limit).await;
+        let page = |r: &Records| r.page(customer, states, cursor, limit);
+        if let Some(page) = self.kept_with(page) {
+            return Ok(page);
         }
-        // The store pages by key; the rows come from the copies. A row
-        // removed or changed since the page was read is left out if it no
-        // longer matches (a write that raced the read).
-        let page = self
-            .store
-            .list_keys(customer, states, cursor, limit)
-            .await?;
-        let vms: Option<Vec<VmRecord>> = {
-            let records = self.records.read().unwrap_or_else(|p| p.into_inner());
-            records.as_ref().map(|records| {
-                page.keys
-                    .iter()
-                    .filter_map(|id| records.by_id.get(id))
-                    .filter(|vm| &vm.customer == customer)
-                    .filter(|vm| states.is_empty() || states.contains(&vm.state))
-                    .cloned()
-                    .collect()
-            })
-        };
-        // (The copies were dropped meanwhile by a failed write.)
-        let Some(vms) = vms else {
-            return self.store.list(customer, states, cursor, limit).await;
-        };
-        Ok(VmPage {
-            vms,
-            next_cursor: page.next_cursor,
-            total: page.total,
-        })
+        drop(self.fill().await?);
+        match self.kept_with(page) {
+            Some(page) => Ok(page),
+            None => self.store.list(customer, states, cursor, limit).await,
+        }
     }
 
+    /// Every row, from the copies, in the store's order.
     async fn all(&self) -> Result<Vec<VmRecord>, StoreError> {
-        self.store.all().await
+        let all = |r: &Records| {
+            let mut kept: Vec<&Kept> = r.by_id.values().collect();
+            kept.sort_by_key(|k| k.seq);
+            kept.into_iter().map(|k| k.vm.clone()).collect()
+        };
+        drop(self.fill().await?);
+        match self.kept_with(all) {
+            Some(rows) => Ok(rows),
+            None => self.store.all().await,
+        }
+    }
+
+    async fn positions(&self) -> Result<Vec<(i64, VmId)>, StoreError> {
+        self.store.positions().await
     }
 
     async fn lease(&self, addr: IpAddr, vm: &VmId) -> Result<bool, StoreError> {

@@ -147,6 +147,11 @@ async fn sums_kept_from_writes_match_sums_read_from_the_rows() {
                 }
             }
         }
+        assert_eq!(
+            kept.all().await.unwrap(),
+            store.all().await.unwrap(),
+            "every row in the store's order, after write {n}"
+        );
         for row in &rows {
             let stored = store.get(&row.id).await.unwrap();
             assert_eq!(stored.as_ref(), Some(row), "after write {n}");

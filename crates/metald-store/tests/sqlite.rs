@@ -59,7 +59,7 @@ async fn open() -> (tempfile::TempDir, PathBuf, SqliteStore) {
 async fn records_round_trip_and_ids_are_unique() {
     let (_dir, _path, store) = open().await;
     let mut vm = record("vm-a", "acme");
-    store.insert(&vm).await.unwrap();
+    let first = store.insert(&vm).await.unwrap();
     assert_eq!(store.get(&vm.id).await.unwrap(), Some(vm.clone()));
     assert_eq!(
         store
@@ -99,6 +99,26 @@ async fn records_round_trip_and_ids_are_unique() {
     store.progress(&vm.id, on).await.unwrap();
     vm.plan = on;
     assert_eq!(store.get(&vm.id).await.unwrap(), Some(vm.clone()));
+
+    // Positions follow insertion order, are what the cursor pages by, and
+    // are never handed out again.
+    let second = store.insert(&record("vm-b", "acme")).await.unwrap();
+    assert!(second > first, "{second} after {first}");
+    let b = VmId::parse("vm-b", "t").unwrap();
+    assert_eq!(
+        store.positions().await.unwrap(),
+        vec![(first, vm.id.clone()), (second, b.clone())]
+    );
+    let acme = CustomerId::parse("acme").unwrap();
+    let after_a = store.list(&acme, &[], Some(first), 10).await.unwrap();
+    assert_eq!(after_a.vms.iter().map(|v| &v.id).collect::<Vec<_>>(), [&b]);
+    store.remove(&b).await.unwrap();
+    let third = store.insert(&record("vm-c", "acme")).await.unwrap();
+    assert!(third > second, "{third} after the removed {second}");
+    store
+        .remove(&VmId::parse("vm-c", "t").unwrap())
+        .await
+        .unwrap();
 
     store.remove(&vm.id).await.unwrap();
     assert_eq!(store.get(&vm.id).await.unwrap(), None);

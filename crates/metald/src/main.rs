@@ -417,7 +417,8 @@ async fn serve_metrics(
     let scrape = metrics::Scrape {
         registry: opened.metrics.registry(Some(collector)),
         metrics: opened.metrics.clone(),
-        store: Arc::new(opened.store.clone()),
+        // The service's store: a scrape reads its kept rows, not SQLite.
+        store: opened.service.store(),
         backend: opened.service.backend_name(),
         health: health.clone(),
     };

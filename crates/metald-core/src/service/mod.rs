@@ -238,6 +238,14 @@ impl VmService {
         }
     }
 
+    /// The store as the service keeps it: its reads are answered from the
+    /// service's copies of the rows (no SQLite trip), and a write through
+    /// it keeps those copies true. For read-mostly callers such as the
+    /// metrics scrape.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
+    }
+
     /// The backend's name, for logs and health output.
     pub fn backend_name(&self) -> &'static str {
         self.inner.vmm.name()

@@ -70,7 +70,7 @@ impl VmService {
                 metald.customer_id = %vm.customer,
             );
             match self.inner.store.insert(&vm).instrument(span).await {
-                Ok(()) => token.spend(),
+                Ok(_) => token.spend(),
                 Err(StoreError::AlreadyExists) => {
                     return Err(Error::AlreadyExists(name.to_string()));
                 }
