@@ -81,14 +81,6 @@ pub struct VmPage {
     pub total: i64,
 }
 
-/// A page of a customer's VMs as keys only ([`Store::list_keys`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyPage {
-    pub keys: Vec<VmId>,
-    pub next_cursor: Option<i64>,
-    pub total: i64,
-}
-
 /// Errors a store distinguishes because the service reacts to them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -140,22 +132,6 @@ pub trait Store: Send + Sync + 'static {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<VmPage, StoreError>;
-    /// The page [`Store::list`] would return, as the VMs' keys: for a
-    /// caller that keeps the rows itself. The default reads the rows.
-    async fn list_keys(
-        &self,
-        customer: &CustomerId,
-        states: &[VmState],
-        cursor: Option<i64>,
-        limit: u32,
-    ) -> Result<KeyPage, StoreError> {
-        let page = self.list(customer, states, cursor, limit).await?;
-        Ok(KeyPage {
-            keys: page.vms.into_iter().map(|vm| vm.id).collect(),
-            next_cursor: page.next_cursor,
-            total: page.total,
-        })
-    }
     /// Every VM of every customer, for start-up adoption and reconciliation.
     async fn all(&self) -> Result<Vec<VmRecord>, StoreError>;
     /// Every VM's position ([`Store::insert`]) and key, in position order:

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use metald_core::plan::PlanRecord;
-use metald_core::ports::{KeyPage, Store, StoreError, VmPage, VmRecord, VmmRuntime};
+use metald_core::ports::{Store, StoreError, VmPage, VmRecord, VmmRuntime};
 use metald_core::vm::VmSpecRow;
 use metald_core::{CustomerId, VmId, VmSpec, VmState};
 use sqlx::FromRow;
@@ -379,29 +379,6 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmPage {
             vms,
-            next_cursor,
-            total,
-        })
-    }
-
-    /// The same page as [`Store::list`], reading only each row's position
-    /// and key: no spec is read or decoded.
-    async fn list_keys(
-        &self,
-        customer: &CustomerId,
-        states: &[VmState],
-        cursor: Option<i64>,
-        limit: u32,
-    ) -> Result<KeyPage, StoreError> {
-        let (rows, next_cursor, total) = self
-            .page::<(i64, String)>(customer, states, cursor, limit, "seq, vm_id", |r| r.0)
-            .await?;
-        let keys = rows
-            .into_iter()
-            .map(|(_, id)| stored_key(&id))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(KeyPage {
-            keys,
             next_cursor,
             total,
         })
