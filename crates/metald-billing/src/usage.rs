@@ -73,6 +73,15 @@ impl Carried {
 /// clock is named by pid, so it is read first and counts only if the
 /// pinned `statm` still reads after it: the process was alive then, so
 /// the pid was still its own when the clock was read.
+///
+/// A process whose CPU time has not moved since the last read has not run:
+/// it cannot have read or written a byte or faulted in a page (the kernel
+/// counts those in the running task's context), so its memory and disk
+/// counters are those of the last read and the sample is the clock alone.
+/// Its resident memory can still shrink without it running (the host
+/// reclaiming pages), so `statm` and `io` are read again at least every
+/// [`REFRESH_EVERY`] samples. A paused or idle VMM costs one system call
+/// per sample; one that ran costs three.
 #[derive(Debug)]
 pub struct Reader {
     pid: i32,
@@ -81,8 +90,18 @@ pub struct Reader {
     io: Option<File>,
     /// The last CPU total reported; totals never go below it.
     last: i64,
+    /// The clock's reading at the last full read, and what that read gave.
+    full: Option<(i64, Usage)>,
+    /// Samples that may still reuse `full` while the clock stands still.
+    reuse_left: u32,
+    /// Reads that read `statm` and `io` (for tests and the bench).
+    full_reads: u64,
     buf: Vec<u8>,
 }
+
+/// Most samples in a row answered from the clock alone: memory and disk
+/// counters are at most this many samples old (1 s at 100 ms).
+pub const REFRESH_EVERY: u32 = 10;
 
 impl Reader {
     /// A reader of process `pid`; nothing is opened until the first read.
@@ -93,6 +112,9 @@ impl Reader {
             statm: None,
             io: None,
             last: 0,
+            full: None,
+            reuse_left: 0,
+            full_reads: 0,
             buf: Vec::with_capacity(512),
         }
     }
@@ -100,6 +122,12 @@ impl Reader {
     /// The process this reader reads.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// How many reads so far read the process's `/proc` files, not only
+    /// its CPU clock.
+    pub fn full_reads(&self) -> u64 {
+        self.full_reads
     }
 
     /// The process's cumulative usage now (network counters zero).
@@ -116,6 +144,17 @@ impl Reader {
             _ => return Err(gone(self.pid)),
         };
         self.last = self.last.max(cpu_ns);
+        if let Some((clock, kept)) = self.full
+            && clock == cpu_ns
+            && self.reuse_left > 0
+        {
+            // Not run since: nothing but time has changed. (A process that
+            // exited and was reaped fails the clock above; a reused pid is
+            // a process with a CPU time of its own.)
+            self.reuse_left -= 1;
+            return Ok(kept);
+        }
+        self.full_reads += 1;
         let pages = match self.statm.as_ref().map(|f| pread(f, &mut self.buf)) {
             Some(Ok(())) => nth_field(&self.buf, 1),
             _ => 0,
@@ -132,14 +171,17 @@ impl Reader {
             }
             _ => (0, 0),
         };
-        Ok(Usage {
+        let usage = Usage {
             cpu_ns: self.last,
             memory_bytes: pages * page_size(),
             disk_read,
             disk_write,
             net_rx: 0,
             net_tx: 0,
-        })
+        };
+        self.full = Some((cpu_ns, usage));
+        self.reuse_left = REFRESH_EVERY - 1;
+        Ok(usage)
     }
 }
 
@@ -228,6 +270,53 @@ mod tests {
             b.cpu_ns > a.cpu_ns,
             "busy work adds CPU time: {a:?} -> {b:?}"
         );
+    }
+
+    #[test]
+    fn a_process_that_does_not_run_is_read_from_its_clock_and_refreshed_every_tenth_sample() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut r = Reader::new(child.id() as i32);
+        let first = r.read().unwrap();
+        // Let the child settle into its sleep: its CPU time stops moving.
+        let settled = loop {
+            let before = r.full_reads();
+            let u = r.read().unwrap();
+            if r.full_reads() == before {
+                break u;
+            }
+        };
+        let base = r.full_reads();
+        let mut reads = Vec::new();
+        for _ in 0..3 * REFRESH_EVERY {
+            reads.push(r.read().unwrap());
+        }
+        assert!(reads.iter().all(|u| *u == settled), "{settled:?} {reads:?}");
+        assert_eq!(
+            r.full_reads() - base,
+            3,
+            "a sleeping process's files are read once per {REFRESH_EVERY} samples"
+        );
+        assert!(first.memory_bytes > 0);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            r.read().is_err(),
+            "a reaped process has no usage, even from the clock path"
+        );
+    }
+
+    #[test]
+    fn a_process_that_runs_has_its_files_read_at_every_sample() {
+        let me = std::process::id() as i32;
+        let mut r = Reader::new(me);
+        for _ in 0..2 * REFRESH_EVERY {
+            spin(100_000);
+            r.read().unwrap();
+        }
+        assert_eq!(r.full_reads(), 2 * REFRESH_EVERY as u64);
     }
 
     #[test]
