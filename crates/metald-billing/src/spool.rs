@@ -12,9 +12,14 @@ use sqlx::{FromRow, QueryBuilder, Row, Sqlite};
 
 use crate::usage::Usage;
 
+mod runs;
+
+use runs::Take;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
-/// One sample as spooled.
+/// One sample as spooled (stored with the VM's other samples of the same
+/// write, as a run: see `runs`).
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct SampleRow {
     pub vm_id: String,
@@ -48,6 +53,9 @@ impl SampleRow {
 /// Rows per multi-row INSERT: 14 columns × 64 rows stays under SQLite's
 /// bound of parameters per statement on every version (999 before 3.32).
 const ROWS_PER_INSERT: usize = 64;
+
+/// Most samples in one run made from an earlier metald's sample rows.
+const LEGACY_RUN: usize = 100;
 
 /// Notices waiting beyond which a VM's new gap widens its latest waiting
 /// gap instead of adding a row.
@@ -100,9 +108,9 @@ pub struct Spool {
     max_outbox: i64,
 }
 
-type R<T> = Result<T, String>;
+pub(crate) type R<T> = Result<T, String>;
 
-fn e(ctx: &str) -> impl Fn(sqlx::Error) -> String + '_ {
+pub(crate) fn e(ctx: &str) -> impl Fn(sqlx::Error) -> String + '_ {
     move |err| format!("billing spool: {ctx}: {err}")
 }
 
@@ -124,10 +132,58 @@ impl Spool {
             .run(&pool)
             .await
             .map_err(|err| format!("migrating {}: {err}", path.display()))?;
-        Ok(Spool {
+        let spool = Spool {
             pool,
             max_outbox: MAX_OUTBOX,
-        })
+        };
+        spool.runs_from_rows().await?;
+        Ok(spool)
+    }
+
+    /// Moves the sample rows an earlier metald left (one row per sample)
+    /// into runs, a VM at a time, each VM in one transaction.
+    async fn runs_from_rows(&self) -> R<()> {
+        let vms: Vec<String> = sqlx::query_scalar("SELECT DISTINCT vm_id FROM samples")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(e("listing earlier sample rows"))?;
+        for vm in vms {
+            let mut tx = self.pool.begin().await.map_err(e("begin"))?;
+            let rows: Vec<(i64, SampleRow)> = sqlx::query(
+                "SELECT parked, vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, net_rx, net_tx \
+                 FROM samples WHERE vm_id = $1 ORDER BY seq",
+            )
+            .bind(&vm)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(e("reading earlier sample rows"))?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, SampleRow::from_row(r)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(e("reading earlier sample rows"))?;
+            let mut made: Vec<runs::Run<'_>> = Vec::new();
+            for (parked, s) in &rows {
+                let parked = *parked != 0;
+                match made.last_mut() {
+                    Some(r) if r.parked == parked && r.samples.len() < LEGACY_RUN => {
+                        r.samples.push(s)
+                    }
+                    _ => made.push(runs::Run {
+                        vm_id: &s.vm_id,
+                        parked,
+                        samples: vec![s],
+                    }),
+                }
+            }
+            runs::insert(&mut tx, &made).await?;
+            sqlx::query("DELETE FROM samples WHERE vm_id = $1")
+                .bind(&vm)
+                .execute(&mut *tx)
+                .await
+                .map_err(e("deleting earlier sample rows"))?;
+            tx.commit().await.map_err(e("commit"))?;
+        }
+        Ok(())
     }
 
     /// The same spool with another outbox bound (for tests).
@@ -137,32 +193,14 @@ impl Spool {
     }
 
     /// Writes samples and meter positions in one transaction (one fsync).
-    /// Rows go [`ROWS_PER_INSERT`] to a statement: each statement is a trip
-    /// to sqlx's SQLite thread, and one per row was most of the spool's CPU
-    /// time with a thousand VMs sampled every 100 ms.
+    /// A VM's samples of one write are one row (a run), and rows go
+    /// [`ROWS_PER_INSERT`] to a statement: each statement is a trip to
+    /// sqlx's SQLite thread, and each row an index entry; one row per
+    /// sample was most of the spool's CPU time with a thousand VMs sampled
+    /// every 100 ms.
     pub async fn append(&self, samples: &[SampleRow], meters: &[MeterRow]) -> R<()> {
         let mut tx = self.pool.begin().await.map_err(e("begin"))?;
-        for chunk in samples.chunks(ROWS_PER_INSERT) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT OR IGNORE INTO samples (vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, \
-                 net_rx, net_tx) ",
-            );
-            q.push_values(chunk, |mut b, s| {
-                b.push_bind(&s.vm_id)
-                    .push_bind(s.seq)
-                    .push_bind(s.ts)
-                    .push_bind(s.cpu_ns)
-                    .push_bind(s.memory_bytes)
-                    .push_bind(s.disk_read)
-                    .push_bind(s.disk_write)
-                    .push_bind(s.net_rx)
-                    .push_bind(s.net_tx);
-            });
-            q.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(e("writing samples"))?;
-        }
+        runs::insert(&mut tx, &runs::group(samples)).await?;
         for chunk in meters.chunks(ROWS_PER_INSERT) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO meters (vm_id, customer_id, pid, start_time, running, last_seq, last_ts, vm_name, \
@@ -283,7 +321,7 @@ impl Spool {
     /// VMs with unsent samples: key, name and customer.
     pub async fn vms_with_samples(&self) -> R<Vec<(String, String, String)>> {
         let rows = sqlx::query(
-            "SELECT DISTINCT s.vm_id, m.vm_name, m.customer_id FROM samples s JOIN meters m ON m.vm_id = s.vm_id \
+            "SELECT DISTINCT s.vm_id, m.vm_name, m.customer_id FROM sample_runs s JOIN meters m ON m.vm_id = s.vm_id \
              WHERE s.parked = 0 ORDER BY s.vm_id",
         )
         .fetch_all(&self.pool)
@@ -302,57 +340,70 @@ impl Spool {
     }
 
     /// The oldest unsent samples of a VM, at most `limit`, taken no later
-    /// than `until` (Unix ns).
+    /// than `until` (Unix ns): consecutive, up to the first taken later.
     pub async fn samples(&self, vm_id: &str, until: i64, limit: i64) -> R<Vec<SampleRow>> {
-        sqlx::query_as(
-            "SELECT vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, net_rx, net_tx FROM samples \
-             WHERE vm_id = $1 AND ts <= $2 AND parked = 0 ORDER BY seq LIMIT $3",
+        // Every run holds at least one sample: `limit` runs are enough.
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT first_seq, body FROM sample_runs WHERE vm_id = $1 AND first_ts <= $2 AND parked = 0 \
+             ORDER BY first_seq LIMIT $3",
         )
         .bind(vm_id)
         .bind(until)
         .bind(limit)
         .fetch_all(&self.pool)
         .await
-        .map_err(e("reading samples"))
+        .map_err(e("reading samples"))?;
+        let mut out = Vec::new();
+        for (first, body) in rows {
+            for s in runs::decode(vm_id, first, &body)? {
+                if s.ts > until || out.len() as i64 >= limit {
+                    return Ok(out);
+                }
+                out.push(s);
+            }
+        }
+        Ok(out)
     }
 
     /// The unsent samples of a VM with `first <= seq <= last`.
     pub async fn samples_between(&self, vm_id: &str, first: i64, last: i64) -> R<Vec<SampleRow>> {
-        sqlx::query_as(
-            "SELECT vm_id, seq, ts, cpu_ns, memory_bytes, disk_read, disk_write, net_rx, net_tx FROM samples \
-             WHERE vm_id = $1 AND seq >= $2 AND seq <= $3 AND parked = 0 ORDER BY seq",
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT first_seq, body FROM sample_runs \
+             WHERE vm_id = $1 AND last_seq >= $2 AND first_seq <= $3 AND parked = 0 ORDER BY first_seq",
         )
         .bind(vm_id)
         .bind(first)
         .bind(last)
         .fetch_all(&self.pool)
         .await
-        .map_err(e("reading samples"))
+        .map_err(e("reading samples"))?;
+        let mut out = Vec::new();
+        for (run_first, body) in rows {
+            out.extend(
+                runs::decode(vm_id, run_first, &body)?
+                    .into_iter()
+                    .filter(|s| first <= s.seq && s.seq <= last),
+            );
+        }
+        Ok(out)
     }
 
     /// Drops acknowledged samples.
     pub async fn ack(&self, vm_id: &str, first: i64, last: i64) -> R<()> {
-        sqlx::query("DELETE FROM samples WHERE vm_id = $1 AND seq >= $2 AND seq <= $3")
-            .bind(vm_id)
-            .bind(first)
-            .bind(last)
-            .execute(&self.pool)
+        let mut tx = self.pool.begin().await.map_err(e("begin"))?;
+        runs::take(&mut tx, vm_id, (first, last), Take::Delete).await?;
+        tx.commit()
             .await
             .map_err(e("deleting acknowledged samples"))
-            .map(drop)
     }
 
     /// Keeps a VM's samples `first..=last` on disk but sends them no more
     /// (the billing service refused them for good); returns how many.
     pub async fn park_samples(&self, vm_id: &str, first: i64, last: i64) -> R<u64> {
-        sqlx::query("UPDATE samples SET parked = 1 WHERE vm_id = $1 AND seq >= $2 AND seq <= $3")
-            .bind(vm_id)
-            .bind(first)
-            .bind(last)
-            .execute(&self.pool)
-            .await
-            .map_err(e("parking samples"))
-            .map(|r| r.rows_affected())
+        let mut tx = self.pool.begin().await.map_err(e("begin"))?;
+        let n = runs::take(&mut tx, vm_id, (first, last), Take::Park).await?;
+        tx.commit().await.map_err(e("parking samples"))?;
+        Ok(n)
     }
 
     /// Keeps a notice on disk but sends it no more.
@@ -367,7 +418,7 @@ impl Spool {
 
     /// When the oldest unsent, unparked sample was taken (Unix ns).
     pub async fn oldest_unsent(&self) -> R<Option<i64>> {
-        sqlx::query_scalar("SELECT MIN(ts) FROM samples WHERE parked = 0")
+        sqlx::query_scalar("SELECT MIN(first_ts) FROM sample_runs WHERE parked = 0")
             .fetch_one(&self.pool)
             .await
             .map_err(e("finding the oldest unsent sample"))
@@ -375,10 +426,12 @@ impl Spool {
 
     /// Parked rows: (samples, notices).
     pub async fn parked(&self) -> R<(i64, i64)> {
-        let samples = sqlx::query_scalar("SELECT COUNT(*) FROM samples WHERE parked = 1")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(e("counting parked samples"))?;
+        let samples = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(samples), 0) FROM sample_runs WHERE parked = 1",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(e("counting parked samples"))?;
         let notices = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE parked = 1")
             .fetch_one(&self.pool)
             .await
@@ -407,7 +460,7 @@ impl Spool {
     pub async fn prune(&self) -> R<u64> {
         sqlx::query(
             "DELETE FROM meters WHERE removed = 1 \
-             AND NOT EXISTS (SELECT 1 FROM samples s WHERE s.vm_id = meters.vm_id AND s.parked = 0) \
+             AND NOT EXISTS (SELECT 1 FROM sample_runs s WHERE s.vm_id = meters.vm_id AND s.parked = 0) \
              AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.vm_id = meters.vm_id AND o.parked = 0)",
         )
         .execute(&self.pool)
@@ -419,7 +472,7 @@ impl Spool {
     /// How many samples the spool holds (parked ones included: they take
     /// room on disk too).
     pub async fn len(&self) -> R<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM samples")
+        sqlx::query_scalar("SELECT COALESCE(SUM(samples), 0) FROM sample_runs")
             .fetch_one(&self.pool)
             .await
             .map_err(e("counting samples"))

@@ -614,7 +614,7 @@ pub(crate) async fn spooled_samples(d: &Daemon) -> i64 {
         d.data_dir.join("billing.db").display()
     );
     let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    sqlx::query_scalar("SELECT COUNT(*) FROM samples")
+    sqlx::query_scalar("SELECT COALESCE(SUM(samples), 0) FROM sample_runs")
         .fetch_one(&mut db)
         .await
         .unwrap()
