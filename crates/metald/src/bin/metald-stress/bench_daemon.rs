@@ -289,7 +289,10 @@ impl Daemon {
     /// Force-deletes every VM of the bench's customer, then stops metald
     /// and removes what is left; how many VMs could not be deleted.
     pub async fn finish(mut self) -> usize {
-        let names = list(&self.api).await.unwrap_or_default();
+        let names = list(&self.api).await.unwrap_or_else(|e| {
+            eprintln!("metald-stress: listing the VMs to delete: {e}");
+            Vec::new()
+        });
         let failed = delete(&self.api, &names, 8).await;
         self.kill();
         failed + list_left(&self.dir)
@@ -391,6 +394,11 @@ pub async fn delete(c: &Client, names: &[String], width: usize) -> usize {
             tasks.spawn(async move { delete_one(&c, &name).await });
         }
         while let Some(r) = tasks.join_next().await {
+            if let Ok(Err(e)) = &r
+                && failed == 0
+            {
+                eprintln!("metald-stress: {e}");
+            }
             failed += usize::from(!matches!(r, Ok(Ok(()))));
         }
     }
