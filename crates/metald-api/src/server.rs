@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use axum::routing::get;
 use connectrpc::{
-    ConnectError, ConnectRpcService, DeadlinePolicy, RequestContext, Response, Router,
-    ServiceRequest, ServiceResult,
+    CompressionPolicy, ConnectError, ConnectRpcService, DeadlinePolicy, RequestContext, Response,
+    Router, ServiceRequest, ServiceResult,
 };
 use metald_core::VmService;
 use metald_core::error::Error;
@@ -264,6 +264,15 @@ impl pb::VmService for VmApi {
 }
 
 /// The request limits the API port applies (body size, decode budgets).
+/// Responses smaller than this go out uncompressed even to a client that
+/// accepts gzip. metald's callers are control planes on the host's
+/// network, and every CPU-millisecond metald spends is one its tenants' VMs
+/// do not get: gzip on a ListVms page of 50 VMs (about 2 KiB of protobuf)
+/// was 11% of metald's CPU per page (`docs/benchmarks.md`), most of it
+/// setting up the compressor, to save a kilobyte. Larger answers (a page of
+/// hundreds of VMs, or of a hundred in JSON) are still compressed.
+pub const COMPRESS_MIN_BYTES: usize = 16 << 10;
+
 pub fn limits() -> connectrpc::Limits {
     connectrpc::Limits::default().with_max_request_body_size(MAX_REQUEST_BYTES)
 }
@@ -282,6 +291,7 @@ pub async fn serve(
     let max = api.request_timeout_max;
     let connect = ConnectRpcService::new(router)
         .with_limits(limits())
+        .with_compression_policy(CompressionPolicy::default().with_min_size(COMPRESS_MIN_BYTES))
         .with_deadline_policy(
             DeadlinePolicy::new()
                 .with_max(max)

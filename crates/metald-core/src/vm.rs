@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -209,8 +210,18 @@ pub struct DiskSpec {
 /// `TryFrom<`[`VmSpecRow`]`>` (a stored spec, judged again) create one, and
 /// what changes after validation (resolved host paths, the network
 /// attachment) changes through a narrow method each.
+///
+/// Cloning one is cheap: the fields are shared (a reference count), and a
+/// change copies them first. A VM's spec is read on every GetVmInfo and
+/// ListVms row and almost never changed, so reads never copy its strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmSpec {
+pub struct VmSpec(Arc<SpecFields>);
+
+/// A [`VmSpec`]'s fields, private to this module; read them through
+/// [`VmSpec`]'s methods.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecFields {
     vcpus: u32,
     topology: Option<(u32, u32, u32)>,
     memory_bytes: u64,
@@ -242,7 +253,7 @@ impl VmSpec {
         let disks = check_disks(&input.disks)?;
         let nics = check_nics(&input.network)?;
         check_metadata(&input.metadata)?;
-        Ok(VmSpec {
+        Ok(VmSpec(Arc::new(SpecFields {
             vcpus,
             topology,
             memory_bytes,
@@ -254,7 +265,22 @@ impl VmSpec {
             nics,
             console_enabled: input.console_enabled,
             metadata: input.metadata,
-        })
+        })))
+    }
+}
+
+impl std::ops::Deref for VmSpec {
+    type Target = SpecFields;
+
+    fn deref(&self) -> &SpecFields {
+        &self.0
+    }
+}
+
+/// A change to a shared spec copies its fields first.
+impl std::ops::DerefMut for VmSpec {
+    fn deref_mut(&mut self) -> &mut SpecFields {
+        Arc::make_mut(&mut self.0)
     }
 }
 

@@ -51,6 +51,19 @@ fn accepts_a_minimal_spec() {
 }
 
 #[test]
+fn a_cloned_spec_shares_its_fields_until_one_copy_changes() {
+    let k = kernel();
+    let spec = VmSpec::new(valid(&k)).unwrap();
+    let copy = spec.clone();
+    assert!(Arc::ptr_eq(&spec.0, &copy.0), "a clone copies no field");
+    let moved = copy.at_host_paths(PathBuf::from("/elsewhere/vmlinux"), None, []);
+    assert!(!Arc::ptr_eq(&spec.0, &moved.0));
+    assert_eq!(moved.kernel(), Path::new("/elsewhere/vmlinux"));
+    assert_eq!(spec.kernel(), k.0.as_path(), "the original is unchanged");
+    assert_eq!(copy, spec);
+}
+
+#[test]
 fn vcpu_bounds() {
     let k = kernel();
     for bad in [0, -1, 33] {

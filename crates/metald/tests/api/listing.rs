@@ -67,6 +67,40 @@ async fn paginates_120_vms_into_3_pages_without_gaps_or_duplicates() {
     assert_eq!(seen, created, "every VM once, in creation order");
     assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 120);
 
+    // A client that accepts gzip gets small answers as they are (they
+    // are not worth metald's CPU) and large ones compressed.
+    let encoding = |page_size: u32| {
+        let url = format!("{}/vmprovisioner.v1.VmService/ListVms", d.url);
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(t)
+                .header("content-type", "application/json")
+                .header("accept-encoding", "gzip")
+                .body(json!({"page_size": page_size}).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let enc = r
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (enc, r.bytes().await.unwrap().len())
+        }
+    };
+    let (small, small_len) = encoding(50).await;
+    assert_eq!(
+        small, None,
+        "a page of 50 ({small_len} bytes) is not compressed"
+    );
+    let (large, large_len) = encoding(1000).await;
+    assert_eq!(
+        large.as_deref(),
+        Some("gzip"),
+        "a page of 120 ({large_len} bytes on the wire) is compressed"
+    );
+
     // Default page size is 50; oversized requests are reduced to 1000.
     assert_eq!(ids(&d.ok(t, "ListVms", json!({})).await).len(), 50);
     assert_eq!(
