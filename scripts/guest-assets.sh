@@ -90,8 +90,10 @@ kernel_args() {
 	fi
 }
 
+# Through a temporary file of this run's own: two runs at once (the demo
+# tests run in parallel) must not move each other's file away.
 write_env() {
-	cat >"$OUT/assets.env.tmp" <<-EOF
+	cat >"$OUT/assets.env.tmp.$$" <<-EOF
 		METALD_GUEST_KERNEL=$OUT/vmlinux
 		METALD_GUEST_BZIMAGE=$OUT/bzImage
 		METALD_GUEST_INITRD=$OUT/initramfs.cpio.gz
@@ -99,7 +101,7 @@ write_env() {
 		METALD_GUEST_KERNEL_VERSION=$KVER
 		METALD_GUEST_KERNEL_ARGS="$(kernel_args)"
 	EOF
-	mv -f "$OUT/assets.env.tmp" "$OUT/assets.env"
+	mv -f "$OUT/assets.env.tmp.$$" "$OUT/assets.env"
 	cat "$OUT/assets.env"
 }
 
@@ -255,7 +257,7 @@ if [[ $fresh == 0 ]]; then
 	rm -f "$OUT/.stamp"
 	build "$TMP"
 	for a in "${ASSETS[@]}"; do mv -f "$TMP/$a" "$OUT/$a"; done
-	echo "$STAMP" >"$OUT/.stamp.tmp" && mv -f "$OUT/.stamp.tmp" "$OUT/.stamp"
+	echo "$STAMP" >"$OUT/.stamp.tmp.$$" && mv -f "$OUT/.stamp.tmp.$$" "$OUT/.stamp"
 	log "built guest assets for $KVER in $OUT"
 fi
 write_env
