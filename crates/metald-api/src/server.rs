@@ -263,7 +263,6 @@ impl pb::VmService for VmApi {
     }
 }
 
-/// The request limits the API port applies (body size, decode budgets).
 /// Responses smaller than this go out uncompressed even to a client that
 /// accepts gzip. metald's callers are control planes on the host's
 /// network, and every CPU-millisecond metald spends is one its tenants' VMs
@@ -273,6 +272,7 @@ impl pb::VmService for VmApi {
 /// hundreds of VMs, or of a hundred in JSON) are still compressed.
 pub const COMPRESS_MIN_BYTES: usize = 16 << 10;
 
+/// The request limits the API port applies (body size, decode budgets).
 pub fn limits() -> connectrpc::Limits {
     connectrpc::Limits::default().with_max_request_body_size(MAX_REQUEST_BYTES)
 }
