@@ -277,9 +277,11 @@ impl std::ops::Deref for VmSpec {
     }
 }
 
-/// A change to a shared spec copies its fields first.
-impl std::ops::DerefMut for VmSpec {
-    fn deref_mut(&mut self) -> &mut SpecFields {
+impl VmSpec {
+    /// The fields to change, copied first if another copy shares them.
+    /// Private: a validated spec changes only through this module's
+    /// narrow methods.
+    fn fields_mut(&mut self) -> &mut SpecFields {
         Arc::make_mut(&mut self.0)
     }
 }

@@ -66,7 +66,8 @@ impl VmSpec {
         initrd: Option<PathBuf>,
         disks: impl IntoIterator<Item = PathBuf>,
     ) -> VmSpec {
-        let mut out = self.clone();
+        let mut spec = self.clone();
+        let out = spec.fields_mut();
         out.kernel = kernel;
         if initrd.is_some() {
             out.initrd = initrd;
@@ -74,13 +75,13 @@ impl VmSpec {
         for (d, path) in out.disks.iter_mut().zip(disks) {
             d.path = path;
         }
-        out
+        spec
     }
 
     /// Records (or, with `None`, forgets) what metald attached for
     /// interface `index`. An index past the interfaces changes nothing.
     pub fn set_attachment(&mut self, index: usize, attachment: Option<NicAttachment>) {
-        if let Some(nic) = self.nics.get_mut(index) {
+        if let Some(nic) = self.fields_mut().nics.get_mut(index) {
             nic.attachment = attachment;
         }
     }

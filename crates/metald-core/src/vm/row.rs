@@ -81,7 +81,7 @@ impl TryFrom<VmSpecRow> for VmSpec {
         };
         let mut spec = VmSpec::new(input)?;
         check_stored_nics(&row.nics)?;
-        spec.nics = row.nics.clone();
+        spec.fields_mut().nics = row.nics.clone();
         if VmSpecRow::from(&spec) != row {
             return Err(Error::invalid(
                 "spec",
