@@ -1,8 +1,9 @@
 //! Per-VM cgroups, v1 and v2: a VMM's CPU time is capped at its vCPUs and
-//! its memory at the guest's plus the VMM's own overhead. Backends without
-//! a jailer (Cloud Hypervisor) have metald make them and put the VMM in
-//! them between fork and exec; the jailer makes its own, and metald only
-//! removes those when the VM goes.
+//! its memory at the guest's plus the VMM's own overhead. For QEMU and
+//! Cloud Hypervisor metald makes them and puts the VMM in them between
+//! fork and exec; for a jailed Firecracker the jailer makes its own, and
+//! metald only removes those when the VM goes. (An unjailed Firecracker,
+//! an explicit opt-out of isolation, gets none.)
 //!
 //! Layout: `<mount>/<parent>/<name>` for each v1 controller mount (cpu,
 //! memory) or for the one v2 mount.
@@ -136,6 +137,22 @@ pub fn create(
         }
     }
     Ok(procs)
+}
+
+/// Makes cgroup `name` with the VM's limits and has the process `cmd`
+/// starts join it between fork and exec; nothing when `config` is `None`
+/// (cgroups off).
+pub fn enter_on_exec(
+    config: Option<&CgroupConfig>,
+    cmd: &mut tokio::process::Command,
+    name: &str,
+    vcpus: u32,
+    memory_bytes: u64,
+) -> Result<(), String> {
+    if let Some(cg) = config {
+        join_on_exec(cmd, create(cg, name, vcpus, memory_bytes)?);
+    }
+    Ok(())
 }
 
 /// Removes cgroup `name` once its processes have exited. The kernel may

@@ -31,7 +31,8 @@ fn qemu(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> {
         QemuAccel::Kvm => Accel::Kvm,
         QemuAccel::Tcg => Accel::Tcg,
     };
-    info!(binary = %binary.display(), ?accel, "using the QEMU backend");
+    let cgroups = vm_cgroups(config)?;
+    info!(binary = %binary.display(), ?accel, cgroups = cgroups.is_some(), "using the QEMU backend");
     let facts = BackendFacts {
         name: "qemu",
         binaries: vec![binary.clone()],
@@ -43,6 +44,7 @@ fn qemu(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> {
         state_dir: config.data_dir.join("vms"),
         boot_timeout: config.boot_timeout,
         log_max: config.console_log_max,
+        cgroups,
     })
     .map_err(anyhow::Error::msg)?;
     Ok((Arc::new(qemu), facts))
@@ -111,24 +113,13 @@ fn firecracker(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> 
 }
 
 fn cloud_hypervisor(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> {
-    use metald_vmm::cgroup::CgroupConfig;
     use metald_vmm::cloudhypervisor::{CloudHypervisorBackend, CloudHypervisorConfig};
     let binary = binary_or_path(
         &config.cloud_hypervisor_binary,
         "cloud-hypervisor",
         "UNKEY_METALD_CLOUD_HYPERVISOR_BINARY",
     )?;
-    let cgroups = config.cgroups_enabled.then(|| CgroupConfig {
-        version: config
-            .cgroup_version
-            .unwrap_or_else(metald_vmm::cgroup::host_version),
-        parent: config.cgroup_parent.clone(),
-    });
-    if let Some(v) = cgroups.as_ref().map(|c| c.version)
-        && !matches!(v, 1 | 2)
-    {
-        bail!("UNKEY_METALD_CGROUP_VERSION: must be 1 or 2, got {v}");
-    }
+    let cgroups = vm_cgroups(config)?;
     info!(binary = %binary.display(), cgroups = cgroups.is_some(), "using the Cloud Hypervisor backend");
     let facts = BackendFacts {
         name: "cloudhypervisor",
@@ -145,6 +136,32 @@ fn cloud_hypervisor(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFac
     })
     .map_err(anyhow::Error::msg)?;
     Ok((Arc::new(ch), facts))
+}
+
+/// The per-VM cgroups metald makes for a VMM (QEMU, Cloud Hypervisor),
+/// unless they are turned off.
+fn vm_cgroups(config: &Config) -> anyhow::Result<Option<metald_vmm::cgroup::CgroupConfig>> {
+    if !config.cgroups_enabled {
+        return Ok(None);
+    }
+    if !rustix::process::geteuid().is_root() {
+        // Only root can make cgroups under the hierarchies' roots.
+        warn!(
+            "metald does not run as root: VMMs get no cgroups of their own, so no CPU or memory \
+             limits (set UNKEY_METALD_CGROUPS_ENABLED=false to say so explicitly)"
+        );
+        return Ok(None);
+    }
+    let version = config
+        .cgroup_version
+        .unwrap_or_else(metald_vmm::cgroup::host_version);
+    if !matches!(version, 1 | 2) {
+        bail!("UNKEY_METALD_CGROUP_VERSION: must be 1 or 2, got {version}");
+    }
+    Ok(Some(metald_vmm::cgroup::CgroupConfig {
+        version,
+        parent: config.cgroup_parent.clone(),
+    }))
 }
 
 /// A binary from its setting, else found on PATH.

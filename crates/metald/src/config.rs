@@ -338,8 +338,8 @@ pub struct Config {
     #[arg(long, env = "UNKEY_METALD_CLOUD_HYPERVISOR_USER", value_parser = uid_gid)]
     pub cloud_hypervisor_user: Option<(u32, u32)>,
 
-    /// Put each Cloud Hypervisor in its own cgroups with CPU and memory
-    /// limits (the jailer does this for Firecracker).
+    /// Put each QEMU and Cloud Hypervisor in its own cgroups with CPU and
+    /// memory limits (the jailer does this for Firecracker).
     #[arg(long, env = "UNKEY_METALD_CGROUPS_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub cgroups_enabled: bool,
 

@@ -579,7 +579,7 @@ fn full_lifecycle(b: Backend) -> Result<(), Failed> {
         }
         if matches!(
             b.kind,
-            Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
+            Kind::Qemu | Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
         ) {
             assert_in_cgroups(id, v["backendInfo"]["vm_key"].as_str().unwrap(), pid_of(&v));
         }
@@ -783,7 +783,7 @@ fn orphans_swept(b: Backend) -> Result<(), Failed> {
             .collect();
         let has_cgroups = matches!(
             b.kind,
-            Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
+            Kind::Qemu | Kind::CloudHypervisor | Kind::Firecracker { jailed: true }
         );
         assert_eq!(!ghost.is_empty(), has_cgroups, "the VM's cgroup parents");
         for g in &ghost {

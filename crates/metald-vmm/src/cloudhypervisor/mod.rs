@@ -203,11 +203,14 @@ impl CloudHypervisorBackend {
             launch::join_netns_on_exec(&mut cmd, &att.netns)
                 .map_err(|e| launch::host_failure("join the VM's network namespace", e))?;
         }
-        if let Some(cg) = &self.config.cgroups {
-            let procs = cgroup::create(cg, id.as_str(), spec.vcpus(), spec.memory_bytes())
-                .map_err(|e| launch::host_failure("set up the VM's cgroups", e))?;
-            cgroup::join_on_exec(&mut cmd, procs);
-        }
+        cgroup::enter_on_exec(
+            self.config.cgroups.as_ref(),
+            &mut cmd,
+            id.as_str(),
+            spec.vcpus(),
+            spec.memory_bytes(),
+        )
+        .map_err(|e| launch::host_failure("set up the VM's cgroups", e))?;
         // Made (append-only) before the directory goes to the VMM's user.
         let logs = logcap::create_append(&dir.join("console.log"))
             .and_then(|c| Ok((c, logcap::create_append(&dir.join("vmm.log"))?)));
@@ -277,12 +280,7 @@ impl CloudHypervisorBackend {
     async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         self.logs.unwatch(id);
         launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
-        if let Some(cg) = &self.config.cgroups {
-            cgroup::remove(cg, id.as_str())
-                .await
-                .map_err(|e| VmmError::Io(launch::host_failure("remove the VM's cgroups", e)))?;
-        }
-        Ok(())
+        launch::remove_cgroups(self.config.cgroups.as_ref(), id).await
     }
 }
 
@@ -421,17 +419,8 @@ impl Vmm for CloudHypervisorBackend {
     async fn scan(&self) -> HostResources {
         let state_dir = self.config.state_dir.clone();
         launch::off_runtime(|| {
-            let mut dirs = launch::vm_dirs(&self.config.state_dir);
-            // A cgroup left by a crash is found by its name, the VM id.
-            if let Some(cg) = &self.config.cgroups {
-                dirs.extend(
-                    cgroup::names(cg)
-                        .iter()
-                        .filter_map(|n| VmId::parse(n, "cgroup").ok()),
-                );
-                dirs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-                dirs.dedup();
-            }
+            let dirs =
+                launch::vm_dirs_and_cgroups(&self.config.state_dir, self.config.cgroups.as_ref());
             HostResources {
                 processes: launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
                 dirs,

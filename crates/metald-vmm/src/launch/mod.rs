@@ -27,7 +27,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use metald_core::ports::{BootPhase, BootPhases, VmmError};
-use metald_core::vm::VmSpec;
+use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
 
 /// Longest Unix socket path the kernel accepts (`sun_path` minus the NUL).
@@ -42,6 +42,20 @@ pub const SPAWN_RECORD: &str = "vmm.json";
 pub fn host_failure(what: &str, detail: impl std::fmt::Display) -> String {
     warn!(error = %detail, "cannot {what}");
     format!("cannot {what} on the host")
+}
+
+/// Removes VM `id`'s cgroups (made by metald; none when `cgroups` is
+/// `None`) once its VMM is gone.
+pub async fn remove_cgroups(
+    cgroups: Option<&crate::cgroup::CgroupConfig>,
+    id: &VmId,
+) -> Result<(), VmmError> {
+    match cgroups {
+        Some(cg) => crate::cgroup::remove(cg, id.as_str())
+            .await
+            .map_err(|e| VmmError::Io(host_failure("remove the VM's cgroups", e))),
+        None => Ok(()),
+    }
 }
 
 /// Records that boot phase `phase` began at `since` and ends now (for

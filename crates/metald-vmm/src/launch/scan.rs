@@ -24,6 +24,26 @@ pub fn vm_dirs(state_dir: &Path) -> Vec<VmId> {
     found
 }
 
+/// The VM ids that have a directory under `state_dir` or a cgroup under
+/// `cgroups`' parent (a cgroup left by a crash is found by its name, the
+/// VM id), sorted, each once.
+pub fn vm_dirs_and_cgroups(
+    state_dir: &Path,
+    cgroups: Option<&crate::cgroup::CgroupConfig>,
+) -> Vec<VmId> {
+    let mut dirs = vm_dirs(state_dir);
+    if let Some(cg) = cgroups {
+        dirs.extend(
+            crate::cgroup::names(cg)
+                .iter()
+                .filter_map(|n| VmId::parse(n, "cgroup").ok()),
+        );
+        dirs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        dirs.dedup();
+    }
+    dirs
+}
+
 /// Every live (not zombie) process: pid, start time and command line.
 pub fn live_processes() -> Vec<(i32, u64, Vec<String>)> {
     let mut found = Vec::new();

@@ -23,6 +23,9 @@ fn escape(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
+/// MiB of TCG's translation cache.
+pub const TCG_CACHE_MIB: u32 = 32;
+
 /// The arguments after the binary name. The guest starts paused (`-S`);
 /// metald lets it run over QMP once it is attached, so a VM is never
 /// running without metald knowing it.
@@ -36,7 +39,10 @@ pub fn command_line(id: &str, spec: &VmSpec, accel: Accel, files: &VmFiles<'_>) 
     push("-accel".into());
     push(match accel {
         Accel::Kvm => "kvm".into(),
-        Accel::Tcg => "tcg".into(),
+        // TCG's translation cache is bounded so that it fits, with the
+        // rest of QEMU, in the memory the VM's cgroup allows besides the
+        // guest's (`cgroup::limits`); QEMU's default is up to 1 GiB.
+        Accel::Tcg => format!("tcg,tb-size={TCG_CACHE_MIB}"),
     });
     push("-cpu".into());
     push(match accel {
@@ -149,7 +155,7 @@ mod tests {
     fn microvm_paused_with_qmp_console_and_drives() {
         let l = line(&spec(), Accel::Tcg);
         assert!(
-            l.starts_with("-name metald-vm-1 -machine microvm -accel tcg -cpu max"),
+            l.starts_with("-name metald-vm-1 -machine microvm -accel tcg,tb-size=32 -cpu max"),
             "{l}"
         );
         assert!(l.contains("-smp cpus=2 -m 256M"), "{l}");

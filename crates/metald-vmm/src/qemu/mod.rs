@@ -15,7 +15,11 @@
 //! | reboot      | `system_reset`                                        |
 //! | shutdown    | `system_powerdown` (ACPI), SIGKILL after the timeout  |
 //! | force stop  | SIGKILL                                               |
-//! | delete      | SIGKILL, remove the VM directory                      |
+//! | delete      | SIGKILL, remove the VM directory and cgroups          |
+//!
+//! Each QEMU runs in cgroups of its own ([`crate::cgroup`]), named by the
+//! VM's id, that cap its CPU time at the guest's vCPUs and its memory at
+//! the guest's plus QEMU's own; it joins them between fork and exec.
 
 pub mod args;
 pub mod qmp;
@@ -32,6 +36,7 @@ use metald_core::ports::{
 use metald_core::vm::{VmId, VmSpec};
 use tracing::warn;
 
+use crate::cgroup::{self, CgroupConfig};
 use crate::launch;
 use crate::logcap::{self, LogCap};
 use crate::process::{self, Children};
@@ -72,6 +77,8 @@ pub struct QemuConfig {
     pub boot_timeout: Duration,
     /// Cap of each console and QEMU log, in bytes.
     pub log_max: u64,
+    /// Per-VM cgroups; `None` leaves QEMUs in metald's own cgroup.
+    pub cgroups: Option<CgroupConfig>,
 }
 
 /// The QEMU backend.
@@ -193,6 +200,14 @@ impl Vmm for QemuBackend {
             if let Some(att) = spec.nics().iter().find_map(|n| n.attachment.as_ref()) {
                 launch::join_netns_on_exec(&mut cmd, &att.netns)?;
             }
+            cgroup::enter_on_exec(
+                self.config.cgroups.as_ref(),
+                &mut cmd,
+                id.as_str(),
+                spec.vcpus(),
+                spec.memory_bytes(),
+            )
+            .map_err(std::io::Error::other)?;
             let rec = launch::spawn_recorded(&self.children, cmd, &dir)?;
             Ok::<_, std::io::Error>((rec.pid, rec.start_time))
         })();
@@ -253,7 +268,8 @@ impl Vmm for QemuBackend {
 
     async fn destroy(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         self.logs.unwatch(id);
-        launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await
+        launch::kill_and_remove(&self.children, &self.vm_dir(id), rt).await?;
+        launch::remove_cgroups(self.config.cgroups.as_ref(), id).await
     }
 
     async fn adopt(&self, id: &VmId, rt: &VmmRuntime) -> Result<GuestStatus, VmmError> {
@@ -296,6 +312,10 @@ impl Vmm for QemuBackend {
         // QEMU removes its socket only on a clean exit.
         let _ = std::fs::remove_file(&rt.socket);
         self.children.forget(rt.pid, rt.start_time);
+        if let Some(cg) = &self.config.cgroups {
+            // The exited QEMU's cgroups are empty now.
+            let _ = cgroup::remove(cg, id.as_str()).await;
+        }
     }
 
     async fn scan(&self) -> HostResources {
@@ -304,7 +324,7 @@ impl Vmm for QemuBackend {
         let state_dir = self.config.state_dir.to_string_lossy().into_owned();
         launch::off_runtime(|| HostResources {
             processes: launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),
-            dirs: launch::vm_dirs(&self.config.state_dir),
+            dirs: launch::vm_dirs_and_cgroups(&self.config.state_dir, self.config.cgroups.as_ref()),
         })
     }
 

@@ -162,6 +162,7 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
     let mut claimed_pids = HashSet::new();
     let mut ids = HashSet::new();
     let mut keys: HashMap<String, String> = HashMap::new();
+    let mut running_keys = Vec::new();
     for row in &rows {
         let id = row["vmId"].as_str().unwrap().to_owned();
         let state = state_of(row);
@@ -186,9 +187,25 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
             assert!(procs.is_empty(), "{id} is {state} but VMMs run: {procs:?}");
             assert!(!socket.exists(), "{id} is {state} but its socket remains");
         }
+        if state == "VM_STATE_RUNNING" || state == "VM_STATE_PAUSED" {
+            running_keys.push(key.clone());
+        }
         ids.insert(key.clone());
         keys.insert(id, key);
     }
+    // cgroups: every live VMM in its VM's own, and none that no row claims.
+    let cgroups = d.cgroups();
+    for key in &running_keys {
+        assert!(
+            cgroups.contains(key),
+            "live VM {key} has no cgroup: {cgroups:?}"
+        );
+    }
+    let orphan_cgroups: Vec<&String> = cgroups.iter().filter(|c| !ids.contains(*c)).collect();
+    assert!(
+        orphan_cgroups.is_empty(),
+        "cgroups no row claims: {orphan_cgroups:?}"
+    );
     // Network: a VM with an interface owns one namespace, one bridge port
     // and two leases from create to delete; nothing else may exist.
     let namespaces = netns_list();
@@ -230,10 +247,12 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
     eprintln!(
         "rows by state {by_state:?}; VMM processes {}; orphan processes {}; orphan dirs {}; \
          namespaces and bridge ports {ports} for {expected_ports} networked VMs (no orphans); \
-         cgroups: none (metald makes none yet)",
+         cgroups {} for {} live VMMs",
         claimed_pids.len(),
         orphan_procs.len(),
-        orphan_dirs.len()
+        orphan_dirs.len(),
+        cgroups.len(),
+        running_keys.len()
     );
     assert!(
         orphan_procs.is_empty(),
@@ -253,6 +272,7 @@ async fn random_operations_and_sigkills_leave_rows_matching_reality() {
         "nothing left after deleting every VM"
     );
     assert_eq!(leases(&d), 0, "every address released");
+    assert_eq!(d.cgroups(), Vec::<String>::new(), "no cgroup left");
     let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", lan.bridge))
         .map(|d| d.count())
         .unwrap_or(0);

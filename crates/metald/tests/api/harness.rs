@@ -162,6 +162,9 @@ pub fn base_command(data_dir: &Path) -> Command {
     .env("UNKEY_METALD_BACKEND", "qemu")
     .env("UNKEY_METALD_BILLING_ENABLED", "false")
     .env("UNKEY_METALD_NETWORK_ENABLED", "false")
+    // A metald removes the cgroups under its parent that none of its VMs
+    // claims, so daemons side by side each get a parent of their own.
+    .env("UNKEY_METALD_CGROUP_PARENT", cgroup_parent(data_dir))
     .env("UNKEY_METALD_LOG_FORMAT", "text")
     // Every test's metald on its own metrics port (a test that needs
     // it reads it with `Daemon::metrics_addr`).
@@ -169,7 +172,42 @@ pub fn base_command(data_dir: &Path) -> Command {
     c
 }
 
+/// The parent cgroup of the VMs of the metald on `data_dir`.
+pub fn cgroup_parent(data_dir: &Path) -> String {
+    let dir = data_dir.file_name().unwrap_or_default().to_string_lossy();
+    format!("metald-suite-{dir}")
+}
+
+/// The parent cgroup's directory in each hierarchy metald makes VM
+/// cgroups in: cpu and memory on a v1 host (here, or co-mounted), the
+/// unified one on a v2 host.
+pub fn cgroup_parent_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    ["cpu", "cpu,cpuacct", "memory", "unified", ""]
+        .iter()
+        .map(|c| {
+            Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join(cgroup_parent(data_dir))
+        })
+        .collect()
+}
+
 impl Daemon {
+    /// The names of the VM cgroups under this metald's parent, in any
+    /// hierarchy, each once (a VM's cgroups are named by its key).
+    pub fn cgroups(&self) -> Vec<String> {
+        let mut names: Vec<String> = cgroup_parent_dirs(&self.data_dir)
+            .iter()
+            .filter_map(|p| std::fs::read_dir(p).ok())
+            .flat_map(|d| d.flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// metald in dev-auth mode on a fresh data dir.
     pub fn start() -> Daemon {
         Self::start_with(&["--auth-mode", "dev"])
@@ -360,6 +398,26 @@ impl Drop for Daemon {
             }
         }
         let _ = std::fs::remove_file(self.log_path());
+        // The test's cgroups go too; a cgroup whose last process was just
+        // killed may read busy for a moment, so removal is tried a while.
+        for parent in cgroup_parent_dirs(&self.data_dir) {
+            let vms: Vec<PathBuf> = std::fs::read_dir(&parent)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for dir in vms.iter().chain(std::iter::once(&parent)) {
+                for _ in 0..50 {
+                    if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     }
 }
 
