@@ -272,15 +272,41 @@ mod tests {
         );
     }
 
+    /// Waits until process `pid` runs `sleep` and is blocked in its
+    /// nanosleep (`/proc/<pid>/syscall` names the call it is blocked in).
+    fn asleep(pid: i32) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let call = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+            let nr = call.split_whitespace().next().unwrap_or("");
+            // x86-64 nanosleep and clock_nanosleep; arm64 clock_nanosleep.
+            let in_sleep =
+                matches!(nr, "35" | "230") || (cfg!(target_arch = "aarch64") && nr == "115");
+            if comm.trim() == "sleep" && in_sleep {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} never blocked in its sleep: {comm:?} {call:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     #[test]
     fn a_process_that_does_not_run_is_read_from_its_clock_and_refreshed_every_tenth_sample() {
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
+        // A busy host may not have run the child far yet: wait until it is
+        // `sleep` itself, blocked in its one long nanosleep, so its CPU
+        // time cannot move again.
+        asleep(child.id() as i32);
         let mut r = Reader::new(child.id() as i32);
         let first = r.read().unwrap();
-        // Let the child settle into its sleep: its CPU time stops moving.
+        // The clock must stand still between two reads before counting.
         let settled = loop {
             let before = r.full_reads();
             let u = r.read().unwrap();

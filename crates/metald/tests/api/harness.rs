@@ -208,6 +208,26 @@ impl Daemon {
         names
     }
 
+    /// The cgroups process `pid` is in, in the hierarchies metald puts
+    /// VMMs in (cpu and memory on a v1 host, the unified one on v2), as
+    /// paths from each hierarchy's root.
+    pub fn cgroups_of(pid: i32) -> Vec<String> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let v2 = !Path::new("/sys/fs/cgroup/cpu").exists();
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+                let wanted = if v2 {
+                    controllers.is_empty()
+                } else {
+                    controllers.split(',').any(|c| c == "cpu" || c == "memory")
+                };
+                wanted.then(|| path.to_owned())
+            })
+            .collect()
+    }
+
     /// metald in dev-auth mode on a fresh data dir.
     pub fn start() -> Daemon {
         Self::start_with(&["--auth-mode", "dev"])
@@ -240,10 +260,13 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start metald");
-        // metald's log goes to the test's output and to a file the test can
-        // search (`Daemon::log`).
+        // metald's log goes to a file the test can search (`Daemon::log`),
+        // and to the test's output only with METALD_TEST_LOG=1: a failing
+        // test prints its panic first and then the log's tail (`Drop`), so
+        // the reason leads a CI report.
         let stderr = child.stderr.take().unwrap();
         let log_path = self.log_path();
+        let echo = std::env::var_os("METALD_TEST_LOG").is_some_and(|v| v == "1");
         std::thread::spawn(move || {
             use std::io::Write;
             let mut file = std::fs::OpenOptions::new()
@@ -252,7 +275,9 @@ impl Daemon {
                 .open(log_path)
                 .ok();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("{line}");
+                if echo {
+                    eprintln!("{line}");
+                }
                 if let Some(f) = &mut file {
                     let _ = writeln!(f, "{line}");
                 }
@@ -384,6 +409,9 @@ impl Daemon {
     }
 }
 
+/// Lines of metald's log a failing test prints.
+const LOG_TAIL: usize = 80;
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -395,6 +423,19 @@ impl Drop for Daemon {
         for pid in self.processes() {
             if let Some(p) = rustix::process::Pid::from_raw(pid) {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+            eprintln!(
+                "--- the last {} lines of metald's log ({}; METALD_TEST_LOG=1 shows it all as it runs)",
+                tail.len(),
+                self.data_dir.display()
+            );
+            for line in tail {
+                eprintln!("{line}");
             }
         }
         let _ = std::fs::remove_file(self.log_path());
