@@ -16,6 +16,9 @@ use crate::writer::Write;
 use crate::{BillingConfig, Stats, now_ns, usage};
 
 pub(crate) struct Meter {
+    /// The VM's key, shared with its samples (the meters map is keyed by
+    /// it too): a sample copies no string.
+    key: Arc<str>,
     name: String,
     customer: String,
     /// The VMM's open `/proc` files; lent to the blocking pool while a
@@ -31,7 +34,7 @@ pub(crate) struct Meter {
     /// When metering of this VMM began (Unix ns).
     since: i64,
     /// Host-side veth of the VM's interface, if it has one.
-    veth: Option<String>,
+    veth: Option<Arc<str>>,
     pid: i32,
     start_time: u64,
     next_seq: i64,
@@ -238,7 +241,7 @@ impl MeterTask {
             }
             m.pid = pid;
             m.start_time = start_time;
-            m.veth = ev.veth;
+            m.veth = ev.veth.as_deref().map(Arc::from);
             let row = Self::row(&ev.id, m, true);
             self.dirty.insert(ev.id, row);
             return;
@@ -267,6 +270,7 @@ impl MeterTask {
             }
         };
         let m = Meter {
+            key: Arc::from(ev.id.as_str()),
             name: ev.name,
             customer: ev.customer,
             reader: Some(usage::Reader::new(pid)),
@@ -274,7 +278,7 @@ impl MeterTask {
             total,
             last_cpu: None,
             since: now,
-            veth: ev.veth,
+            veth: ev.veth.as_deref().map(Arc::from),
             pid,
             start_time,
             next_seq,
@@ -341,10 +345,10 @@ impl MeterTask {
     async fn read_all(&mut self) -> Option<Vec<Read>> {
         let targets: Vec<Target> = self
             .meters
-            .iter_mut()
-            .map(|(id, m)| {
+            .values_mut()
+            .map(|m| {
                 let reader = m.reader.take().unwrap_or_else(|| usage::Reader::new(m.pid));
-                (id.clone(), reader, m.veth.clone(), m.carried)
+                (m.key.clone(), reader, m.veth.clone(), m.carried)
             })
             .collect();
         tokio::task::spawn_blocking(move || {
@@ -379,7 +383,7 @@ impl MeterTask {
         {
             let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
             for (id, reader, u) in read {
-                let Some(m) = self.meters.get_mut(&id) else {
+                let Some(m) = self.meters.get_mut(&*id) else {
                     continue;
                 };
                 // A reader of an older process (the VMM was replaced while
@@ -394,7 +398,7 @@ impl MeterTask {
                 if m.next_seq > 0 && ts - m.last_ts > stall {
                     // The sampler stalled (host overload): say so.
                     gaps.push((
-                        id.clone(),
+                        id.to_string(),
                         m.name.clone(),
                         m.customer.clone(),
                         m.last_ts,
@@ -416,14 +420,15 @@ impl MeterTask {
                     uptime_seconds: (ts - m.since) / 1_000_000_000,
                 };
                 // In place: no key allocated per VM and sample.
-                match latest.get_mut(&id) {
+                match latest.get_mut(&*id) {
                     Some(v) => *v = now,
                     None => {
-                        latest.insert(id.clone(), now);
+                        latest.insert(id.to_string(), now);
                     }
                 }
                 if self.writer.is_some() {
-                    self.buffer.push(SampleRow::new(&id, m.next_seq, ts, u));
+                    self.buffer
+                        .push(SampleRow::new(id.clone(), m.next_seq, ts, u));
                 }
                 Stats::bump(&self.stats.samples_taken);
                 m.next_seq += 1;
@@ -458,11 +463,11 @@ impl MeterTask {
 
 /// What one sample reads: VM key, the VMM's reader, its veth and what its
 /// counters carry.
-type Target = (String, usage::Reader, Option<String>, usage::Carried);
+type Target = (Arc<str>, usage::Reader, Option<Arc<str>>, usage::Carried);
 
 /// What one sample read: VM key, the reader lent back, and the VM's usage
 /// with its time, unless the process could not be read.
-type Read = (String, usage::Reader, Option<(usage::Usage, i64)>);
+type Read = (Arc<str>, usage::Reader, Option<(usage::Usage, i64)>);
 
 /// Each metered VM as (name, customer).
 pub(crate) type Active = Arc<Mutex<Vec<(String, String)>>>;

@@ -3,6 +3,7 @@
 //! only once the billing service acknowledged them.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -22,7 +23,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// write, as a run: see `runs`).
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct SampleRow {
-    pub vm_id: String,
+    /// Shared by every sample of the VM (a clone is a count, not a copy).
+    #[sqlx(try_from = "String")]
+    pub vm_id: Arc<str>,
     pub seq: i64,
     /// Unix nanoseconds.
     pub ts: i64,
@@ -35,9 +38,9 @@ pub struct SampleRow {
 }
 
 impl SampleRow {
-    pub fn new(vm_id: &str, seq: i64, ts: i64, u: Usage) -> Self {
+    pub fn new(vm_id: impl Into<Arc<str>>, seq: i64, ts: i64, u: Usage) -> Self {
         SampleRow {
-            vm_id: vm_id.to_owned(),
+            vm_id: vm_id.into(),
             seq,
             ts,
             cpu_ns: u.cpu_ns,

@@ -100,7 +100,7 @@ async fn drop_for_space(
     samples: &[SampleRow],
     meters: &[MeterRow],
 ) {
-    let mut ranges: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut ranges: HashMap<std::sync::Arc<str>, (i64, i64)> = HashMap::new();
     for s in samples {
         let r = ranges.entry(s.vm_id.clone()).or_insert((s.ts, s.ts));
         r.0 = r.0.min(s.ts);
@@ -119,7 +119,7 @@ async fn drop_for_space(
     for (vm, (from, to)) in ranges {
         let (name, customer) = meters
             .iter()
-            .find(|m| m.vm_id == vm)
+            .find(|m| *m.vm_id == *vm)
             .map(|m| (m.vm_name.clone(), m.customer_id.clone()))
             .unwrap_or_default();
         let what = format!("spooling a billing gap of {vm}");

@@ -170,7 +170,7 @@ const STEP: i64 = 100_000_000;
 async fn spool_vm(spool: &Spool, name: &str) {
     let key = format!("{name}-1");
     let samples: Vec<SampleRow> = (0..SAMPLES)
-        .map(|i| SampleRow::new(&key, i, T0 + i * STEP, Usage::default()))
+        .map(|i| SampleRow::new(key.as_str(), i, T0 + i * STEP, Usage::default()))
         .collect();
     let meter = MeterRow {
         vm_id: key.clone(),

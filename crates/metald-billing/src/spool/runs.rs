@@ -51,12 +51,13 @@ pub(super) fn decode(vm_id: &str, first_seq: i64, body: &[u8]) -> R<Vec<SampleRo
             body.len()
         ));
     }
+    let vm_id: std::sync::Arc<str> = vm_id.into();
     Ok(body
         .chunks_exact(SAMPLE_BYTES)
         .map(|c| {
             let v = |i: usize| i64::from_le_bytes(c[i * 8..i * 8 + 8].try_into().unwrap());
             SampleRow {
-                vm_id: vm_id.to_owned(),
+                vm_id: vm_id.clone(),
                 seq: v(0),
                 ts: v(1),
                 cpu_ns: v(2),
