@@ -79,9 +79,10 @@ impl Carried {
 /// counts those in the running task's context), so its memory and disk
 /// counters are those of the last read and the sample is the clock alone.
 /// Its resident memory can still shrink without it running (the host
-/// reclaiming pages), so `statm` and `io` are read again at least every
-/// [`REFRESH_EVERY`] samples. A paused or idle VMM costs one system call
-/// per sample; one that ran costs three.
+/// reclaiming pages), so `statm` is read again at least every
+/// [`REFRESH_EVERY`] samples; `io` only once the clock moved. A paused or
+/// idle VMM costs one system call per sample (two every tenth); one that
+/// ran costs three.
 #[derive(Debug)]
 pub struct Reader {
     pid: i32,
@@ -96,6 +97,8 @@ pub struct Reader {
     reuse_left: u32,
     /// Reads that read `statm` and `io` (for tests and the bench).
     full_reads: u64,
+    /// Reads of `io` (for tests).
+    io_reads: u64,
     buf: Vec<u8>,
 }
 
@@ -115,6 +118,7 @@ impl Reader {
             full: None,
             reuse_left: 0,
             full_reads: 0,
+            io_reads: 0,
             buf: Vec::with_capacity(512),
         }
     }
@@ -128,6 +132,11 @@ impl Reader {
     /// its CPU clock.
     pub fn full_reads(&self) -> u64 {
         self.full_reads
+    }
+
+    /// How many reads so far read the process's `/proc/<pid>/io`.
+    pub fn io_reads(&self) -> u64 {
+        self.io_reads
     }
 
     /// The process's cumulative usage now (network counters zero).
@@ -164,12 +173,21 @@ impl Reader {
             // its counters are no longer the VM's.
             return Err(gone(self.pid));
         }
-        let (disk_read, disk_write) = match self.io.as_ref().map(|f| pread(f, &mut self.buf)) {
-            Some(Ok(())) => {
-                let text = String::from_utf8_lossy(&self.buf);
-                (field(&text, "read_bytes:"), field(&text, "write_bytes:"))
-            }
-            _ => (0, 0),
+        let (disk_read, disk_write) = match self.full {
+            // Not run since the last full read: the kernel counts a task's
+            // storage bytes in its own context, so they stand still too;
+            // only resident memory can change (reclaim) and is read again.
+            Some((clock, kept)) if clock == cpu_ns => (kept.disk_read, kept.disk_write),
+            _ => match self.io.as_ref().map(|f| {
+                self.io_reads += 1;
+                pread(f, &mut self.buf)
+            }) {
+                Some(Ok(())) => {
+                    let text = String::from_utf8_lossy(&self.buf);
+                    (field(&text, "read_bytes:"), field(&text, "write_bytes:"))
+                }
+                _ => (0, 0),
+            },
         };
         let usage = Usage {
             cpu_ns: self.last,
@@ -315,6 +333,7 @@ mod tests {
             }
         };
         let base = r.full_reads();
+        let io_base = r.io_reads();
         let mut reads = Vec::new();
         for _ in 0..3 * REFRESH_EVERY {
             reads.push(r.read().unwrap());
@@ -324,6 +343,11 @@ mod tests {
             r.full_reads() - base,
             3,
             "a sleeping process's files are read once per {REFRESH_EVERY} samples"
+        );
+        assert_eq!(
+            r.io_reads(),
+            io_base,
+            "a process that did not run has the same storage counters: io is not read again"
         );
         assert!(first.memory_bytes > 0);
         child.kill().unwrap();
@@ -343,6 +367,11 @@ mod tests {
             r.read().unwrap();
         }
         assert_eq!(r.full_reads(), 2 * REFRESH_EVERY as u64);
+        assert_eq!(
+            r.io_reads(),
+            2 * REFRESH_EVERY as u64,
+            "io is read whenever the process ran"
+        );
     }
 
     #[test]
