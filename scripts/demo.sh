@@ -98,8 +98,10 @@ rpc CreateVm "{\"vm_id\":\"demo\",\"config\":{
 echo
 echo "== BootVm"
 rpc BootVm '{"vm_id":"demo"}'; echo
-# GetVmInfo names the console log (the VM's files are under its host key).
-console=$(rpc GetVmInfo '{"vm_id":"demo"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["backendInfo"]["console_log"])')
+# The VM's files are under its host-wide key (GetVmInfo's vm_key) in the
+# data directory; GetVmInfo shows no host path.
+key=$(rpc GetVmInfo '{"vm_id":"demo"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["backendInfo"]["vm_key"])')
+console="$state/vms/$key/console.log"
 echo "== waiting for the guest's console marker ($console)"
 for _ in $(seq 1200); do
   grep -q METALD-GUEST-READY "$console" 2>/dev/null && break

@@ -397,7 +397,8 @@ pub trait Vmm: Send + Sync + 'static {
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), VmmError>;
 
     /// Backend facts for GetVmInfo (`backend_info`): VMM name and version,
-    /// pid, socket, console log.
+    /// pid, socket, console log. The service leaves out every value that
+    /// is a host path unless the operator asked for them.
     async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String>;
 
     /// The VMM's own device counters, where it keeps them; `None` for a

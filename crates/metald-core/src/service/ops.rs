@@ -261,6 +261,10 @@ impl VmService {
         self.correct_drift_if_idle(&mut record).await;
         let id = &record.id.clone();
         let mut backend_info = self.inner.vmm.describe(id, record.runtime.as_ref()).await;
+        if !self.inner.config.host_paths_in_info {
+            // Whatever a backend reports as a host path stays on the host.
+            backend_info.retain(|_, v| !v.starts_with('/'));
+        }
         // The host-wide key the VM's files, processes and metald's logs are
         // named by, for correlating a customer's report with the host.
         backend_info.insert("vm_key".into(), id.to_string());

@@ -166,6 +166,9 @@ pub fn base_command(data_dir: &Path) -> Command {
     // claims, so daemons side by side each get a parent of their own.
     .env("UNKEY_METALD_CGROUP_PARENT", cgroup_parent(data_dir))
     .env("UNKEY_METALD_LOG_FORMAT", "text")
+    // Tests read a VM's console log and socket where GetVmInfo says they
+    // are (off by default: `host_safety` checks that).
+    .env("UNKEY_METALD_VM_INFO_HOST_PATHS", "true")
     // Every test's metald on its own metrics port (a test that needs
     // it reads it with `Daemon::metrics_addr`).
     .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0");

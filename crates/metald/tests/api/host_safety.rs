@@ -293,3 +293,40 @@ async fn network_kernel_args_cannot_be_passed_by_a_client() {
     }
     assert_nothing(&d, A).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_vm_info_shows_a_customer_no_host_path_unless_the_operator_asks() {
+    let assets = Assets::load();
+    // The default, which the suite's other daemons override to read the
+    // VMs' files.
+    let d = Daemon::start_with(&["--auth-mode", "dev", "--vm-info-host-paths", "false"]);
+    let body = json!({"vm_id": "quiet", "config": assets.config()});
+    d.ok(A, "CreateVm", body).await;
+    d.ok(A, "BootVm", json!({"vm_id": "quiet"})).await;
+    let info = d.ok(A, "GetVmInfo", json!({"vm_id": "quiet"})).await;
+    let shown = info["backendInfo"].as_object().unwrap();
+    for (k, v) in shown {
+        let v = v.as_str().unwrap_or_default();
+        assert!(!v.starts_with('/'), "{k} shows a host path: {v}");
+    }
+    let text = info.to_string();
+    let data = d.data_dir.to_string_lossy();
+    assert!(!text.contains(&*data), "the data dir leaks: {text}");
+    // What a customer and the operator need to talk about the VM stays.
+    for k in ["vm_key", "vmm", "pid"] {
+        assert!(shown.contains_key(k), "{k} missing: {info}");
+    }
+    // An operator who asks gets the paths.
+    let open = Daemon::start_with(&["--auth-mode", "dev", "--vm-info-host-paths", "true"]);
+    let body = json!({"vm_id": "open", "config": assets.config()});
+    open.ok(A, "CreateVm", body).await;
+    open.ok(A, "BootVm", json!({"vm_id": "open"})).await;
+    let info = open.ok(A, "GetVmInfo", json!({"vm_id": "open"})).await;
+    let console = info["backendInfo"]["console_log"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        console.starts_with(&*open.data_dir.to_string_lossy()),
+        "{info}"
+    );
+}
