@@ -16,9 +16,6 @@ use crate::writer::Write;
 use crate::{BillingConfig, Stats, now_ns, usage};
 
 pub(crate) struct Meter {
-    /// The VM's key, shared with its samples (the meters map is keyed by
-    /// it too): a sample copies no string.
-    key: Arc<str>,
     name: String,
     customer: String,
     /// The VMM's open `/proc` files; lent to the blocking pool while a
@@ -51,7 +48,9 @@ pub(crate) struct MeterTask {
     writer: Option<mpsc::Sender<Write>>,
     /// Meters the previous run left, not yet claimed by a VM event.
     known: HashMap<String, MeterRow>,
-    meters: HashMap<String, Meter>,
+    /// Keyed by the VM's key, which each sample shares (a sample copies
+    /// no string).
+    meters: HashMap<Arc<str>, Meter>,
     buffer: Vec<SampleRow>,
     dirty: HashMap<String, MeterRow>,
     latest: Arc<Mutex<HashMap<String, VmUsage>>>,
@@ -231,7 +230,7 @@ impl MeterTask {
     /// The VM's VMM runs as `(pid, start_time)`.
     async fn running(&mut self, ev: VmEvent, (pid, start_time): (i32, u64)) {
         let now = now_ns();
-        if let Some(m) = self.meters.get_mut(&ev.id) {
+        if let Some(m) = self.meters.get_mut(ev.id.as_str()) {
             // Same VM, possibly a new VMM process (a backend that
             // reboots by restarting): the stream continues, and so
             // do its counters.
@@ -270,7 +269,6 @@ impl MeterTask {
             }
         };
         let m = Meter {
-            key: Arc::from(ev.id.as_str()),
             name: ev.name,
             customer: ev.customer,
             reader: Some(usage::Reader::new(pid)),
@@ -287,14 +285,14 @@ impl MeterTask {
         };
         self.dirty
             .insert(ev.id.clone(), Self::row(&ev.id, &m, true));
-        self.meters.insert(ev.id, m);
+        self.meters.insert(Arc::from(ev.id), m);
         self.publish_active();
     }
 
     /// The VM's VMM no longer runs (or the VM is gone).
     async fn not_running(&mut self, ev: VmEvent) {
         let now = now_ns();
-        if let Some(m) = self.meters.remove(&ev.id) {
+        if let Some(m) = self.meters.remove(ev.id.as_str()) {
             // Samples before the stop go out before the stop; the
             // row is kept, so a later boot continues the sequence.
             let row = Self::row(&ev.id, &m, false);
@@ -345,10 +343,10 @@ impl MeterTask {
     async fn read_all(&mut self) -> Option<Vec<Read>> {
         let targets: Vec<Target> = self
             .meters
-            .values_mut()
-            .map(|m| {
+            .iter_mut()
+            .map(|(key, m)| {
                 let reader = m.reader.take().unwrap_or_else(|| usage::Reader::new(m.pid));
-                (m.key.clone(), reader, m.veth.clone(), m.carried)
+                (key.clone(), reader, m.veth.clone(), m.carried)
             })
             .collect();
         tokio::task::spawn_blocking(move || {
@@ -450,7 +448,7 @@ impl MeterTask {
         };
         for (id, m) in self.meters.iter_mut().filter(|(_, m)| m.sampled) {
             m.sampled = false;
-            self.dirty.insert(id.clone(), Self::row(id, m, true));
+            self.dirty.insert(id.to_string(), Self::row(id, m, true));
         }
         if self.buffer.is_empty() && self.dirty.is_empty() {
             return;

@@ -195,6 +195,26 @@ pub fn cgroup_parent_dirs(data_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The cgroups process `pid` is in, in the hierarchies metald puts
+/// VMMs in (cpu and memory on a v1 host, the unified one on v2), as
+/// paths from each hierarchy's root.
+pub fn cgroups_of(pid: i32) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let v2 = !Path::new("/sys/fs/cgroup/cpu").exists();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let wanted = if v2 {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == "cpu" || c == "memory")
+            };
+            wanted.then(|| path.to_owned())
+        })
+        .collect()
+}
+
 impl Daemon {
     /// The names of the VM cgroups under this metald's parent, in any
     /// hierarchy, each once (a VM's cgroups are named by its key).
@@ -209,26 +229,6 @@ impl Daemon {
         names.sort();
         names.dedup();
         names
-    }
-
-    /// The cgroups process `pid` is in, in the hierarchies metald puts
-    /// VMMs in (cpu and memory on a v1 host, the unified one on v2), as
-    /// paths from each hierarchy's root.
-    pub fn cgroups_of(pid: i32) -> Vec<String> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        let v2 = !Path::new("/sys/fs/cgroup/cpu").exists();
-        text.lines()
-            .filter_map(|l| {
-                let mut f = l.splitn(3, ':');
-                let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-                let wanted = if v2 {
-                    controllers.is_empty()
-                } else {
-                    controllers.split(',').any(|c| c == "cpu" || c == "memory")
-                };
-                wanted.then(|| path.to_owned())
-            })
-            .collect()
     }
 
     /// metald in dev-auth mode on a fresh data dir.
