@@ -469,3 +469,85 @@ type Read = (Arc<str>, usage::Reader, Option<(usage::Usage, i64)>);
 
 /// Each metered VM as (name, customer).
 pub(crate) type Active = Arc<Mutex<Vec<(String, String)>>>;
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn config() -> BillingConfig {
+        BillingConfig {
+            enabled: true,
+            endpoint: String::new(),
+            sample_interval: Duration::from_millis(100),
+            batch_interval: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(30),
+            sync_interval: Duration::from_secs(1),
+            max_spooled_samples: 1000,
+            instance_id: "test".into(),
+        }
+    }
+
+    fn ev(id: &str, pid: Option<i32>) -> VmEvent {
+        VmEvent {
+            id: id.into(),
+            name: format!("name-{id}"),
+            customer: "acme".into(),
+            process: pid.map(|p| (p, p as u64)),
+            veth: None,
+        }
+    }
+
+    fn sleeper() -> Child {
+        Command::new("sleep").arg("60").spawn().unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_meter_reads_its_own_vmm_as_vms_stop_and_vmms_are_replaced() {
+        let mut kids: Vec<Child> = (0..4).map(|_| sleeper()).collect();
+        let pids: Vec<i32> = kids.iter().map(|k| k.id() as i32).collect();
+        let (tx, mut rx) = mpsc::channel(64);
+        let latest = Arc::new(Mutex::new(HashMap::new()));
+        let (active, stats) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Stats::default()));
+        let mut task = MeterTask::new(config(), Some(tx), HashMap::new(), &latest, &active, &stats);
+        for (id, pid) in ["a", "b", "c"].into_iter().zip(&pids) {
+            task.changed(ev(id, Some(*pid))).await;
+        }
+        task.sample().await;
+        // One VM stops.
+        task.changed(ev("a", None)).await;
+        // b's VMM is replaced by another process.
+        task.changed(ev("b", Some(pids[3]))).await;
+        task.sample().await;
+
+        for (key, m) in &task.meters {
+            let reader = m.reader.as_ref().expect("the reader came back");
+            assert_eq!(reader.pid(), m.pid, "meter {key} reads another process");
+        }
+        assert_eq!(task.meters["b"].pid, pids[3]);
+        task.flush().await;
+        drop(task);
+        let mut seqs: Vec<(String, i64)> = Vec::new();
+        while let Some(w) = rx.recv().await {
+            if let Write::Append { samples, .. } = w {
+                seqs.extend(samples.iter().map(|s| (s.vm_id.to_string(), s.seq)));
+            }
+        }
+        seqs.sort();
+        let want: Vec<(String, i64)> = [("a", 0), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
+            .into_iter()
+            .map(|(v, s)| (v.to_owned(), s))
+            .collect();
+        assert_eq!(seqs, want);
+        let latest = latest.lock().unwrap();
+        let mut shown: Vec<&String> = latest.keys().collect();
+        shown.sort();
+        assert_eq!(shown, ["b", "c"], "a stopped VM still shows usage");
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+    }
+}
