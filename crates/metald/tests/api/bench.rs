@@ -129,8 +129,14 @@ fn density_reports_metald_rss_per_live_vmm() {
 fn billing_reports_metald_cpu_for_metered_paused_vms() {
     let out = bench(&["billing", "-vms", "2", "-window", "2s"]);
     let line = result_line(&out, "bench billing qemu: metald CPU over 2.0 s: ");
+    // Two fleet sizes: what each VM adds, and what metering costs at all.
     assert!(
-        line.contains("with 2 paused VMs metered at 100 ms"),
+        line.contains(" ms with 1 and ")
+            && line.contains(" ms with 2 paused VMs metered at 100 ms: "),
+        "{line}"
+    );
+    assert!(
+        line.contains(" ms/s per VM and ") && line.contains(" ms/s whatever the count, "),
         "{line}"
     );
     assert!(

@@ -474,13 +474,13 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
         .ok()
 }
 
-/// CPU time `pid` used so far (user + system).
+/// CPU time `pid` used so far (user + system, all its threads), to the
+/// nanosecond: its process CPU clock, where `/proc/<pid>/stat` counts in
+/// 10 ms ticks.
 pub fn cpu_time(pid: i32) -> Option<Duration> {
-    let f = stat_fields(pid)?;
-    // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ: 100 on every architecture metald runs on.
-    Some(Duration::from_millis(ticks * 10))
+    let clock = nix::time::ClockId::pid_cpu_clock_id(nix::unistd::Pid::from_raw(pid)).ok()?;
+    let t = clock.now().ok()?;
+    Some(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
 }
 
 /// `MemAvailable` in KiB.
