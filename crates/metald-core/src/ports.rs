@@ -321,6 +321,11 @@ pub enum StopMode {
     Force,
 }
 
+/// `backend_info` keys whose values are facts of the host, not of the VM:
+/// the VMM's host pid, the uid a jailed VMM runs as, the jail's name.
+/// GetVmInfo shows them (and host paths) only when the operator asks.
+pub const HOST_DETAIL_KEYS: &[&str] = &["pid", "uid", "jail_id"];
+
 /// A hypervisor driver: one VMM process per VM.
 #[async_trait]
 pub trait Vmm: Send + Sync + 'static {
@@ -397,8 +402,9 @@ pub trait Vmm: Send + Sync + 'static {
     async fn kill_orphan(&self, pid: i32, start_time: u64) -> Result<(), VmmError>;
 
     /// Backend facts for GetVmInfo (`backend_info`): VMM name and version,
-    /// pid, socket, console log. The service leaves out every value that
-    /// is a host path unless the operator asked for them.
+    /// pid, socket, console log. The service leaves out the host's own
+    /// details (every value that is a host path, and the keys in
+    /// [`HOST_DETAIL_KEYS`]) unless the operator asked for them.
     async fn describe(&self, id: &VmId, rt: Option<&VmmRuntime>) -> BTreeMap<String, String>;
 
     /// The VMM's own device counters, where it keeps them; `None` for a

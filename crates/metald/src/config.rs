@@ -365,11 +365,12 @@ pub struct Config {
     #[arg(long, env = "UNKEY_METALD_VM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub vm_shutdown_timeout: Duration,
 
-    /// Show host paths (the VMM's socket, its console log) in GetVmInfo's
-    /// `backend_info`. Off: a customer learns nothing of the host's layout.
-    /// For a host whose every caller is its operator.
-    #[arg(long, env = "UNKEY_METALD_VM_INFO_HOST_PATHS", default_value_t = false, action = clap::ArgAction::Set)]
-    pub vm_info_host_paths: bool,
+    /// Show the host's own details in GetVmInfo's `backend_info`: host
+    /// paths (the VMM's socket, its console log), the VMM's host pid, a
+    /// jailed VMM's uid and jail name. Off: a customer learns nothing of
+    /// the host. For a host whose every caller is its operator.
+    #[arg(long, env = "UNKEY_METALD_VM_INFO_HOST_DETAILS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub vm_info_host_details: bool,
 
     /// How long metald waits for in-flight requests when it is stopped.
     #[arg(long, env = "UNKEY_METALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]

@@ -389,7 +389,7 @@ async fn open_service(
             assets,
             quotas: config.quotas.book()?,
             host: Some(config.quotas.host()?),
-            host_paths_in_info: config.vm_info_host_paths,
+            host_details_in_info: config.vm_info_host_details,
         },
     );
     Ok(Opened {

@@ -64,11 +64,13 @@ pub struct ServiceConfig {
     pub quotas: QuotaBook,
     /// What the host can run at once; `None`: not checked.
     pub host: Option<HostCapacity>,
-    /// Whether GetVmInfo's `backend_info` keeps the values that are host
-    /// paths (the VMM's control socket, its console log). Off by default:
-    /// a customer learns nothing of the host's layout; an operator finds
-    /// the files by the VM's key under the data directory.
-    pub host_paths_in_info: bool,
+    /// Whether GetVmInfo's `backend_info` keeps the host's own details:
+    /// the values that are host paths (the VMM's control socket, its
+    /// console log) and the keys in [`crate::ports::HOST_DETAIL_KEYS`]
+    /// (host pid, uid, jail name). Off by default: a customer learns
+    /// nothing of the host; an operator finds the VM's files and process
+    /// by its key (its data directory, the VMM's command line).
+    pub host_details_in_info: bool,
 }
 
 impl Default for ServiceConfig {
@@ -78,7 +80,7 @@ impl Default for ServiceConfig {
             assets: AssetPolicy::default(),
             quotas: QuotaBook::default(),
             host: None,
-            host_paths_in_info: false,
+            host_details_in_info: false,
         }
     }
 }

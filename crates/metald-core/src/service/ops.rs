@@ -3,7 +3,7 @@
 use super::executor::PlanArgs;
 use super::*;
 use crate::plan::{Plan, PlanRecord};
-use crate::ports::Operation;
+use crate::ports::{HOST_DETAIL_KEYS, Operation};
 
 impl VmService {
     /// Records a new VM in state `Created`. No process is started until
@@ -261,9 +261,11 @@ impl VmService {
         self.correct_drift_if_idle(&mut record).await;
         let id = &record.id.clone();
         let mut backend_info = self.inner.vmm.describe(id, record.runtime.as_ref()).await;
-        if !self.inner.config.host_paths_in_info {
-            // Whatever a backend reports as a host path stays on the host.
-            backend_info.retain(|_, v| !v.starts_with('/'));
+        if !self.inner.config.host_details_in_info {
+            // What a backend reports of the host itself (its paths, pids,
+            // uids) stays on the host.
+            backend_info
+                .retain(|k, v| !v.starts_with('/') && !HOST_DETAIL_KEYS.contains(&k.as_str()));
         }
         // The host-wide key the VM's files, processes and metald's logs are
         // named by, for correlating a customer's report with the host.

@@ -168,7 +168,7 @@ pub fn base_command(data_dir: &Path) -> Command {
     .env("UNKEY_METALD_LOG_FORMAT", "text")
     // Tests read a VM's console log and socket where GetVmInfo says they
     // are (off by default: `host_safety` checks that).
-    .env("UNKEY_METALD_VM_INFO_HOST_PATHS", "true")
+    .env("UNKEY_METALD_VM_INFO_HOST_DETAILS", "true")
     // Every test's metald on its own metrics port (a test that needs
     // it reads it with `Daemon::metrics_addr`).
     .env("UNKEY_METALD_OTEL_PROMETHEUS_PORT", "0");

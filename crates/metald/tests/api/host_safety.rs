@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Assets, Daemon, vm_dirs};
+use crate::harness::{Assets, Daemon, processes_mentioning, vm_dirs};
 
 const A: &str = "dev_customer_alpha";
 const B: &str = "dev_customer_beta";
@@ -295,11 +295,11 @@ async fn network_kernel_args_cannot_be_passed_by_a_client() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn get_vm_info_shows_a_customer_no_host_path_unless_the_operator_asks() {
+async fn get_vm_info_shows_a_customer_no_host_detail_unless_the_operator_asks() {
     let assets = Assets::load();
     // The default, which the suite's other daemons override to read the
     // VMs' files.
-    let d = Daemon::start_with(&["--auth-mode", "dev", "--vm-info-host-paths", "false"]);
+    let d = Daemon::start_with(&["--auth-mode", "dev", "--vm-info-host-details", "false"]);
     let body = json!({"vm_id": "quiet", "config": assets.config()});
     d.ok(A, "CreateVm", body).await;
     d.ok(A, "BootVm", json!({"vm_id": "quiet"})).await;
@@ -312,12 +312,17 @@ async fn get_vm_info_shows_a_customer_no_host_path_unless_the_operator_asks() {
     let text = info.to_string();
     let data = d.data_dir.to_string_lossy();
     assert!(!text.contains(&*data), "the data dir leaks: {text}");
-    // What a customer and the operator need to talk about the VM stays.
-    for k in ["vm_key", "vmm", "pid"] {
+    // Nor the VMM's host pid; what a customer and the operator need to
+    // talk about the VM stays.
+    assert!(!shown.contains_key("pid"), "the host pid leaks: {info}");
+    for k in ["vm_key", "vmm", "process_alive"] {
         assert!(shown.contains_key(k), "{k} missing: {info}");
     }
-    // An operator who asks gets the paths.
-    let open = Daemon::start_with(&["--auth-mode", "dev", "--vm-info-host-paths", "true"]);
+    // The operator finds the VMM by the key, as the docs say.
+    let key = shown["vm_key"].as_str().unwrap();
+    assert_eq!(processes_mentioning(key).len(), 1, "one VMM names {key}");
+    // An operator who asks gets the paths and the pid.
+    let open = Daemon::start_with(&["--auth-mode", "dev", "--vm-info-host-details", "true"]);
     let body = json!({"vm_id": "open", "config": assets.config()});
     open.ok(A, "CreateVm", body).await;
     open.ok(A, "BootVm", json!({"vm_id": "open"})).await;
@@ -329,4 +334,5 @@ async fn get_vm_info_shows_a_customer_no_host_path_unless_the_operator_asks() {
         console.starts_with(&*open.data_dir.to_string_lossy()),
         "{info}"
     );
+    assert!(info["backendInfo"]["pid"].as_str().is_some(), "{info}");
 }
