@@ -1,9 +1,8 @@
 //! Per-VM cgroups, v1 and v2: a VMM's CPU time is capped at its vCPUs and
 //! its memory at the guest's plus the VMM's own overhead. For QEMU and
-//! Cloud Hypervisor metald makes them and puts the VMM in them between
-//! fork and exec; for a jailed Firecracker the jailer makes its own, and
-//! metald only removes those when the VM goes. (An unjailed Firecracker,
-//! an explicit opt-out of isolation, gets none.)
+//! Cloud Hypervisor and an unjailed Firecracker metald makes them and puts
+//! the VMM in them between fork and exec; for a jailed Firecracker the
+//! jailer makes its own, and metald only removes those when the VM goes.
 //!
 //! Layout: `<mount>/<parent>/<name>` for each v1 controller mount (cpu,
 //! memory) or for the one v2 mount.

@@ -93,7 +93,12 @@ fn firecracker(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> 
         }
         _ => None,
     };
-    info!(binary = %binary.display(), jailed = jailer.is_some(), "using the Firecracker backend");
+    // The jailer makes a jailed VMM's cgroups; metald an unjailed one's.
+    let cgroups = match jailer {
+        None => vm_cgroups(config)?,
+        Some(_) => None,
+    };
+    info!(binary = %binary.display(), jailed = jailer.is_some(), cgroups = jailer.is_some() || cgroups.is_some(), "using the Firecracker backend");
     let facts = BackendFacts {
         name: "firecracker",
         binaries: std::iter::once(binary.clone())
@@ -106,6 +111,7 @@ fn firecracker(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> 
         state_dir: config.data_dir.join("vms"),
         boot_timeout: config.boot_timeout,
         jailer,
+        cgroups,
         log_max: config.console_log_max,
     })
     .map_err(anyhow::Error::msg)?;
@@ -138,8 +144,8 @@ fn cloud_hypervisor(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFac
     Ok((Arc::new(ch), facts))
 }
 
-/// The per-VM cgroups metald makes for a VMM (QEMU, Cloud Hypervisor),
-/// unless they are turned off.
+/// The per-VM cgroups metald makes for a VMM (QEMU, Cloud Hypervisor, an
+/// unjailed Firecracker), unless they are turned off.
 fn vm_cgroups(config: &Config) -> anyhow::Result<Option<metald_vmm::cgroup::CgroupConfig>> {
     if !config.cgroups_enabled {
         return Ok(None);

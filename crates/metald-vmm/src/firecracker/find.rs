@@ -35,7 +35,8 @@ impl FirecrackerBackend {
     /// This backend's VMM processes, VM directories, jails and cgroups on
     /// the host, whether or not a VM row claims them.
     pub(super) fn find_on_host(&self) -> HostResources {
-        let mut dirs = launch::vm_dirs(&self.config.state_dir);
+        // (An unjailed VM's cgroups are named by its key, as its directory.)
+        let mut dirs = launch::vm_dirs_and_cgroups(&self.config.state_dir, self.plain_cgroups());
         let state_dir = self.config.state_dir.clone();
         let processes = match &self.config.jailer {
             None => launch::find_processes(|args| vm_of_cmdline(args, &state_dir)),

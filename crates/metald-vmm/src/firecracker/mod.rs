@@ -84,6 +84,10 @@ pub struct FirecrackerConfig {
     pub boot_timeout: Duration,
     /// Run every VM through the jailer.
     pub jailer: Option<JailerConfig>,
+    /// Per-VM cgroups of an unjailed VMM, named by the VM's key (the
+    /// jailer makes a jailed VMM's own, [`JailerConfig::cgroups`]); `None`
+    /// leaves unjailed VMMs in metald's own cgroup.
+    pub cgroups: Option<cgroup::CgroupConfig>,
     /// Cap of each console and Firecracker log, in bytes.
     pub log_max: u64,
 }
@@ -235,6 +239,14 @@ impl FirecrackerBackend {
             .remove(id);
     }
 
+    /// The cgroups metald makes itself: an unjailed VMM's.
+    fn plain_cgroups(&self) -> Option<&cgroup::CgroupConfig> {
+        self.config
+            .cgroups
+            .as_ref()
+            .filter(|_| self.config.jailer.is_none())
+    }
+
     /// Removes everything of `id`'s VMM: process, directory, jail, cgroups.
     async fn remove_all(&self, id: &VmId, rt: Option<&VmmRuntime>) -> Result<(), VmmError> {
         self.stop_pipes(id);
@@ -249,6 +261,8 @@ impl FirecrackerBackend {
             cgroup::remove(&jc.cgroups(), &jail_id)
                 .await
                 .map_err(|e| VmmError::Io(launch::host_failure("remove the VM's cgroups", e)))?;
+        } else {
+            launch::remove_cgroups(self.plain_cgroups(), id).await?;
         }
         Ok(())
     }
@@ -418,9 +432,11 @@ impl Vmm for FirecrackerBackend {
         self.stop_pipes(id);
         let _ = std::fs::remove_file(&rt.socket);
         self.children.forget(rt.pid, rt.start_time);
+        // The exited VMM's cgroups are empty now.
         if let (Some(jc), Some(rec)) = (&self.config.jailer, self.jail_record(id)) {
-            // The exited VMM's cgroups are empty now.
             let _ = cgroup::remove(&jc.cgroups(), &rec.jail_id).await;
+        } else if let Some(cg) = self.plain_cgroups() {
+            let _ = cgroup::remove(cg, id.as_str()).await;
         }
     }
 

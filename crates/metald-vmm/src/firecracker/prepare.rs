@@ -9,8 +9,7 @@ use metald_core::vm::{VmId, VmSpec};
 
 use super::jailer;
 use super::{FirecrackerBackend, LOG_LEVEL, Layout, metrics};
-use crate::launch;
-use crate::logcap;
+use crate::{cgroup, launch, logcap};
 
 /// The guest's files as Firecracker sees them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +91,14 @@ impl FirecrackerBackend {
                     VmmError::Io(launch::host_failure("join the VM's network namespace", e))
                 })?;
             }
+            cgroup::enter_on_exec(
+                self.plain_cgroups(),
+                &mut cmd,
+                id.as_str(),
+                spec.vcpus(),
+                spec.memory_bytes(),
+            )
+            .map_err(|e| VmmError::Io(launch::host_failure("set up the VM's cgroups", e)))?;
             fifo(&layout.log_fifo, None)?;
             fifo(&layout.fifo, None)?;
             let host = |p: &Path| p.to_string_lossy().into_owned();
