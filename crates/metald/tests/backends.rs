@@ -204,6 +204,10 @@ fn main() {
         )
         .with_ignored_flag(!root),
     );
+    trials.push(Trial::test(
+        "firecracker_jailed::a_dynamically_linked_firecracker_is_refused_at_start",
+        refuses_dynamic_firecracker,
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -822,10 +826,14 @@ fn restart_adopts(b: Backend) -> Result<(), Failed> {
     Ok(())
 }
 
-/// As root, Firecracker without the jailer must be chosen explicitly.
-fn refuses_root_without_jailer() -> Result<(), Failed> {
+/// Starts metald on the Firecracker backend with `env` (an empty value
+/// removes the variable) and expects it to refuse; its stderr. Bounded: a
+/// metald that accepted the settings would serve forever.
+fn refused_at_start(env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(harness::bin())
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.arg("20")
+        .arg(harness::bin())
         .args([
             "--backend",
             "firecracker",
@@ -836,16 +844,43 @@ fn refuses_root_without_jailer() -> Result<(), Failed> {
         ])
         .arg("--data-dir")
         .arg(dir.path())
-        .env_remove("UNKEY_METALD_JAILER_ENABLED")
         .env("UNKEY_METALD_BILLING_ENABLED", "false")
-        .env("UNKEY_METALD_NETWORK_ENABLED", "false")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        .env("UNKEY_METALD_NETWORK_ENABLED", "false");
+    for (k, v) in env {
+        match v {
+            &"" => cmd.env_remove(k),
+            v => cmd.env(k, v),
+        };
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "metald started: {stderr}");
+    stderr
+}
+
+/// As root, Firecracker without the jailer must be chosen explicitly.
+fn refuses_root_without_jailer() -> Result<(), Failed> {
+    let stderr = refused_at_start(&[("UNKEY_METALD_JAILER_ENABLED", "")]);
     assert!(
         stderr.contains("UNKEY_METALD_JAILER_ENABLED"),
         "the error names the setting: {stderr}"
+    );
+    Ok(())
+}
+
+/// With the jailer, a `firecracker` that needs libraries (which the jail
+/// does not hold) is refused before metald serves, naming the setting.
+/// (Any dynamically linked binary that answers `--version` stands in for
+/// both binaries: metald looks at them before it runs a VM.)
+fn refuses_dynamic_firecracker() -> Result<(), Failed> {
+    let stderr = refused_at_start(&[
+        ("UNKEY_METALD_JAILER_ENABLED", "true"),
+        ("UNKEY_METALD_FIRECRACKER_BINARY", "/bin/true"),
+        ("UNKEY_METALD_JAILER_BINARY", "/bin/true"),
+    ]);
+    assert!(
+        stderr.contains("UNKEY_METALD_FIRECRACKER_BINARY: /bin/true is dynamically linked"),
+        "the error names the setting and why: {stderr}"
     );
     Ok(())
 }

@@ -41,6 +41,25 @@ pub struct JailerConfig {
     pub parent_cgroup: String,
 }
 
+/// Refuses a `firecracker` binary that is not statically linked: the
+/// jailer runs it in a chroot that holds no libraries, where a dynamically
+/// linked one fails at exec, after its jail was made, with only the
+/// loader's complaint in the VM's log.
+pub fn check_static(binary: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(binary).map_err(|e| format!("reading {}: {e}", binary.display()))?;
+    let elf = goblin::elf::Elf::parse(&bytes)
+        .map_err(|e| format!("{} is not an ELF binary: {e}", binary.display()))?;
+    match elf.interpreter {
+        None => Ok(()),
+        Some(loader) => Err(format!(
+            "{} is dynamically linked (loader {loader}), and the jailer runs it in a chroot \
+             without libraries: use a static build (Firecracker's release binaries are; from \
+             source, RUSTFLAGS=\"-C target-feature=+crt-static\")",
+            binary.display()
+        )),
+    }
+}
+
 /// Marker in the jail directory naming the VM it belongs to.
 pub const OWNER_FILE: &str = "metald-vm-id";
 
@@ -299,6 +318,23 @@ impl FirecrackerBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_statically_linked_binary_is_run_in_a_jail() {
+        // Installed by scripts/setup.sh (busybox-static).
+        assert_eq!(check_static(Path::new("/bin/busybox")), Ok(()));
+        // This test binary is dynamically linked.
+        let me = std::env::current_exe().unwrap();
+        let e = check_static(&me).unwrap_err();
+        assert!(e.contains("is dynamically linked (loader /lib"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("firecracker");
+        std::fs::write(&script, "#!/bin/sh\nexec true\n").unwrap();
+        let e = check_static(&script).unwrap_err();
+        assert!(e.contains("is not an ELF binary"), "{e}");
+        let e = check_static(&dir.path().join("missing")).unwrap_err();
+        assert!(e.starts_with("reading "), "{e}");
+    }
 
     #[test]
     fn jail_ids_fit_the_jailers_alphabet_and_stay_apart() {

@@ -125,6 +125,8 @@ impl FirecrackerBackend {
         let version = launch::version_of(&config.binary, "UNKEY_METALD_FIRECRACKER_BINARY")?;
         if let Some(j) = &config.jailer {
             launch::version_of(&j.binary, "UNKEY_METALD_JAILER_BINARY")?;
+            jailer::check_static(&config.binary)
+                .map_err(|e| format!("UNKEY_METALD_FIRECRACKER_BINARY: {e}"))?;
             if j.uid_count == 0 {
                 return Err("UNKEY_METALD_JAILER_UID_COUNT: must be at least 1".into());
             }
