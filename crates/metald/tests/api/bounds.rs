@@ -3,7 +3,8 @@
 //! `UNKEY_METALD_CONSOLE_LOG_MAX` with its newest output, metald's memory
 //! does not grow with it, and the cap holds across a metald restart (the
 //! VMM outlives metald); a boot the VMM refuses tells the caller nothing
-//! about the host's paths and leaves nothing behind.
+//! about the host's paths and leaves nothing behind; a guest that fills
+//! its memory is charged to its VM's cgroup and runs on under its limit.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -181,6 +182,99 @@ async fn the_cap_holds_for_output_written_while_metald_was_down() {
     wait_done_under_cap(&console, Duration::from_secs(300)).await;
     let info = d.ok(T, "GetVmInfo", json!({"vm_id": id})).await;
     assert_eq!(state_of(&info), "VM_STATE_RUNNING", "{info}");
+    d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
+        .await;
+}
+
+/// MiB a filling guest writes into RAM: a quarter of its 128 MiB (the
+/// kernel and the unpacked initramfs hold most of the rest; 64 MiB ends
+/// in the guest's own OOM killer).
+const FILL_MIB: u64 = 32;
+
+/// The memory cgroup files of VM `key` under the parent of the metald on
+/// `data_dir`: (peak usage, limit, OOM events), for v1 or v2.
+fn memory_files(data_dir: &Path, key: &str) -> Option<[PathBuf; 3]> {
+    let parent = crate::harness::cgroup_parent(data_dir);
+    let v1 = Path::new("/sys/fs/cgroup/memory").join(&parent).join(key);
+    let v2 = Path::new("/sys/fs/cgroup").join(&parent).join(key);
+    if v1.join("memory.limit_in_bytes").exists() {
+        let f = |n: &str| v1.join(n);
+        Some([
+            f("memory.max_usage_in_bytes"),
+            f("memory.limit_in_bytes"),
+            f("memory.oom_control"),
+        ])
+    } else if v2.join("memory.max").exists() {
+        let f = |n: &str| v2.join(n);
+        Some([f("memory.peak"), f("memory.max"), f("memory.events")])
+    } else {
+        None
+    }
+}
+
+fn read_u64(p: &Path) -> u64 {
+    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}: {text:?}", p.display()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_that_fills_its_memory_is_charged_to_its_cgroup_and_runs_on_under_the_limit() {
+    let assets = Assets::load();
+    let d = Daemon::start();
+    let id = "fill";
+    let mut config = assets.config();
+    let guest = config["memory"]["size_bytes"].as_u64().unwrap();
+    config["boot"]["kernel_args"] = json!(format!("{} metald.fill={FILL_MIB}", assets.kernel_args));
+    d.ok(T, "CreateVm", json!({"vm_id": id, "config": config}))
+        .await;
+    d.ok(T, "BootVm", json!({"vm_id": id})).await;
+    let console = console_of(&d, id).await;
+    let (done, failed) = (
+        format!("METALD-FILL-DONE mib={FILL_MIB}"),
+        "METALD-FILL-ERROR",
+    );
+    let start = Instant::now();
+    loop {
+        let text = read_small(&console);
+        assert!(
+            !contains(&text, failed.as_bytes()),
+            "the guest could not fill its memory: {}",
+            String::from_utf8_lossy(&text)
+        );
+        if contains(&text, done.as_bytes()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no fill marker: {}",
+            String::from_utf8_lossy(&text)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let info = d.ok(T, "GetVmInfo", json!({"vm_id": id})).await;
+    assert_eq!(state_of(&info), "VM_STATE_RUNNING", "{info}");
+    assert_eq!(info["backendInfo"]["process_alive"], "true", "{info}");
+    let key = info["backendInfo"]["vm_key"].as_str().unwrap();
+    let [peak, limit, oom] = memory_files(&d.data_dir, key).expect("the VM's memory cgroup");
+    let (peak, limit) = (read_u64(&peak), read_u64(&limit));
+    // The guest's memory is the VM's cgroup's: what it filled is charged
+    // there, under a limit of the guest's size and the VMM's allowance.
+    assert!(
+        peak >= FILL_MIB << 20,
+        "peak {peak} bytes: the guest's pages are charged elsewhere"
+    );
+    assert!(
+        limit > guest && limit < guest * 4,
+        "limit {limit} for a {guest}-byte guest"
+    );
+    assert!(peak <= limit, "peak {peak} over the limit {limit}");
+    let events = std::fs::read_to_string(&oom).unwrap();
+    assert!(
+        events.lines().any(|l| l == "oom_kill 0"),
+        "the VMM's cgroup saw an OOM kill: {events}"
+    );
     d.ok(T, "DeleteVm", json!({"vm_id": id, "force": true}))
         .await;
 }
