@@ -146,6 +146,17 @@ fn billing_reports_metald_cpu_for_metered_paused_vms() {
 }
 
 #[test]
+fn billing_meters_running_guests_when_asked() {
+    let out = bench(&["billing", "-vms", "2", "-window", "2s", "-running"]);
+    let line = result_line(&out, "bench billing qemu: metald CPU over 2.0 s: ");
+    // The state is metald's listing of the fleet after the window.
+    assert!(
+        line.contains(" ms with 2 running VMs metered at 100 ms: "),
+        "{line}"
+    );
+}
+
+#[test]
 fn adopt_times_a_restart_after_sigkill_until_every_vm_answers() {
     let out = bench(&["adopt", "-vms", "2"]);
     let line = result_line(&out, "bench adopt qemu: 2 live VMs adopted and answering ");

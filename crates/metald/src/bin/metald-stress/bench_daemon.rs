@@ -331,6 +331,11 @@ pub fn client(url: &str, token: &str) -> Result<Client, String> {
 
 /// Every VM name of the caller, paging through ListVms.
 pub async fn list(c: &Client) -> Result<Vec<String>, String> {
+    Ok(list_states(c).await?.into_iter().map(|(n, _)| n).collect())
+}
+
+/// Every VM metald lists, with its state.
+pub async fn list_states(c: &Client) -> Result<Vec<(String, Option<pb::VmState>)>, String> {
     let mut names = Vec::new();
     let mut token = String::new();
     loop {
@@ -344,7 +349,7 @@ pub async fn list(c: &Client) -> Result<Vec<String>, String> {
             .await
             .map_err(|e| format!("ListVms: {e}"))?
             .into_owned();
-        names.extend(page.vms.into_iter().map(|v| v.vm_id));
+        names.extend(page.vms.into_iter().map(|v| (v.vm_id, v.state.as_known())));
         if page.next_page_token.is_empty() {
             return Ok(names);
         }
@@ -405,14 +410,16 @@ pub async fn delete(c: &Client, names: &[String], width: usize) -> usize {
     failed
 }
 
-/// `n` VMs named `<prefix>-<i>`, each created, booted and paused (a paused
-/// VMM is live but costs no CPU), `width` at a time; their names.
-pub async fn paused_fleet(
+/// `n` VMs named `<prefix>-<i>`, each created, booted and, with `pause`,
+/// paused (a paused VMM is live but costs no CPU), `width` at a time;
+/// their names.
+pub async fn fleet(
     c: &Client,
     cfg: &pb::VmConfig,
     prefix: &str,
     n: u32,
     width: usize,
+    pause: bool,
 ) -> Result<Vec<String>, String> {
     let names: Vec<String> = (1..=n).map(|i| format!("{prefix}-{i}")).collect();
     for chunk in names.chunks(width.max(1)) {
@@ -421,6 +428,9 @@ pub async fn paused_fleet(
             let (c, cfg, name) = (c.clone(), cfg.clone(), name.clone());
             tasks.spawn(async move {
                 create_and_boot(&c, &cfg, &name).await?;
+                if !pause {
+                    return Ok(());
+                }
                 let req = pb::PauseVmRequest {
                     vm_id: name.clone(),
                     ..Default::default()
