@@ -93,11 +93,9 @@ fn firecracker(config: &Config) -> anyhow::Result<(Arc<dyn Vmm>, BackendFacts)> 
         }
         _ => None,
     };
-    // The jailer makes a jailed VMM's cgroups; metald an unjailed one's.
-    let cgroups = match jailer {
-        None => vm_cgroups(config)?,
-        Some(_) => None,
-    };
+    // metald makes an unjailed VMM's cgroups; the jailer a jailed one's
+    // (the backend uses these only without the jailer).
+    let cgroups = vm_cgroups(config)?;
     info!(binary = %binary.display(), jailed = jailer.is_some(), cgroups = jailer.is_some() || cgroups.is_some(), "using the Firecracker backend");
     let facts = BackendFacts {
         name: "firecracker",

@@ -826,10 +826,10 @@ fn restart_adopts(b: Backend) -> Result<(), Failed> {
     Ok(())
 }
 
-/// Starts metald on the Firecracker backend with `env` (an empty value
-/// removes the variable) and expects it to refuse; its stderr. Bounded: a
-/// metald that accepted the settings would serve forever.
-fn refused_at_start(env: &[(&str, &str)]) -> String {
+/// Starts metald on the Firecracker backend with `env` (`None` removes
+/// the variable) and expects it to refuse; its stderr. Bounded: a metald
+/// that accepted the settings would serve forever.
+fn refused_at_start(env: &[(&str, Option<&str>)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = std::process::Command::new("timeout");
     cmd.arg("20")
@@ -848,8 +848,8 @@ fn refused_at_start(env: &[(&str, &str)]) -> String {
         .env("UNKEY_METALD_NETWORK_ENABLED", "false");
     for (k, v) in env {
         match v {
-            &"" => cmd.env_remove(k),
-            v => cmd.env(k, v),
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
         };
     }
     let out = cmd.output().unwrap();
@@ -860,7 +860,7 @@ fn refused_at_start(env: &[(&str, &str)]) -> String {
 
 /// As root, Firecracker without the jailer must be chosen explicitly.
 fn refuses_root_without_jailer() -> Result<(), Failed> {
-    let stderr = refused_at_start(&[("UNKEY_METALD_JAILER_ENABLED", "")]);
+    let stderr = refused_at_start(&[("UNKEY_METALD_JAILER_ENABLED", None)]);
     assert!(
         stderr.contains("UNKEY_METALD_JAILER_ENABLED"),
         "the error names the setting: {stderr}"
@@ -874,9 +874,9 @@ fn refuses_root_without_jailer() -> Result<(), Failed> {
 /// both binaries: metald looks at them before it runs a VM.)
 fn refuses_dynamic_firecracker() -> Result<(), Failed> {
     let stderr = refused_at_start(&[
-        ("UNKEY_METALD_JAILER_ENABLED", "true"),
-        ("UNKEY_METALD_FIRECRACKER_BINARY", "/bin/true"),
-        ("UNKEY_METALD_JAILER_BINARY", "/bin/true"),
+        ("UNKEY_METALD_JAILER_ENABLED", Some("true")),
+        ("UNKEY_METALD_FIRECRACKER_BINARY", Some("/bin/true")),
+        ("UNKEY_METALD_JAILER_BINARY", Some("/bin/true")),
     ]);
     assert!(
         stderr.contains("UNKEY_METALD_FIRECRACKER_BINARY: /bin/true is dynamically linked"),

@@ -46,18 +46,34 @@ pub struct JailerConfig {
 /// linked one fails at exec, after its jail was made, with only the
 /// loader's complaint in the VM's log.
 pub fn check_static(binary: &Path) -> Result<(), String> {
+    use goblin::container::Ctx;
+    use goblin::elf::Elf;
+    use goblin::elf::program_header::{PT_INTERP, ProgramHeader};
     let bytes = std::fs::read(binary).map_err(|e| format!("reading {}: {e}", binary.display()))?;
-    let elf = goblin::elf::Elf::parse(&bytes)
-        .map_err(|e| format!("{} is not an ELF binary: {e}", binary.display()))?;
-    match elf.interpreter {
-        None => Ok(()),
-        Some(loader) => Err(format!(
-            "{} is dynamically linked (loader {loader}), and the jailer runs it in a chroot \
-             without libraries: use a static build (Firecracker's release binaries are; from \
-             source, RUSTFLAGS=\"-C target-feature=+crt-static\")",
-            binary.display()
-        )),
-    }
+    let not_elf =
+        |e: goblin::error::Error| format!("{} is not an ELF binary: {e}", binary.display());
+    // The header and program headers only: a loader is named by the
+    // PT_INTERP entry; the sections and symbols are not needed.
+    let h = Elf::parse_header(&bytes).map_err(not_elf)?;
+    let ctx = Ctx::new(
+        h.container().map_err(not_elf)?,
+        h.endianness().map_err(not_elf)?,
+    );
+    let programs = ProgramHeader::parse(&bytes, h.e_phoff as usize, h.e_phnum as usize, ctx)
+        .map_err(not_elf)?;
+    let Some(interp) = programs.iter().find(|p| p.p_type == PT_INTERP) else {
+        return Ok(());
+    };
+    let loader = bytes
+        .get(interp.file_range())
+        .map(|b| String::from_utf8_lossy(b).trim_end_matches('\0').to_owned())
+        .unwrap_or_default();
+    Err(format!(
+        "{} is dynamically linked (loader {loader}), and the jailer runs it in a chroot \
+         without libraries: use a static build (Firecracker's release binaries are; from \
+         source, RUSTFLAGS=\"-C target-feature=+crt-static\")",
+        binary.display()
+    ))
 }
 
 /// Marker in the jail directory naming the VM it belongs to.

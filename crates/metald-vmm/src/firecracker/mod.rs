@@ -84,9 +84,9 @@ pub struct FirecrackerConfig {
     pub boot_timeout: Duration,
     /// Run every VM through the jailer.
     pub jailer: Option<JailerConfig>,
-    /// Per-VM cgroups of an unjailed VMM, named by the VM's key (the
-    /// jailer makes a jailed VMM's own, [`JailerConfig::cgroups`]); `None`
-    /// leaves unjailed VMMs in metald's own cgroup.
+    /// Per-VM cgroups of an unjailed VMM, named by the VM's key; `None`
+    /// leaves unjailed VMMs in metald's own cgroup. Not used with the
+    /// jailer, which makes a jailed VMM's own ([`JailerConfig::cgroups`]).
     pub cgroups: Option<cgroup::CgroupConfig>,
     /// Cap of each console and Firecracker log, in bytes.
     pub log_max: u64,

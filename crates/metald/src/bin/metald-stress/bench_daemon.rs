@@ -336,7 +336,7 @@ pub async fn list(c: &Client) -> Result<Vec<String>, String> {
 
 /// Every VM metald lists, with its state.
 pub async fn list_states(c: &Client) -> Result<Vec<(String, Option<pb::VmState>)>, String> {
-    let mut names = Vec::new();
+    let mut vms = Vec::new();
     let mut token = String::new();
     loop {
         let req = pb::ListVmsRequest {
@@ -349,9 +349,9 @@ pub async fn list_states(c: &Client) -> Result<Vec<(String, Option<pb::VmState>)
             .await
             .map_err(|e| format!("ListVms: {e}"))?
             .into_owned();
-        names.extend(page.vms.into_iter().map(|v| (v.vm_id, v.state.as_known())));
+        vms.extend(page.vms.into_iter().map(|v| (v.vm_id, v.state.as_known())));
         if page.next_page_token.is_empty() {
-            return Ok(names);
+            return Ok(vms);
         }
         token = page.next_page_token;
     }

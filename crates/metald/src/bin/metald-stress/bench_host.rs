@@ -147,85 +147,7 @@ async fn measure(
                 met(per_vm <= 64.0)
             ))
         }
-        Which::Billing => {
-            let w = b.window.as_secs_f64();
-            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-            let kind = if b.running { "running" } else { "paused" };
-            let idle = cpu_over(pid, b.window).await.ok_or_else(gone)?;
-            // Below 1,000 VMs, a first fleet of a quarter: two sizes split
-            // the cost into what metering costs whatever the count (the
-            // 100 ms tick, the spool's commit a second) and what each VM
-            // adds, so the 1,000-VM figure counts the first once.
-            let n1 = (2..1000).contains(&n).then_some((n / 4).max(1));
-            let first = match n1 {
-                Some(n1) => {
-                    bench_daemon::fleet(
-                        &d.api,
-                        &cfg,
-                        "billing-a",
-                        n1,
-                        b.width as usize,
-                        !b.running,
-                    )
-                    .await?;
-                    Some((n1, cpu_over(pid, b.window).await.ok_or_else(gone)?))
-                }
-                None => None,
-            };
-            let rest = n - n1.unwrap_or(0);
-            bench_daemon::fleet(&d.api, &cfg, "billing", rest, b.width as usize, !b.running)
-                .await?;
-            let full = cpu_over(pid, b.window).await.ok_or_else(gone)?;
-            // What the fleet was while measured, as metald lists it.
-            let states = bench_daemon::list_states(&d.api).await?;
-            let count = |s| states.iter().filter(|(_, st)| *st == Some(s)).count();
-            let kind = match (
-                count(pb::VmState::VM_STATE_RUNNING),
-                count(pb::VmState::VM_STATE_PAUSED),
-            ) {
-                (r, 0) if r == n as usize => "running",
-                (0, p) if p == n as usize => "paused",
-                (r, p) => {
-                    return Err(format!(
-                        "the fleet is {r} running and {p} paused VMs, not {n} {kind}"
-                    ));
-                }
-            };
-            let scaled =
-                full.saturating_sub(idle).as_secs_f64() / w / f64::from(n) * 1000.0 * 100.0;
-            let Some((n1, c1)) = first else {
-                return Ok(format!(
-                    "metald CPU over {w:.1} s: {:.1} ms idle, {:.1} ms with {n} {kind} VMs metered at 100 ms: \
-                     {:.3} ms/s per VM, {scaled:.2}% of one core for 1,000 VMs; bar ≤ 2.5%: {}",
-                    ms(idle),
-                    ms(full),
-                    scaled / 100.0,
-                    met(scaled <= 2.5)
-                ));
-            };
-            // CPU-seconds per second: per VM, and whatever the count.
-            let per_vm = (full.as_secs_f64() - c1.as_secs_f64()) / w / f64::from(n - n1);
-            let fixed = (c1.as_secs_f64() - idle.as_secs_f64()) / w - per_vm * f64::from(n1);
-            let at_1000 = (fixed + per_vm * 1000.0) * 100.0;
-            Ok(format!(
-                "metald CPU over {w:.1} s: {:.1} ms idle, {:.1} ms with {n1} and {:.1} ms with {n} {kind} VMs \
-                 metered at 100 ms: {:.4} ms/s per VM and {:.2} ms/s whatever the count, {at_1000:.2}% of \
-                 one core for 1,000 VMs; bar ≤ 2.5%: {} ({n} VMs' cost scaled to 1,000 as if all of it were \
-                 per VM: {scaled:.2}%)",
-                ms(idle),
-                ms(c1),
-                ms(full),
-                per_vm * 1000.0,
-                fixed * 1000.0,
-                // The larger fleet cost no more than the smaller one: the
-                // window was too short for the difference to show.
-                if per_vm <= 0.0 {
-                    "not judged (no per-VM cost showed: a longer -window or more -vms)"
-                } else {
-                    met(at_1000 <= 2.5)
-                }
-            ))
-        }
+        Which::Billing => billing(d, b, &cfg, n).await,
         Which::Adopt => {
             let names =
                 bench_daemon::fleet(&d.api, &cfg, "adopt", n, b.width as usize, true).await?;
@@ -242,6 +164,79 @@ async fn measure(
             ))
         }
     }
+}
+
+/// metald's CPU for metering `n` VMs (see the module's doc).
+async fn billing(d: &Daemon, b: &FleetBench, cfg: &pb::VmConfig, n: u32) -> Result<String, String> {
+    let pid = d.pid();
+    let gone = || format!("metald (pid {pid}) is gone");
+    let w = b.window.as_secs_f64();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let asked = if b.running { "running" } else { "paused" };
+    let idle = cpu_over(pid, b.window).await.ok_or_else(gone)?;
+    // Below 1,000 VMs, a first fleet of a quarter: two sizes split
+    // the cost into what metering costs whatever the count (the
+    // 100 ms tick, the spool's commit a second) and what each VM
+    // adds, so the 1,000-VM figure counts the first once.
+    let n1 = (2..1000).contains(&n).then_some((n / 4).max(1));
+    let first = match n1 {
+        Some(n1) => {
+            bench_daemon::fleet(&d.api, cfg, "billing-a", n1, b.width as usize, !b.running).await?;
+            Some((n1, cpu_over(pid, b.window).await.ok_or_else(gone)?))
+        }
+        None => None,
+    };
+    let rest = n - n1.unwrap_or(0);
+    bench_daemon::fleet(&d.api, cfg, "billing", rest, b.width as usize, !b.running).await?;
+    let full = cpu_over(pid, b.window).await.ok_or_else(gone)?;
+    // What the fleet was while measured, as metald lists it.
+    let states = bench_daemon::list_states(&d.api).await?;
+    let count = |s| states.iter().filter(|(_, st)| *st == Some(s)).count();
+    let kind = match (
+        count(pb::VmState::VM_STATE_RUNNING),
+        count(pb::VmState::VM_STATE_PAUSED),
+    ) {
+        (r, 0) if r == n as usize => "running",
+        (0, p) if p == n as usize => "paused",
+        (r, p) => {
+            return Err(format!(
+                "the fleet is {r} running and {p} paused VMs, not {n} {asked}"
+            ));
+        }
+    };
+    let scaled = full.saturating_sub(idle).as_secs_f64() / w / f64::from(n) * 1000.0 * 100.0;
+    let Some((n1, c1)) = first else {
+        return Ok(format!(
+            "metald CPU over {w:.1} s: {:.1} ms idle, {:.1} ms with {n} {kind} VMs metered at 100 ms: \
+             {:.3} ms/s per VM, {scaled:.2}% of one core for 1,000 VMs; bar ≤ 2.5%: {}",
+            ms(idle),
+            ms(full),
+            scaled / 100.0,
+            met(scaled <= 2.5)
+        ));
+    };
+    // CPU-seconds per second: per VM, and whatever the count.
+    let per_vm = (full.as_secs_f64() - c1.as_secs_f64()) / w / f64::from(n - n1);
+    let fixed = (c1.as_secs_f64() - idle.as_secs_f64()) / w - per_vm * f64::from(n1);
+    let at_1000 = (fixed + per_vm * 1000.0) * 100.0;
+    Ok(format!(
+        "metald CPU over {w:.1} s: {:.1} ms idle, {:.1} ms with {n1} and {:.1} ms with {n} {kind} VMs \
+         metered at 100 ms: {:.4} ms/s per VM and {:.2} ms/s whatever the count, {at_1000:.2}% of \
+         one core for 1,000 VMs; bar ≤ 2.5%: {} ({n} VMs' cost scaled to 1,000 as if all of it were \
+         per VM: {scaled:.2}%)",
+        ms(idle),
+        ms(c1),
+        ms(full),
+        per_vm * 1000.0,
+        fixed * 1000.0,
+        // The larger fleet cost no more than the smaller one: the
+        // window was too short for the difference to show.
+        if per_vm <= 0.0 {
+            "not judged (no per-VM cost showed: a longer -window or more -vms)"
+        } else {
+            met(at_1000 <= 2.5)
+        }
+    ))
 }
 
 fn met(ok: bool) -> &'static str {
